@@ -1,0 +1,181 @@
+"""Compose the layers into the runtime stack, from settings parsed once.
+
+Cloud mode, outermost first (DESIGN.md "Runtime pipeline"):
+
+    AccessLog → SecurityHeaders → RequestLimits → CORSGuard → ClientAddress → AddressRateLimit
+    → Authenticate → CloudEndpoints → PrincipalRateLimit → ACLGuard → the Room app
+
+Local mode: ``LocalGuard`` only — the Room's own handshake and token flow stay as they are.
+
+The stack owns two resources with a life of their own, the JWKS cache (background refresh) and
+the rate-limit storage; they start and stop with the ASGI ``lifespan`` (or explicitly through
+:meth:`RuntimeStack.startup` / :meth:`RuntimeStack.shutdown`, e.g. in tests).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ._acl import DEFAULT_POLICY, ACLGuard, Policy
+from ._auth import WS_TOKEN_PREFIX, Authenticate
+from ._client import ClientAddress
+from ._cors import CORSGuard
+from ._endpoints import CloudEndpoints
+from ._headers import SecurityHeaders
+from ._jwks import JWKSCache
+from ._limits import RequestLimits
+from ._local import LocalGuard
+from ._logging import AccessLog
+from ._ratelimit import AddressRateLimit, Limiter, PrincipalRateLimit, build_limiter
+from ._settings import RuntimeSettings, load_settings
+from ._verify import TokenVerifier
+
+logger = logging.getLogger("room_cloud_runtime")
+
+
+class RuntimeStack:
+    """An ASGI app: ``app`` wrapped by the layers its settings call for.
+
+    Build with :func:`wrap`. ``jwks``, ``verifier`` and ``limiter`` are exposed (None in local
+    mode) for status reporting and tests.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: RuntimeSettings,
+        *,
+        policy: Policy = DEFAULT_POLICY,
+        jwks: JWKSCache | None = None,
+        limiter: Limiter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.inner = app
+        self.jwks: JWKSCache | None = None
+        self.verifier: TokenVerifier | None = None
+        self.limiter: Limiter | None = None
+        self._started = False
+        if settings.mode == "local":
+            self.app: ASGIApp = LocalGuard(app)
+            return
+        assert settings.issuer and settings.instance_id  # checked by RuntimeSettings
+        self.jwks = jwks or JWKSCache(
+            settings.resolved_jwks_url,
+            algorithms=settings.algorithms,
+            timeout=settings.jwks_timeout_seconds,
+            min_refresh=settings.jwks_min_refresh_seconds,
+            max_refresh=settings.jwks_max_refresh_seconds,
+            unknown_kid_cooldown=settings.jwks_unknown_kid_cooldown_seconds,
+            max_staleness=settings.jwks_max_staleness_seconds,
+        )
+        self.verifier = TokenVerifier(
+            self.jwks,
+            issuer=settings.issuer,
+            audience=settings.audience,
+            instance_id=settings.instance_id,
+            algorithms=settings.algorithms,
+            leeway=settings.leeway_seconds,
+            max_token_bytes=settings.max_token_bytes,
+            cache_size=settings.verified_cache_size,
+        )
+        self.limiter = limiter or build_limiter(
+            settings.rate_limit_storage, on_storage_error=settings.rate_limit_on_storage_error
+        )
+        inner: ASGIApp = ACLGuard(app, policy=policy, instance_id=settings.instance_id)
+        inner = PrincipalRateLimit(
+            inner,
+            limiter=self.limiter,
+            read_limit=settings.read_limit,
+            write_limit=settings.write_limit,
+        )
+        inner = CloudEndpoints(inner, capabilities=self.capabilities)
+        inner = Authenticate(inner, verifier=self.verifier)
+        inner = AddressRateLimit(inner, limiter=self.limiter, limit=settings.address_limit)
+        inner = ClientAddress(inner, trust_fly_client_ip=settings.behind_fly_proxy)
+        inner = CORSGuard(
+            inner, allowed_origins=settings.allowed_origins, max_age=settings.cors_max_age_seconds
+        )
+        inner = RequestLimits(
+            inner,
+            max_body_bytes=settings.max_body_bytes,
+            max_header_bytes=settings.max_header_bytes,
+            max_json_depth=settings.max_json_depth,
+            max_ws_message_bytes=settings.max_ws_message_bytes,
+        )
+        inner = SecurityHeaders(inner, hsts_max_age=settings.hsts_max_age_seconds)
+        if settings.access_log:
+            inner = AccessLog(inner)
+        self.app = inner
+
+    def capabilities(self) -> dict[str, Any]:
+        """What ``/api/status`` tells any caller about cloud auth. No secrets, no key material."""
+        s = self.settings
+        jwks_status = self.jwks.status() if self.jwks is not None else {}
+        return {
+            "instanceId": s.instance_id,
+            "issuer": s.issuer,
+            "audience": s.audience,
+            "algorithms": list(s.algorithms),
+            "keysLoaded": bool(jwks_status.get("keysLoaded")),
+            "tokenTransports": ["authorization-bearer", f"websocket-protocol:{WS_TOKEN_PREFIX}", "websocket-query"],
+            "refreshPath": f"/api/cloud/instances/{s.instance_id}/refresh-token",
+        }
+
+    async def startup(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        if self.jwks is not None:
+            await self.jwks.start()
+        logger.info(
+            "runtime stack started",
+            extra={"mode": self.settings.mode, "instance": self.settings.instance_id},
+        )
+
+    async def shutdown(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        if self.jwks is not None:
+            await self.jwks.aclose()
+        if self.limiter is not None:
+            await self.limiter.aclose()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[RuntimeStack]:
+        """``async with stack.running():`` — startup and shutdown around a block (tests)."""
+        await self.startup()
+        try:
+            yield self
+        finally:
+            await self.shutdown()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.startup()
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+            return message
+
+        await self.app(scope, lifespan_receive, send)
+
+
+def wrap(
+    app: ASGIApp,
+    settings: RuntimeSettings | None = None,
+    *,
+    policy: Policy = DEFAULT_POLICY,
+) -> RuntimeStack:
+    """Wrap a Room ASGI app in the stack that ``settings`` (default: the environment) call for."""
+    return RuntimeStack(app, settings if settings is not None else load_settings(), policy=policy)

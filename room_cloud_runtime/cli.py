@@ -1,0 +1,103 @@
+"""``quoroom-runtime serve``: a Room (the reference Room by default) wrapped by the stack.
+
+Settings come from the environment (see README / DESIGN.md). A missing or malformed setting
+stops start-up with exit status 2 and a message naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from ._errors import ConfigError
+from ._logging import configure_logging
+from ._settings import RuntimeSettings, load_settings
+
+log = logging.getLogger("room_cloud_runtime.cli")
+
+
+def _load_app(spec: str | None, settings: RuntimeSettings):  # type: ignore[no-untyped-def]
+    if spec is None:
+        from .reference_room import create_room_app
+
+        return create_room_app(data_dir=settings.data_dir)
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError("--app", f"must look like 'package.module:app', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError("--app", f"cannot load {spec!r}: {exc}") from exc
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"port out of range: {port}")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quoroom-runtime", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a Room wrapped by the runtime stack")
+    serve.add_argument("--host", help="default: 127.0.0.1 in local mode, 0.0.0.0 in cloud mode")
+    serve.add_argument(
+        "--port", type=_port, help="default: $PORT, else 3700 in local mode and 8080 in cloud mode"
+    )
+    serve.add_argument("--app", help="an ASGI app to wrap instead of the reference Room, 'mod:attr'")
+    serve.add_argument("--log-level", default=os.environ.get("QUOROOM_LOG_LEVEL", "info"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level.upper())
+    try:
+        settings = load_settings()
+        app = _load_app(args.app, settings)
+        port = args.port or (_port(os.environ["PORT"]) if os.environ.get("PORT") else None)
+    except ConfigError as exc:
+        print(f"quoroom-runtime: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except argparse.ArgumentTypeError as exc:
+        print(f"quoroom-runtime: configuration error: PORT: {exc}", file=sys.stderr)
+        return 2
+    cloud = settings.mode == "cloud"
+    host = args.host or ("0.0.0.0" if cloud else "127.0.0.1")
+    port = port or (8080 if cloud else 3700)
+
+    import uvicorn
+
+    from ._stack import wrap
+
+    stack = wrap(app, settings)
+    log.info("serving", extra={"mode": settings.mode, "host": host, "port": port})
+    uvicorn.run(
+        stack,
+        host=host,
+        port=port,
+        lifespan="on",
+        # uvicorn's access log prints query strings (WebSocket tokens): AccessLog replaces it.
+        access_log=False,
+        log_config=None,
+        log_level=args.log_level.lower(),
+        # Never trust X-Forwarded-*: the client controls its left entry (arcjet-js#5412).
+        proxy_headers=False,
+        server_header=False,
+        ws_max_size=settings.max_ws_message_bytes,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
