@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
-from starlette.testclient import TestClient
+from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from room_cloud_runtime._auth import WS_CLOSE_TOKEN_EXPIRED, Authenticate, _take_websocket_token
@@ -164,10 +164,20 @@ def test_a_websocket_query_token_is_removed_before_the_app() -> None:
 
 def test_a_websocket_without_a_token_is_refused_before_accept() -> None:
     with TestClient(make_app(FakeVerifier())) as client:
-        with pytest.raises(Exception) as info:  # denial response or close before accept
+        with pytest.raises(WebSocketDenialResponse) as info:
             with client.websocket_connect("/ws"):
                 pass
-    assert "401" in repr(info.value) or "1008" in repr(info.value) or "missing_token" in repr(info.value)
+    assert info.value.status_code == 401
+    assert info.value.json()["code"] == "missing_token"
+
+
+def test_a_websocket_with_a_bad_token_is_refused_before_accept() -> None:
+    with TestClient(make_app(FakeVerifier())) as client:
+        with pytest.raises(WebSocketDenialResponse) as info:
+            with client.websocket_connect("/ws", subprotocols=["quoroom", "quoroom.bearer.forged"]):
+                pass
+    assert info.value.status_code == 401
+    assert info.value.json()["code"] == "bad_signature"
 
 
 def test_a_websocket_is_closed_when_its_token_expires() -> None:
