@@ -1,0 +1,547 @@
+"""An asyncio JWKS cache for the control plane's pinned key set.
+
+Why not PyJWT's ``PyJWKClient``: it fetches with blocking ``urllib`` (stalls the event loop,
+pyjwt#1120), refetches on every unknown ``kid`` with no lock or cooldown, and on a failed fetch
+stores ``None`` and so wipes the keys it had (pyjwt#1162). This cache instead:
+
+* fetches with ``httpx`` (async, short total deadline, response size capped before parsing);
+* keeps one fetch in flight at a time (concurrent callers await the same fetch);
+* refreshes in the background at the response's ``Cache-Control: max-age`` (clamped), and sooner
+  with backoff after a failure;
+* refetches for an unknown ``kid`` at most once per cooldown, with a per-``kid`` negative cache, so
+  a flood of random ``kid`` values cannot make us hammer the control plane (unlike go-oidc, which
+  refetches on every miss) while a rotated key is still picked up without a restart (unlike
+  Envoy, which never refetches on a miss);
+* keeps the last good keys when a fetch fails, up to ``max_staleness``; after that, and before the
+  first good fetch, :meth:`JWKSCache.get_key` raises :class:`KeysUnavailableError` and auth fails
+  closed;
+* binds every key to the one algorithm its type allows (OKP/Ed25519 ↔ EdDSA, EC/P-256 ↔ ES256),
+  which blocks algorithm-confusion attacks.
+
+The URL is always configured (pinned), never derived from a token: Pomerium's SDK derived it from
+the unverified ``iss`` and let an attacker plant keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ._errors import ConfigError, KeysUnavailableError, UnknownKeyError
+from ._settings import SUPPORTED_ALGORITHMS
+
+if TYPE_CHECKING:
+    from ._settings import RuntimeSettings
+
+__all__ = ["JWKSCache", "PublicKey", "VerificationKey"]
+
+logger = logging.getLogger("room_cloud_runtime.jwks")
+
+PublicKey = Ed25519PublicKey | ec.EllipticCurvePublicKey
+
+#: Responses larger than this are refused before JSON parsing (a JWKS of a few keys is ~1 KiB).
+MAX_RESPONSE_BYTES = 64 * 1024
+#: More keys than this in one set is not a key set we publish; refuse the whole response.
+MAX_KEYS = 64
+MAX_KID_LENGTH = 128
+#: Refresh interval when the response carries no usable ``max-age``.
+DEFAULT_REFRESH_SECONDS = 300.0
+#: First retry delay after a failed fetch; doubles per failure up to ``min_refresh``.
+RETRY_BASE_SECONDS = 1.0
+#: Bound on the per-kid negative cache so random kids cannot grow memory without limit.
+MAX_NEGATIVE_KIDS = 4096
+
+# Which JWK shape each algorithm needs: (kty, crv, coordinate byte length).
+_KEY_SHAPES: dict[str, tuple[str, str, int]] = {
+    "EdDSA": ("OKP", "Ed25519", 32),
+    "ES256": ("EC", "P-256", 32),
+}
+# Members that only a private JWK has (RFC 7518 §6.2.2 / §6.3.2, RFC 8037 §2).
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+_B64URL_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_RANDOM = secrets.SystemRandom()
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationKey:
+    """A public key from the JWKS, bound to the single algorithm it may verify."""
+
+    kid: str
+    algorithm: str
+    key: PublicKey
+
+
+class _FetchError(Exception):
+    """Internal: why a fetch produced no usable key set (logged, never raised to callers)."""
+
+
+class JWKSCache:
+    """Async cache of the control plane's JWKS. See the module docstring for the behaviour.
+
+    ``clock`` is a monotonic clock used for staleness, cooldowns and status; tests inject one.
+    All durations are in seconds.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        algorithms: Iterable[str] = ("EdDSA", "ES256"),
+        timeout: float = 3.0,
+        min_refresh: float = 60,
+        max_refresh: float = 3600,
+        unknown_kid_cooldown: float = 30,
+        max_staleness: float = 21600,
+        client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
+        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+            raise ConfigError("url", f"must be an absolute http(s) URL, got {url!r}")
+        algs = tuple(algorithms)
+        bad = [a for a in algs if a not in SUPPORTED_ALGORITHMS]
+        if bad or not algs:
+            raise ConfigError(
+                "algorithms", f"allowed values are {sorted(SUPPORTED_ALGORITHMS)}, got {list(algs)}"
+            )
+        for name, value in (
+            ("timeout", timeout),
+            ("min_refresh", min_refresh),
+            ("max_refresh", max_refresh),
+            ("max_staleness", max_staleness),
+            ("max_response_bytes", max_response_bytes),
+        ):
+            if not value > 0:
+                raise ConfigError(name, "must be positive")
+        if unknown_kid_cooldown < 0:
+            raise ConfigError("unknown_kid_cooldown", "must not be negative")
+        if min_refresh > max_refresh:
+            raise ConfigError("min_refresh", "must not exceed max_refresh")
+
+        self.url = url
+        self.algorithms = frozenset(algs)
+        self._timeout = float(timeout)
+        self._min_refresh = float(min_refresh)
+        self._max_refresh = float(max_refresh)
+        self._cooldown = float(unknown_kid_cooldown)
+        self._max_staleness = float(max_staleness)
+        self._max_bytes = int(max_response_bytes)
+        self._clock = clock
+        self._owns_client = client is None
+        # Our own client is made on first use, so building a cache allocates no connections.
+        self._client: httpx.AsyncClient | None = client
+
+        self._keys: dict[str, VerificationKey] = {}
+        self._loaded_at: float | None = None  # clock() of the last good fetch
+        self._failures = 0  # consecutive failed fetches
+        self._next_delay = self._min_refresh
+        self._inflight: asyncio.Task[bool] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._last_miss_fetch: float | None = None  # clock() of the last unknown-kid refetch
+        self._missed: dict[str, float] = {}  # kid -> clock() when it was last found unknown
+        self._closed = False
+
+    @classmethod
+    def from_settings(
+        cls, settings: RuntimeSettings, *, client: httpx.AsyncClient | None = None
+    ) -> JWKSCache:
+        """Build the cache from the runtime settings (the pinned, resolved JWKS URL)."""
+        if not settings.issuer and not settings.jwks_url:
+            raise ConfigError("QUOROOM_CLOUD_ISSUER", "is required to locate the JWKS")
+        return cls(
+            settings.resolved_jwks_url,
+            algorithms=settings.algorithms,
+            timeout=settings.jwks_timeout_seconds,
+            min_refresh=settings.jwks_min_refresh_seconds,
+            max_refresh=settings.jwks_max_refresh_seconds,
+            unknown_kid_cooldown=settings.jwks_unknown_kid_cooldown_seconds,
+            max_staleness=settings.jwks_max_staleness_seconds,
+            client=client,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Fetch once and start the background refresh.
+
+        A failed first fetch is logged, not raised: the runtime must boot while the control plane
+        is down; until keys arrive, auth fails closed with :class:`KeysUnavailableError`.
+        """
+        if self._closed:
+            raise RuntimeError("JWKSCache is closed")
+        if self._refresher is not None:
+            return
+        await self.refresh()
+        self._refresher = asyncio.get_running_loop().create_task(
+            self._refresh_loop(), name="room_cloud_runtime.jwks.refresh"
+        )
+
+    async def aclose(self) -> None:
+        """Stop the background refresh and any fetch in flight; close the client if we made it."""
+        self._closed = True
+        for task in (self._refresher, self._inflight):
+            if task is not None and not task.done():
+                task.cancel()
+        for task in (self._refresher, self._inflight):
+            if task is not None:
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._refresher = None
+        self._inflight = None
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def __aenter__(self) -> JWKSCache:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- request path ----------------------------------------------------------------------------
+
+    def get_key(self, kid: str) -> VerificationKey | None:
+        """The key for ``kid`` from memory, no I/O; ``None`` when the kid is unknown.
+
+        Raises :class:`KeysUnavailableError` when no key set was ever loaded or the last good one
+        is older than ``max_staleness`` (fail closed rather than trust keys that may be revoked).
+        """
+        loaded_at = self._loaded_at
+        if loaded_at is None:
+            raise KeysUnavailableError("verification keys have not been loaded yet")
+        if self._clock() - loaded_at > self._max_staleness:
+            raise KeysUnavailableError("verification keys are stale")
+        return self._keys.get(kid)
+
+    async def resolve(self, kid: str) -> VerificationKey:
+        """The key for ``kid``, refetching the JWKS for an unknown kid at most once per cooldown.
+
+        Raises :class:`UnknownKeyError` when the kid stays unknown and
+        :class:`KeysUnavailableError` when there are no usable keys.
+        """
+        try:
+            key = self.get_key(kid)
+        except KeysUnavailableError:
+            # Not loaded or stale: one recovery attempt per cooldown, shared by all callers;
+            # everyone else fails closed at once instead of queueing behind a dead control plane.
+            if self._inflight is not None or self._may_refetch():
+                await self._refetch_for_miss()
+            key = self.get_key(kid)  # raises KeysUnavailableError again if still unusable
+        if key is not None:
+            return key
+
+        now = self._clock()
+        missed_at = self._missed.get(kid)
+        if missed_at is not None and now - missed_at < self._cooldown:
+            raise UnknownKeyError(kid)
+        if self._inflight is not None or self._may_refetch():
+            # A fetch already in flight is free to wait for; otherwise this is the one refetch
+            # the global cooldown allows.
+            await self._refetch_for_miss()
+            key = self.get_key(kid)
+            if key is not None:
+                self._missed.pop(kid, None)
+                return key
+        self._remember_miss(kid)
+        logger.info(
+            "token kid %r is not in the JWKS",
+            kid,
+            extra={"event": "jwks_unknown_kid", "kid": kid},
+        )
+        raise UnknownKeyError(kid)
+
+    def _may_refetch(self) -> bool:
+        last = self._last_miss_fetch
+        return last is None or self._clock() - last >= self._cooldown
+
+    async def _refetch_for_miss(self) -> None:
+        if self._inflight is None:
+            self._last_miss_fetch = self._clock()
+        await self.refresh()
+
+    def _remember_miss(self, kid: str) -> None:
+        missed = self._missed
+        missed.pop(kid, None)
+        missed[kid] = self._clock()
+        while len(missed) > MAX_NEGATIVE_KIDS:
+            del missed[next(iter(missed))]
+
+    # -- status ----------------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        """True when a key set is loaded and not staler than ``max_staleness``."""
+        loaded_at = self._loaded_at
+        return loaded_at is not None and self._clock() - loaded_at <= self._max_staleness
+
+    @property
+    def next_refresh_in(self) -> float:
+        """Seconds the background task waits before its next fetch (from the last fetch)."""
+        return self._next_delay
+
+    def status(self) -> dict[str, Any]:
+        """Health facts for ``/api/status``; no key material."""
+        loaded_at = self._loaded_at
+        age = None if loaded_at is None else max(0.0, self._clock() - loaded_at)
+        return {
+            "keysLoaded": loaded_at is not None,
+            "keyCount": len(self._keys),
+            "lastRefreshAgeSeconds": age,
+            "stale": age is None or age > self._max_staleness,
+        }
+
+    # -- fetching --------------------------------------------------------------------------------
+
+    async def refresh(self) -> bool:
+        """Fetch the JWKS now (joining a fetch already in flight). True when keys were updated.
+
+        Never raises for fetch problems: a failure is logged and the last good keys are kept.
+        """
+        if self._closed:
+            return False
+        task = self._inflight
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                self._fetch_and_store(), name="room_cloud_runtime.jwks.fetch"
+            )
+            self._inflight = task
+        # shield: a caller that is cancelled (client went away) must not cancel the fetch the
+        # other callers are waiting for.
+        return await asyncio.shield(task)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._next_delay)
+            await self.refresh()
+
+    async def _fetch_and_store(self) -> bool:
+        started = time.perf_counter()
+        try:
+            keys, max_age = await self._fetch()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure keeps the last good keys (pyjwt#1162)
+            self._failures += 1
+            self._next_delay = self._retry_delay()
+            logger.warning(
+                "JWKS fetch from %s failed (%s); keeping %d last good keys, retry in %.1fs",
+                self.url,
+                _describe(exc),
+                len(self._keys),
+                self._next_delay,
+                extra={
+                    "event": "jwks_fetch_failed",
+                    "jwks_url": self.url,
+                    "reason": _describe(exc),
+                    "failures": self._failures,
+                },
+            )
+            return False
+        finally:
+            self._inflight = None
+        self._keys = keys
+        self._loaded_at = self._clock()
+        self._failures = 0
+        self._next_delay = self._refresh_delay(max_age)
+        # Keys that just arrived are no longer "known unknown".
+        for kid in keys:
+            self._missed.pop(kid, None)
+        logger.info(
+            "JWKS loaded from %s: %d keys, next refresh in %.0fs",
+            self.url,
+            len(keys),
+            self._next_delay,
+            extra={
+                "event": "jwks_loaded",
+                "jwks_url": self.url,
+                "kids": sorted(keys),
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+            },
+        )
+        return True
+
+    def _refresh_delay(self, max_age: float | None) -> float:
+        delay = DEFAULT_REFRESH_SECONDS if max_age is None else max_age
+        return min(max(delay, self._min_refresh), self._max_refresh)
+
+    def _retry_delay(self) -> float:
+        # Exponential backoff with jitter, never slower than the normal refresh floor, so an
+        # outage recovers quickly without every runtime retrying in lockstep.
+        base = RETRY_BASE_SECONDS * 2 ** min(self._failures - 1, 16)
+        return min(base, self._min_refresh) * _RANDOM.uniform(0.8, 1.0)
+
+    async def _fetch(self) -> tuple[dict[str, VerificationKey], float | None]:
+        # One total deadline: httpx's timeout is per read, so a server that drips a byte at a
+        # time would otherwise hold the fetch (and every waiter) far longer.
+        async with asyncio.timeout(self._timeout):
+            async with self._http().stream(
+                "GET", self.url, headers={"Accept": "application/json"}
+            ) as response:
+                if response.status_code != 200:
+                    raise _FetchError(f"HTTP {response.status_code}")
+                declared = response.headers.get("content-length")
+                if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
+                    raise _FetchError(f"response larger than {self._max_bytes} bytes")
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > self._max_bytes:
+                        raise _FetchError(f"response larger than {self._max_bytes} bytes")
+                max_age = _max_age(response.headers.get_list("cache-control"))
+        return self._parse(bytes(body)), max_age
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            # Redirects are not followed: the URL is pinned, and a redirect is either a
+            # misconfiguration or an attempt to move where our keys come from.
+            self._client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False)
+        return self._client
+
+    def _parse(self, body: bytes) -> dict[str, VerificationKey]:
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise _FetchError("response is not JSON") from exc
+        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+            raise _FetchError('response is not a JWK set (no "keys" list)')
+        entries = document["keys"]
+        if len(entries) > MAX_KEYS:
+            raise _FetchError(f"more than {MAX_KEYS} keys")
+        keys: dict[str, VerificationKey] = {}
+        duplicates: set[str] = set()
+        for index, jwk in enumerate(entries):
+            try:
+                key = self._parse_jwk(jwk)
+            except ValueError as exc:
+                logger.warning(
+                    "JWKS entry %d ignored: %s",
+                    index,
+                    exc,
+                    extra={"event": "jwks_key_ignored", "index": index, "reason": str(exc)},
+                )
+                continue
+            if key.kid in keys or key.kid in duplicates:
+                # Two keys under one kid: we cannot tell which one a token means. Fail closed.
+                duplicates.add(key.kid)
+                keys.pop(key.kid, None)
+                logger.warning(
+                    "JWKS kid %r appears more than once; ignoring it",
+                    key.kid,
+                    extra={"event": "jwks_duplicate_kid", "kid": key.kid},
+                )
+                continue
+            keys[key.kid] = key
+        if not keys:
+            raise _FetchError("no usable keys in the JWK set")
+        return keys
+
+    def _parse_jwk(self, jwk: object) -> VerificationKey:
+        """One JWK → a bound public key, or ``ValueError`` saying why it is not usable."""
+        if not isinstance(jwk, dict):
+            raise ValueError("not a JSON object")
+        kid = jwk.get("kid")
+        if not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH:
+            raise ValueError("missing or invalid kid")
+        private = _PRIVATE_MEMBERS.intersection(jwk)
+        if private:
+            # The control plane must never publish private material; a key that leaked is not
+            # one we should trust either. Log the member names only, never their values.
+            logger.error(
+                "JWKS key %r contains private members %s; ignored",
+                kid,
+                sorted(private),
+                extra={"event": "jwks_private_key_published", "kid": kid},
+            )
+            raise ValueError("contains private key members")
+        use = jwk.get("use")
+        if use is not None and use != "sig":
+            raise ValueError(f"use is {use!r}, not 'sig'")
+        key_ops = jwk.get("key_ops")
+        if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
+            raise ValueError("key_ops does not allow 'verify'")
+        kty, crv = jwk.get("kty"), jwk.get("crv")
+        algorithm = next((a for a, (t, c, _) in _KEY_SHAPES.items() if t == kty and c == crv), None)
+        if algorithm is None:
+            raise ValueError(f"unsupported key type kty={kty!r} crv={crv!r}")
+        if algorithm not in self.algorithms:
+            raise ValueError(f"algorithm {algorithm} is not allowed")
+        alg = jwk.get("alg")
+        if alg is not None and alg != algorithm:
+            # The key-type ↔ alg binding is what stops algorithm confusion: a key is used with
+            # exactly one algorithm, whatever a token's header claims.
+            raise ValueError(f"alg {alg!r} does not match key type {kty}/{crv}")
+        size = _KEY_SHAPES[algorithm][2]
+        x = _b64url_coordinate(jwk.get("x"), size, "x")
+        key: PublicKey
+        if algorithm == "EdDSA":
+            key = Ed25519PublicKey.from_public_bytes(x)
+        else:
+            y = _b64url_coordinate(jwk.get("y"), size, "y")
+            # public_key() checks that the point is on the curve (invalid-curve attacks).
+            key = ec.EllipticCurvePublicNumbers(
+                int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()
+            ).public_key()
+        return VerificationKey(kid=kid, algorithm=algorithm, key=key)
+
+
+def _b64url_coordinate(value: object, size: int, name: str) -> bytes:
+    if not isinstance(value, str) or not value or not _B64URL_ALPHABET.issuperset(value):
+        raise ValueError(f"{name} is not base64url")
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"{name} is not base64url") from exc
+    if len(raw) != size:
+        raise ValueError(f"{name} must be {size} bytes")
+    return raw
+
+
+def _max_age(values: Iterable[str]) -> float | None:
+    """``max-age`` from Cache-Control header values; 0 for no-store/no-cache; None if absent."""
+    max_age: float | None = None
+    for value in values:
+        for directive in value.split(","):
+            name, _, arg = directive.strip().partition("=")
+            name = name.strip().lower()
+            if name in ("no-store", "no-cache"):
+                return 0.0
+            if name == "max-age":
+                arg = arg.strip().strip('"')
+                if arg.isdigit():
+                    max_age = float(arg)
+    if max_age is not None and not math.isfinite(max_age):
+        return None
+    return max_age
+
+
+def _describe(exc: BaseException) -> str:
+    """A short reason for logs: our own message, or the exception type for library errors."""
+    if isinstance(exc, _FetchError):
+        return str(exc)
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        return "timed out"
+    if isinstance(exc, httpx.HTTPError):
+        return f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__
