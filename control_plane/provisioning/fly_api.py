@@ -50,6 +50,7 @@ __all__ = [
     "FlyMachinesClient",
     "FlyNameTaken",
     "FlyNotFound",
+    "FlyPreconditionFailed",
     "FlyProtocolError",
     "FlyRateLimited",
     "FlyServerError",
@@ -123,11 +124,17 @@ class FlyConflict(FlyError):
     """409: e.g. ``current_version`` no longer matches, or a lease is held by someone else."""
 
 
+class FlyPreconditionFailed(FlyError):
+    """412 ``failed_precondition: ...``: the machine is not in a state that allows the action
+    (e.g. destroying a started machine without ``force``)."""
+
+
 class FlyCapacity(FlyError):
     """412 (or a capacity ``status``): no room on the host/region, e.g. for a pinned volume.
 
     Kilo-Org/cloud#388: creating a machine for a volume whose host is full gives 412; the caller
-    decides whether to try another region (with a new volume) or retry later.
+    decides whether to try another region (with a new volume) or retry later. A 412 whose message
+    says ``failed_precondition`` is :class:`FlyPreconditionFailed` instead.
     """
 
 
@@ -991,7 +998,11 @@ def _error_from(response: httpx.Response, method: str, path: str) -> FlyError:
         "method": method,
         "path": path,
     }
-    if fly_status in _CAPACITY_STATUSES or code == 412:
+    if fly_status in _CAPACITY_STATUSES:
+        return FlyCapacity(message, **kw)
+    if code == 412:
+        if message.startswith("failed_precondition"):
+            return FlyPreconditionFailed(message, **kw)
         return FlyCapacity(message, **kw)
     if code == 400:
         return FlyBadRequest(message, **kw)

@@ -1,0 +1,174 @@
+"""The FastAPI application factory. Nothing is built at import time: ``create_app`` wires the
+routes, and the lifespan builds the engine, key ring, mailer, throttle and Google client."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from control_plane.auth.csrf import CsrfProtector
+from control_plane.auth.google import GoogleClient, StateCookie
+from control_plane.auth.passwords import PasswordHasher
+from control_plane.auth.routes import router as auth_router
+from control_plane.auth.service import AuthContext
+from control_plane.db import create_engine, create_session_factory, utcnow
+from control_plane.errors import install_error_handlers, json_dumps
+from control_plane.keys.routes import router as keys_router
+from control_plane.keys.service import KeyRing
+from control_plane.mail import Mailer, Transport
+from control_plane.migrations import upgrade
+from control_plane.settings import Settings, get_settings
+from control_plane.throttle import Throttle
+
+logger = logging.getLogger("control_plane")
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` (413), counting bytes as they stream: a
+    ``Content-Length`` check alone is bypassed by chunked bodies (GHSA-933h-hp56-hf7m)."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self._body = json_dumps({"error": "request body too large", "code": "body_too_large"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._refuse(send)
+                return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(self._body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": self._body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    clock: Callable[[], datetime] = utcnow,
+    mail_transport: Transport | None = None,
+) -> FastAPI:
+    """The control-plane ASGI app. ``settings`` defaults to the environment (``get_settings()``).
+
+    ``clock`` and ``mail_transport`` are seams for tests.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        cfg = (settings or get_settings()).with_dev_secrets()
+        url = cfg.resolved_database_url
+        if url.startswith("sqlite") and not cfg.database_url:
+            cfg.var_dir.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url)
+        resources: list[Any] = []
+        try:
+            if cfg.should_auto_migrate:
+                await upgrade(engine)
+            factory = create_session_factory(engine)
+            ring = KeyRing(cfg, factory, clock=clock)
+            await ring.start(bootstrap=True)
+            resources.append(ring)
+            hasher = PasswordHasher(cfg)
+            await hasher.warm_up()
+            mailer = Mailer(cfg, mail_transport)
+            resources.append(mailer)
+            throttle = Throttle(cfg)
+            google = GoogleClient(cfg) if cfg.google_enabled else None
+            if google is not None:
+                resources.append(google)
+            app.state.settings = cfg
+            app.state.engine = engine
+            app.state.session_factory = factory
+            app.state.key_ring = ring
+            app.state.mailer = mailer
+            app.state.throttle = throttle
+            app.state.google = google
+            app.state.clock = clock
+            app.state.jwks_headers = {
+                "Cache-Control": f"public, max-age={cfg.jwks_max_age_seconds}",
+                "Access-Control-Allow-Origin": "*",
+            }
+            app.state.auth = AuthContext(
+                settings=cfg,
+                key_ring=ring,
+                hasher=hasher,
+                throttle=throttle,
+                mailer=mailer,
+                csrf=CsrfProtector(cfg),
+                google_state=StateCookie(cfg.secret_key_bytes()),
+            )
+            yield
+        finally:
+            for resource in reversed(resources):
+                try:
+                    await resource.aclose()
+                except Exception:  # pragma: no cover - shutdown must finish
+                    logger.exception("error while closing %s", type(resource).__name__)
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Quoroom control plane",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    install_error_handlers(app)
+    app.include_router(keys_router)
+    app.include_router(auth_router)
+
+    @app.get("/healthz", tags=["ops"], summary="Liveness")
+    async def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    max_body = (settings.max_body_bytes if settings else None) or 64 * 1024
+    app.add_middleware(BodyLimit, max_bytes=max_body)
+    return app

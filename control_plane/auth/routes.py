@@ -1,0 +1,469 @@
+"""``/api/auth/*``: thin routes. Parse → throttle → one service call → commit → mail → cookies."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import JSONResponse, RedirectResponse
+from starlette.responses import Response
+
+from control_plane.auth import service
+from control_plane.auth import sessions as sessions_
+from control_plane.auth.csrf import CSRF_COOKIE
+from control_plane.auth.google import STATE_COOKIE, STATE_COOKIE_PATH, STATE_MAX_AGE, GoogleClient
+from control_plane.auth.models import User
+from control_plane.auth.schemas import (
+    EmailIn,
+    ErrorOut,
+    LoginIn,
+    LogoutIn,
+    OkOut,
+    RefreshIn,
+    ResetPasswordIn,
+    RevokedOut,
+    SessionOut,
+    SessionsOut,
+    SignupIn,
+    TokenIn,
+    TokensOut,
+    Transport,
+    UserOut,
+)
+from control_plane.auth.service import AuthContext, SignedIn
+from control_plane.deps import (
+    ACCESS_COOKIE,
+    REFRESH_COOKIE,
+    AuthDep,
+    ClientAddress,
+    CurrentAuth,
+    CurrentUser,
+    Now,
+    SessionDep,
+    authenticate_request,
+)
+from control_plane.errors import (
+    InvalidRefreshToken,
+    NotAuthenticated,
+    OAuthNotConfigured,
+    OAuthProviderError,
+    OAuthStateMismatch,
+    RefreshTokenReused,
+    SessionNotFound,
+)
+
+REFRESH_COOKIE_PATH = "/api/auth"
+ACCEPTED = "If the address can receive mail, a message is on its way."
+
+
+def _origin_guard(request: Request) -> None:
+    """Every unsafe account request from a browser must come from our own origin (login CSRF)."""
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        ctx: AuthContext = request.app.state.auth
+        ctx.csrf.check_origin(request)
+
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422, 429, 502, 503)
+}
+router = APIRouter(
+    prefix="/api/auth", tags=["auth"], dependencies=[Depends(_origin_guard)], responses=_ERRORS
+)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+async def _user_out(db: SessionDep, user: User) -> UserOut:
+    return UserOut(
+        id=user.id,
+        email=user.email,
+        email_verified=user.email_verified,
+        name=user.name,
+        created_at=user.created_at,
+        has_password=user.password_hash is not None,
+        identities=await service.identities_of(db, user.id),
+    )
+
+
+def _set_session_cookies(response: Response, ctx: AuthContext, signed: SignedIn) -> str:
+    settings = ctx.settings
+    secure = settings.secure_cookies
+    remaining = int((signed.session.expires_at - signed.session.last_used_at).total_seconds())
+    csrf_token = ctx.csrf.issue(signed.session.id)
+    response.set_cookie(
+        ACCESS_COOKIE,
+        signed.access_token,
+        max_age=settings.access_token_ttl_seconds,
+        path="/",
+        secure=secure,
+        httponly=True,
+        samesite="lax",
+    )
+    response.set_cookie(
+        REFRESH_COOKIE,
+        signed.refresh_token,
+        max_age=max(remaining, 0),
+        path=REFRESH_COOKIE_PATH,
+        secure=secure,
+        httponly=True,
+        samesite="lax",
+    )
+    # Readable by the page's JavaScript on purpose: it echoes it in X-CSRF-Token.
+    response.set_cookie(
+        CSRF_COOKIE,
+        csrf_token,
+        max_age=max(remaining, 0),
+        path="/",
+        secure=secure,
+        httponly=False,
+        samesite="lax",
+    )
+    return csrf_token
+
+
+def _clear_session_cookies(response: Response, ctx: AuthContext) -> None:
+    secure = ctx.settings.secure_cookies
+    for name, path in (
+        (ACCESS_COOKIE, "/"),
+        (REFRESH_COOKIE, REFRESH_COOKIE_PATH),
+        (CSRF_COOKIE, "/"),
+    ):
+        response.delete_cookie(name, path=path, secure=secure, httponly=name != CSRF_COOKIE)
+
+
+async def _signed_in_response(
+    db: SessionDep, ctx: AuthContext, signed: SignedIn, transport: Transport, status: int = 200
+) -> JSONResponse:
+    body = TokensOut(
+        user=await _user_out(db, signed.user),
+        session_id=signed.session.id,
+        expires_in=ctx.settings.access_token_ttl_seconds,
+    )
+    response = JSONResponse({}, status_code=status, headers={"Cache-Control": "no-store"})
+    if transport == "body":
+        body.access_token = signed.access_token
+        body.refresh_token = signed.refresh_token
+    else:
+        body.csrf_token = _set_session_cookies(response, ctx, signed)
+    response.body = response.render(body.model_dump(mode="json"))
+    response.headers["content-length"] = str(len(response.body))
+    return response
+
+
+def _accepted() -> JSONResponse:
+    return JSONResponse(OkOut(message=ACCEPTED).model_dump(), status_code=202)
+
+
+# -- sign-up and verification -------------------------------------------------------------------
+
+
+@router.post("/signup", status_code=202, response_model=OkOut, summary="Create an account")
+async def signup(
+    body: SignupIn, db: SessionDep, ctx: AuthDep, now: Now, address: ClientAddress
+) -> JSONResponse:
+    """Answers 202 whether or not the address already has an account (no enumeration); the
+    account is usable after the emailed link is followed."""
+    await ctx.throttle.hit("signup_address", address)
+    await ctx.throttle.hit("signup_account", service.normalize_email(body.email))
+    mails = await service.signup(
+        db, ctx, email=body.email, password=body.password, name=body.name, now=now
+    )
+    await db.commit()
+    ctx.mailer.enqueue(*mails)
+    return _accepted()
+
+
+@router.post("/verify-email", response_model=OkOut, summary="Confirm an email address")
+async def verify_email(body: TokenIn, db: SessionDep, now: Now) -> OkOut:
+    await service.verify_email(db, token=body.token, now=now)
+    await db.commit()
+    return OkOut(message="Your email address is confirmed.")
+
+
+@router.post(
+    "/resend-verification", status_code=202, response_model=OkOut, summary="Send the link again"
+)
+async def resend_verification(
+    body: EmailIn, db: SessionDep, ctx: AuthDep, now: Now, address: ClientAddress
+) -> JSONResponse:
+    await ctx.throttle.hit("email_address", address)
+    await ctx.throttle.hit("email_account", service.normalize_email(body.email))
+    mails = await service.resend_verification(db, ctx, email=body.email, now=now)
+    await db.commit()
+    ctx.mailer.enqueue(*mails)
+    return _accepted()
+
+
+# -- password sign-in, refresh, sign-out --------------------------------------------------------
+
+
+@router.post("/login", response_model=TokensOut, summary="Sign in with email and password")
+async def login(
+    body: LoginIn,
+    request: Request,
+    db: SessionDep,
+    ctx: AuthDep,
+    now: Now,
+    address: ClientAddress,
+) -> JSONResponse:
+    await ctx.throttle.hit("login_address", address)
+    user = await service.authenticate(db, ctx, email=body.email, password=body.password, now=now)
+    signed = await service.start_session(
+        db,
+        ctx,
+        user,
+        method="password",
+        now=now,
+        user_agent=request.headers.get("user-agent"),
+        ip_address=address,
+    )
+    await db.commit()
+    return await _signed_in_response(db, ctx, signed, body.transport)
+
+
+@router.post("/refresh", response_model=TokensOut, summary="Exchange a refresh token")
+async def refresh(
+    request: Request, db: SessionDep, ctx: AuthDep, now: Now, body: RefreshIn | None = None
+) -> JSONResponse:
+    """Rotates the refresh token. With ``refresh_token`` in the body the answer carries the new
+    tokens; otherwise the ``qr_refresh`` cookie is used (CSRF-checked) and cookies are renewed."""
+    raw = body.refresh_token if body is not None else None
+    transport: Transport = "body"
+    if raw is None:
+        raw = request.cookies.get(REFRESH_COOKIE)
+        transport = "cookie"
+        if not raw:
+            raise NotAuthenticated()
+        found = await sessions_.find_refresh(db, raw)
+        if found is None:
+            raise InvalidRefreshToken()
+        ctx.csrf.check(request, found[1].id)
+    grace = timedelta(seconds=ctx.settings.refresh_reuse_grace_seconds)
+    try:
+        rotation = await sessions_.rotate(db, raw, now=now, grace=grace)
+    except sessions_.RefreshReuse as reuse:
+        await db.rollback()
+        await sessions_.revoke_session(db, reuse.session_id, reason="refresh_reuse", now=now)
+        await db.commit()
+        raise RefreshTokenReused() from None
+    await db.commit()
+    signed = SignedIn(
+        rotation.user,
+        rotation.session,
+        rotation.refresh_token,
+        service.issue_access_token(ctx, rotation.user, rotation.session.id),
+    )
+    return await _signed_in_response(db, ctx, signed, transport)
+
+
+@router.post("/logout", response_model=OkOut, summary="Sign out this session")
+async def logout(
+    request: Request, db: SessionDep, ctx: AuthDep, now: Now, body: LogoutIn | None = None
+) -> JSONResponse:
+    """Revokes only the calling session (supabase/auth-js#75), found from the refresh token in the
+    body, the access token (bearer or cookie), or the refresh cookie."""
+    session_id: str | None = None
+    if body is not None and body.refresh_token:
+        found = await sessions_.find_refresh(db, body.refresh_token)
+        if found is None:
+            raise InvalidRefreshToken()
+        session_id = found[1].id
+    else:
+        auth = None
+        if request.headers.get("authorization") or request.cookies.get(ACCESS_COOKIE):
+            auth = await authenticate_request(request, db, ctx, now)
+        if auth is not None:
+            session_id = auth.session_id
+        elif raw := request.cookies.get(REFRESH_COOKIE):
+            found = await sessions_.find_refresh(db, raw)
+            if found is None:
+                raise InvalidRefreshToken()
+            ctx.csrf.check(request, found[1].id)
+            session_id = found[1].id
+    if session_id is None:
+        raise NotAuthenticated()
+    await sessions_.revoke_session(db, session_id, reason="logout", now=now)
+    await db.commit()
+    response = JSONResponse(OkOut(message="Signed out.").model_dump())
+    _clear_session_cookies(response, ctx)
+    return response
+
+
+# -- password reset -----------------------------------------------------------------------------
+
+
+@router.post("/forgot-password", status_code=202, response_model=OkOut, summary="Mail a reset link")
+async def forgot_password(
+    body: EmailIn, db: SessionDep, ctx: AuthDep, now: Now, address: ClientAddress
+) -> JSONResponse:
+    """Same answer, same timing for known and unknown addresses (mail goes out in the
+    background after commit)."""
+    await ctx.throttle.hit("email_address", address)
+    await ctx.throttle.hit("email_account", service.normalize_email(body.email))
+    mails = await service.forgot_password(db, ctx, email=body.email, now=now)
+    await db.commit()
+    ctx.mailer.enqueue(*mails)
+    return _accepted()
+
+
+@router.post("/reset-password", response_model=OkOut, summary="Set a new password")
+async def reset_password(
+    body: ResetPasswordIn, db: SessionDep, ctx: AuthDep, now: Now
+) -> JSONResponse:
+    """Sets the password, signs every session out and mails a notice."""
+    mails = await service.reset_password(db, ctx, token=body.token, password=body.password, now=now)
+    await db.commit()
+    ctx.mailer.enqueue(*mails)
+    response = JSONResponse(OkOut(message="Your password was changed; sign in again.").model_dump())
+    _clear_session_cookies(response, ctx)
+    return response
+
+
+# -- the account and its sessions ---------------------------------------------------------------
+
+
+@router.get("/me", response_model=UserOut, summary="The signed-in account")
+async def me(user: CurrentUser, db: SessionDep) -> UserOut:
+    return await _user_out(db, user)
+
+
+@router.get("/sessions", response_model=SessionsOut, summary="Signed-in sessions")
+async def list_sessions(auth: CurrentAuth, db: SessionDep, now: Now) -> SessionsOut:
+    rows = await sessions_.live_sessions(db, auth.user.id, now)
+    return SessionsOut(
+        sessions=[
+            SessionOut(
+                id=s.id,
+                created_at=s.created_at,
+                last_used_at=s.last_used_at,
+                expires_at=s.expires_at,
+                method=s.method,
+                user_agent=s.user_agent,
+                ip_address=s.ip_address,
+                current=s.id == auth.session_id,
+            )
+            for s in rows
+        ]
+    )
+
+
+@router.delete("/sessions/{session_id}", response_model=OkOut, summary="Revoke one session")
+async def revoke_session(
+    session_id: Annotated[str, Path(max_length=64)],
+    auth: CurrentAuth,
+    db: SessionDep,
+    ctx: AuthDep,
+    now: Now,
+) -> JSONResponse:
+    if not await sessions_.revoke_session(
+        db, session_id, reason="revoked", now=now, user_id=auth.user.id
+    ):
+        raise SessionNotFound()
+    await db.commit()
+    response = JSONResponse(OkOut(message="Session revoked.").model_dump())
+    if session_id == auth.session_id:
+        _clear_session_cookies(response, ctx)
+    return response
+
+
+@router.post("/sessions/revoke-all", response_model=RevokedOut, summary="Sign out everywhere")
+async def revoke_all(auth: CurrentAuth, db: SessionDep, ctx: AuthDep, now: Now) -> JSONResponse:
+    count = await sessions_.revoke_all_sessions(db, auth.user.id, reason="revoke_all", now=now)
+    await db.commit()
+    response = JSONResponse(RevokedOut(revoked=count).model_dump())
+    _clear_session_cookies(response, ctx)
+    return response
+
+
+# -- Google -------------------------------------------------------------------------------------
+
+
+def _google(request: Request) -> GoogleClient:
+    client: GoogleClient | None = request.app.state.google
+    if client is None:
+        raise OAuthNotConfigured()
+    return client
+
+
+GoogleDep = Annotated[GoogleClient, Depends(_google)]
+
+
+@router.get(
+    "/google",
+    status_code=302,
+    response_class=RedirectResponse,
+    summary="Start Google sign-in",
+    responses={302: {"description": "Redirect to Google"}},
+)
+async def google_start(
+    google: GoogleDep,
+    ctx: AuthDep,
+    next_path: Annotated[str | None, Query(alias="next", max_length=512)] = None,
+) -> RedirectResponse:
+    pending, cookie = ctx.google_state.new(next_path or "/")
+    response = RedirectResponse(await google.authorization_url(pending), status_code=302)
+    response.set_cookie(
+        STATE_COOKIE,
+        cookie,
+        max_age=STATE_MAX_AGE,
+        path=STATE_COOKIE_PATH,
+        secure=ctx.settings.secure_cookies,
+        httponly=True,
+        # Lax: the callback is a top-level GET navigation from the provider.
+        samesite="lax",
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@router.get(
+    "/google/callback",
+    status_code=303,
+    response_class=RedirectResponse,
+    summary="Google sign-in callback",
+    responses={303: {"description": "Signed in; redirect into the app"}},
+)
+async def google_callback(
+    request: Request,
+    google: GoogleDep,
+    db: SessionDep,
+    ctx: AuthDep,
+    now: Now,
+    address: ClientAddress,
+    code: Annotated[str | None, Query(max_length=2048)] = None,
+    state: Annotated[str | None, Query(max_length=256)] = None,
+    error: Annotated[str | None, Query(max_length=256)] = None,
+) -> RedirectResponse:
+    pending = ctx.google_state.open(request.cookies.get(STATE_COOKIE), state)
+    if error is not None:
+        raise OAuthProviderError()
+    if not code:
+        raise OAuthStateMismatch("the sign-in response has no authorization code")
+    identity = await google.exchange(code, pending)
+    user = await service.user_for_google(
+        db,
+        subject=identity.subject,
+        email=identity.email,
+        email_verified=identity.email_verified,
+        name=identity.name,
+        now=now,
+    )
+    signed = await service.start_session(
+        db,
+        ctx,
+        user,
+        method="google",
+        now=now,
+        user_agent=request.headers.get("user-agent"),
+        ip_address=address,
+    )
+    await db.commit()
+    response = RedirectResponse(f"{ctx.settings.public_url}{pending.next_path}", status_code=303)
+    _set_session_cookies(response, ctx, signed)
+    response.delete_cookie(
+        STATE_COOKIE, path=STATE_COOKIE_PATH, secure=ctx.settings.secure_cookies, httponly=True
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response

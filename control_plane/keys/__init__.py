@@ -1,0 +1,1 @@
+"""Signing keys: Ed25519 keys encrypted at rest, the in-memory key ring, and the JWKS route."""

@@ -1,0 +1,272 @@
+"""Control-plane settings: one typed object parsed once from ``QUOROOM_CP_*`` variables.
+
+Outside development the settings refuse insecure or missing secrets with a message that names the
+variable. In development, missing secrets (``SECRET_KEY``, ``KEY_ENCRYPTION_KEY``) are generated
+once and kept in ``{VAR_DIR}/dev-secrets.json`` (mode 0600) so a restart keeps sessions and keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from limits import parse_many
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "QUOROOM_CP_"
+#: Access tokens and runtime tokens live at most this long (DESIGN.md: TTL ≤ 15 min).
+MAX_TOKEN_TTL_SECONDS = 900
+#: Verifiers may accept this much clock skew; retired keys stay published for TTL + this.
+TOKEN_LEEWAY_SECONDS = 60
+_WEAK_SECRETS = frozenset({"secret", "changeme", "change-me", "dev", "development", "password"})
+
+
+class SettingsError(ValueError):
+    """A setting is missing or insecure; ``variable`` is the full environment variable name."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+def _var(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+class Settings(BaseSettings):
+    """Every control-plane setting. Build with ``Settings()`` (environment) or keyword arguments."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, validate_default=True
+    )
+
+    env: Literal["development", "production"] = "development"
+    public_url: str = "http://127.0.0.1:8000"
+    var_dir: Path = Path("./var")
+    database_url: str = ""  # default: sqlite+aiosqlite under VAR_DIR (see resolved_database_url)
+    auto_migrate: bool | None = None  # default: on in development, off in production
+    redis_url: str | None = None
+    provider: Literal["local", "fly"] = "local"
+
+    # Mail: SMTP when SMTP_URL is set (smtp://, smtp+starttls://, smtps://), else the outbox.
+    smtp_url: SecretStr | None = None
+    mail_outbox: Path | None = None  # default: VAR_DIR/outbox
+    mail_from: str = "Quoroom <no-reply@localhost>"
+
+    # Secrets.
+    secret_key: SecretStr | None = None  # itsdangerous: CSRF tokens, OAuth state cookie
+    key_encryption_key: SecretStr | None = None  # base64url 32-byte AES key(s), comma-separated
+    stripe_secret_key: SecretStr | None = None
+    stripe_webhook_secret: SecretStr | None = None
+    fly_api_token: SecretStr | None = None
+    fly_org: str | None = None
+    runtime_image: str | None = None
+
+    # Google (OpenID Connect). Base URLs are configurable so tests point at a fake provider.
+    google_client_id: str | None = None
+    google_client_secret: SecretStr | None = None
+    google_discovery_url: str = "https://accounts.google.com/.well-known/openid-configuration"
+    google_http_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+
+    # Tokens and sessions.
+    access_token_ttl_seconds: int = Field(default=MAX_TOKEN_TTL_SECONDS, ge=60)
+    session_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=3600)
+    refresh_reuse_grace_seconds: int = Field(default=10, ge=0, le=10)
+    verify_token_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    reset_token_ttl_seconds: int = Field(default=3600, ge=60)
+    jwks_max_age_seconds: int = Field(default=300, ge=0, le=3600)
+    key_reload_seconds: float = Field(default=60, gt=0)
+
+    # Passwords.
+    password_min_length: int = Field(default=10, ge=8)
+    password_max_length: int = Field(default=128, ge=64, le=1024)
+    max_concurrent_hashes: int = Field(default=4, ge=1, le=64)
+    password_hash_memory_kib: int = Field(default=19456, ge=8)  # OWASP: 19 MiB, t=2, p=1
+    password_hash_time_cost: int = Field(default=2, ge=1)
+
+    # Throttling (limits' notation; ";"-separated tiers act as backoff: short, then longer waits).
+    trust_fly_client_ip: bool = False
+    throttle_login_address: str = "20/minute;200/hour"
+    throttle_login_account: str = "5/minute;20/hour;100/day"  # failed attempts only
+    throttle_signup_address: str = "5/minute;20/hour"
+    throttle_signup_account: str = "3/hour;10/day"
+    throttle_email_address: str = "5/minute;20/hour"  # forgot-password, resend-verification
+    throttle_email_account: str = "3/15minutes;10/day"
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{_var('public_url')} must be an absolute http(s) URL")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{_var('public_url')} must not have a query or fragment")
+        return value.rstrip("/")
+
+    @field_validator(
+        "throttle_login_address",
+        "throttle_login_account",
+        "throttle_signup_address",
+        "throttle_signup_account",
+        "throttle_email_address",
+        "throttle_email_account",
+    )
+    @classmethod
+    def _throttle(cls, value: str) -> str:
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit ({value!r}): {exc}") from exc
+        return value
+
+    @field_validator("access_token_ttl_seconds")
+    @classmethod
+    def _ttl(cls, value: int) -> int:
+        if value > MAX_TOKEN_TTL_SECONDS:
+            raise ValueError(f"must be at most {MAX_TOKEN_TTL_SECONDS} seconds")
+        return value
+
+    @model_validator(mode="after")
+    def _secure_outside_development(self) -> Settings:
+        if self.env == "production":
+            self.check_production()
+        return self
+
+    # -- derived ---------------------------------------------------------------------------------
+
+    @property
+    def development(self) -> bool:
+        return self.env == "development"
+
+    @property
+    def public_origin(self) -> str:
+        parts = urlsplit(self.public_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @property
+    def issuer(self) -> str:
+        return self.public_url
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.var_dir / 'control_plane.db').as_posix()}"
+
+    @property
+    def should_auto_migrate(self) -> bool:
+        return self.development if self.auto_migrate is None else self.auto_migrate
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.mail_outbox or self.var_dir / "outbox"
+
+    @property
+    def secure_cookies(self) -> bool:
+        return not self.development
+
+    @property
+    def google_enabled(self) -> bool:
+        return bool(self.google_client_id)
+
+    def check_production(self) -> None:
+        """Raise :class:`SettingsError` naming the first insecure or missing setting."""
+        if urlsplit(self.public_url).scheme != "https":
+            raise SettingsError(_var("public_url"), "must be an https:// URL in production")
+        _strong_secret("secret_key", self.secret_key)
+        _kek_list("key_encryption_key", self.key_encryption_key)
+        if self.smtp_url is None:
+            raise SettingsError(_var("smtp_url"), "is required in production (mail must go out)")
+        for name in ("stripe_secret_key", "stripe_webhook_secret"):
+            _strong_secret(name, getattr(self, name), min_length=16)
+        if self.provider == "fly":
+            _strong_secret("fly_api_token", self.fly_api_token, min_length=16)
+            if not self.fly_org:
+                raise SettingsError(_var("fly_org"), "is required when PROVIDER=fly")
+        if self.google_client_id and not self.google_client_secret:
+            raise SettingsError(_var("google_client_secret"), "is required with GOOGLE_CLIENT_ID")
+
+    # -- secrets ---------------------------------------------------------------------------------
+
+    def with_dev_secrets(self) -> Settings:
+        """In development, fill missing secrets from ``VAR_DIR/dev-secrets.json`` (created once)."""
+        if not self.development or (self.secret_key and self.key_encryption_key):
+            return self
+        path = self.var_dir / "dev-secrets.json"
+        stored = _load_or_create_dev_secrets(path)
+        update: dict[str, SecretStr] = {}
+        if not self.secret_key:
+            update["secret_key"] = SecretStr(stored["secret_key"])
+        if not self.key_encryption_key:
+            update["key_encryption_key"] = SecretStr(stored["key_encryption_key"])
+        return self.model_copy(update=update)
+
+    def secret_key_bytes(self) -> bytes:
+        if self.secret_key is None:
+            raise SettingsError(_var("secret_key"), "is not set")
+        return self.secret_key.get_secret_value().encode()
+
+    def key_encryption_keys(self) -> list[bytes]:
+        """The KEK list, newest (used for encryption) first."""
+        return _kek_list("key_encryption_key", self.key_encryption_key)
+
+
+def _strong_secret(name: str, value: SecretStr | None, *, min_length: int = 32) -> None:
+    if value is None or not value.get_secret_value():
+        raise SettingsError(_var(name), "is required in production")
+    raw = value.get_secret_value()
+    if len(raw) < min_length or raw.lower() in _WEAK_SECRETS:
+        raise SettingsError(_var(name), f"is too weak (use at least {min_length} random chars)")
+
+
+def _kek_list(name: str, value: SecretStr | None) -> list[bytes]:
+    if value is None or not value.get_secret_value().strip():
+        raise SettingsError(_var(name), "is required (base64url-encoded 32-byte key)")
+    keys = []
+    for item in value.get_secret_value().split(","):
+        item = item.strip()
+        try:
+            raw = base64.urlsafe_b64decode(item + "=" * (-len(item) % 4))
+        except (binascii.Error, ValueError) as exc:
+            raise SettingsError(_var(name), "must be base64url-encoded 32-byte keys") from exc
+        if len(raw) != 32:
+            raise SettingsError(_var(name), "each key must decode to exactly 32 bytes")
+        keys.append(raw)
+    return keys
+
+
+def _load_or_create_dev_secrets(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and all(
+            isinstance(data.get(k), str) for k in ("secret_key", "key_encryption_key")
+        ):
+            return data
+    except FileNotFoundError:
+        pass
+    except ValueError as exc:
+        raise SettingsError(str(path), "is not valid JSON; delete it to regenerate") from exc
+    data = {
+        "secret_key": secrets.token_urlsafe(48),
+        "key_encryption_key": base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle)
+    return data
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings from the environment, parsed once (development secrets filled in)."""
+    return Settings().with_dev_secrets()

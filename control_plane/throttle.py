@@ -1,0 +1,116 @@
+"""Throttling of the account endpoints, per account and per client address, with backoff.
+
+Policies use the ``limits`` notation; several ``;``-separated tiers (``5/minute;20/hour``) make the
+backoff: past the short tier a client waits a minute, past the long one an hour. Counters use the
+sliding-window-counter strategy (no 2x burst at a fixed-window edge, O(1) per hit unlike the
+moving window, limits#268). Storage is in memory, or Redis when ``REDIS_URL`` is set so every
+process shares the budgets.
+
+A storage outage fails **closed** (503 ``throttle_unavailable``): these limits are what stands
+between a password and a brute-force attack, so we refuse rather than let attempts through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import time
+
+from limits import RateLimitItem, parse_many
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.storage import storage_from_string
+from starlette.requests import Request
+
+from control_plane.errors import Throttled, ThrottleUnavailable
+from control_plane.settings import Settings
+
+logger = logging.getLogger("control_plane.throttle")
+
+
+class Throttle:
+    """Named policies → hit/test by key. Keys are hashed so no email lands in Redis."""
+
+    def __init__(self, settings: Settings) -> None:
+        url = f"async+{settings.redis_url}" if settings.redis_url else "async+memory://"
+        self.storage = storage_from_string(url)
+        self.limiter = SlidingWindowCounterRateLimiter(self.storage)
+        self.policies: dict[str, list[RateLimitItem]] = {
+            "login_address": parse_many(settings.throttle_login_address),
+            "login_account": parse_many(settings.throttle_login_account),
+            "signup_address": parse_many(settings.throttle_signup_address),
+            "signup_account": parse_many(settings.throttle_signup_account),
+            "email_address": parse_many(settings.throttle_email_address),
+            "email_account": parse_many(settings.throttle_email_account),
+        }
+
+    @staticmethod
+    def _key(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    async def hit(self, policy: str, key: str) -> None:
+        """Count one attempt; raise :class:`Throttled` (with ``retry_after``) when over a tier."""
+        ident = self._key(key)
+        refused: list[RateLimitItem] = []
+        try:
+            for item in self.policies[policy]:
+                if not await self.limiter.hit(item, "qr", policy, ident):
+                    refused.append(item)
+        except Exception as exc:  # storage outage: fail closed, see module docstring
+            logger.error("throttle storage failed (%s); refusing", type(exc).__name__)
+            raise ThrottleUnavailable() from exc
+        if refused:
+            raise Throttled(await self._retry_after(refused, policy, ident))
+
+    async def check(self, policy: str, key: str) -> None:
+        """Raise :class:`Throttled` when ``key`` is already over a tier, without counting."""
+        ident = self._key(key)
+        refused: list[RateLimitItem] = []
+        try:
+            for item in self.policies[policy]:
+                if not await self.limiter.test(item, "qr", policy, ident):
+                    refused.append(item)
+        except Exception as exc:
+            logger.error("throttle storage failed (%s); refusing", type(exc).__name__)
+            raise ThrottleUnavailable() from exc
+        if refused:
+            raise Throttled(await self._retry_after(refused, policy, ident))
+
+    async def _retry_after(self, items: list[RateLimitItem], policy: str, ident: str) -> int:
+        now = time.time()
+        wait = 1.0
+        for item in items:
+            try:
+                stats = await self.limiter.get_window_stats(item, "qr", policy, ident)
+                wait = max(wait, stats.reset_time - now)
+            except Exception:  # the refusal stands; fall back to the tier's whole window
+                wait = max(wait, float(item.get_expiry()))
+        return int(wait + 0.999)
+
+    async def reset(self) -> None:
+        try:
+            await self.storage.reset()  # type: ignore[misc]
+        except Exception:  # pragma: no cover - best effort
+            logger.warning("throttle storage reset failed")
+
+
+def client_address(request: Request, settings: Settings) -> str:
+    """The client's address for throttling: ``Fly-Client-IP`` only when configured (Fly's proxy
+    overwrites it), never ``X-Forwarded-For`` (client-controlled). IPv6 is grouped by /64, since
+    one subscriber typically holds a whole /64 (express-rate-limit#502)."""
+    raw: str | None = None
+    if settings.trust_fly_client_ip:
+        raw = request.headers.get("fly-client-ip")
+    if not raw and request.client is not None:
+        raw = request.client.host
+    if not raw:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(raw.strip())
+    except ValueError:
+        return "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
