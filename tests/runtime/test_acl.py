@@ -571,3 +571,18 @@ async def test_the_guard_costs_about_a_microsecond_per_request() -> None:
         await guard(scope, None, None)  # type: ignore[arg-type]
     per_request_us = (time.perf_counter() - started - baseline) / n * 1e6
     assert per_request_us < 20  # generous: CI machines are slow and shared
+
+
+async def test_the_guard_in_front_of_the_reference_room_enforces_the_default_policy() -> None:
+    from room_cloud_runtime.reference_room import create_room_app
+
+    app = FakeAuth(ACLGuard(create_room_app(), instance_id=INSTANCE))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://room.test") as c:
+        vote = await c.post("/api/decisions/d1/vote", headers=MEMBER, json={"vote": "yes"})
+        assert vote.status_code == 200
+        assert vote.json()["votes"] == {"user-member": "yes"}
+        assert (await c.get("/api/credentials/c1", headers=MEMBER)).status_code == 403
+        assert (await c.get("/api/credentials/c1", headers=OWNER)).status_code == 200
+        assert (await c.post("/api/rooms", headers=MEMBER, json={"name": "x"})).status_code == 403
+        assert (await c.post("/api/rooms", headers=OWNER, json={"name": "x"})).status_code == 201
