@@ -309,7 +309,7 @@ class FlyMachinesFake:
         self._faults: dict[str, list[_Fault]] = {}
         self._machine_start_delay: dict[str, float] = {}
         self._unhealthy_images: set[str] = set()
-        self._unhealthy_machines: set[str] = set()
+        self._unhealthy_machines: set[tuple[str, str | None]] = set()
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._server: uvicorn.Server | None = None
@@ -431,12 +431,15 @@ class FlyMachinesFake:
         with self._lock:
             self._unhealthy_images.add(image)
 
-    def mark_machine_unhealthy(self, machine_id: str, unhealthy: bool = True) -> None:
+    def mark_machine_unhealthy(
+        self, machine_id: str, *, image: str | None = None, unhealthy: bool = True
+    ) -> None:
+        """The machine's checks never pass (only while it runs ``image``, when given)."""
         with self._lock:
             if unhealthy:
-                self._unhealthy_machines.add(machine_id)
+                self._unhealthy_machines.add((machine_id, image))
             else:
-                self._unhealthy_machines.discard(machine_id)
+                self._unhealthy_machines.discard((machine_id, image))
 
     def add_foreign_app(self, name: str, *, org_slug: str, visible: bool = True) -> None:
         """An app of another organization that holds a (global) name."""
@@ -606,9 +609,11 @@ class FlyMachinesFake:
                 names.append(f"servicecheck-{i:02d}-{j:02d}")
         if not names or machine.state != "started":
             return []
+        image = machine.config.get("image")
         unhealthy = (
-            machine.id in self._unhealthy_machines
-            or machine.config.get("image") in self._unhealthy_images
+            (machine.id, None) in self._unhealthy_machines
+            or (machine.id, image) in self._unhealthy_machines
+            or image in self._unhealthy_images
         )
         if unhealthy:
             status, output = "critical", "GET /healthz: connection refused"
@@ -797,7 +802,9 @@ class FlyMachinesFake:
             volume = self._volume(params["app_name"], params["volume_id"])
             attached = self.machines.get(volume.attached_machine_id or "")
             if attached is not None and attached.state != "destroyed":
-                raise _HTTPError(412, f"volume {volume.id} is attached to {attached.id}")
+                raise _HTTPError(
+                    412, f"failed_precondition: volume {volume.id} is attached to {attached.id}"
+                )
             del self.volumes[volume.id]
             volume.state = "destroyed"
             return 200, volume.to_json()
@@ -908,7 +915,7 @@ class FlyMachinesFake:
             machine = self._machine(params["app_name"], params["machine_id"])
             self._check_lease(machine, request)
             if machine.state in ("destroyed", "destroying"):
-                raise _HTTPError(412, f"machine {machine.id} is destroyed")
+                raise _HTTPError(412, f"failed_precondition: machine {machine.id} is destroyed")
             current = body.get("current_version")
             if current and current != machine.version:
                 raise _HTTPError(409, f"current_version {current} does not match {machine.version}")
@@ -947,7 +954,7 @@ class FlyMachinesFake:
             self._check_lease(machine, request)
             previous = machine.state
             if previous == "destroyed":
-                raise _HTTPError(412, f"machine {machine.id} is destroyed")
+                raise _HTTPError(412, f"failed_precondition: machine {machine.id} is destroyed")
             if previous in ("created", "stopped", "suspended", "stopping"):
                 self._launch(machine)
             return 200, {"previous_state": previous}
@@ -957,7 +964,7 @@ class FlyMachinesFake:
             machine = self._machine(params["app_name"], params["machine_id"])
             self._check_lease(machine, request)
             if machine.state == "destroyed":
-                raise _HTTPError(412, f"machine {machine.id} is destroyed")
+                raise _HTTPError(412, f"failed_precondition: machine {machine.id} is destroyed")
             if machine.state in ("started", "starting", "replacing", "created"):
                 self._schedule(machine, "stopping", "stopped", self.stop_delay)
             return 200, {"ok": True}
