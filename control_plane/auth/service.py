@@ -414,6 +414,7 @@ async def user_for_google(
             updated_at=now,
         )
         db.add(user)
+        await db.flush()
     elif not user.email_verified:
         raise AccountLinkRefused()
     db.add(

@@ -99,6 +99,7 @@ async def create_session(
         ip_address=ip_address,
     )
     db.add(session)
+    await db.flush()  # no ORM relationship orders the inserts; the session row must exist first
     raw = new_token()
     db.add(RefreshToken(session_id=session.id, token_hash=token_hash(raw), created_at=now))
     await db.flush()

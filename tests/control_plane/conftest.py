@@ -1,0 +1,236 @@
+"""Control-plane fixtures: a migrated database per test (SQLite, or PostgreSQL when
+QUOROOM_TEST_DATABASE_URL is set), the app driven in-process with its lifespan, a fake clock, and
+a mail transport that records what would be sent."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from control_plane.app import create_app
+from control_plane.db import create_engine
+from control_plane.mail import Mail
+from control_plane.migrations import upgrade
+from control_plane.models import metadata
+from control_plane.settings import Settings
+
+PUBLIC_URL = "http://cp.test"
+KEK = base64.urlsafe_b64encode(b"k" * 32).decode()
+PG_URL = os.environ.get("QUOROOM_TEST_DATABASE_URL")
+
+
+# -- database -----------------------------------------------------------------------------------
+
+
+async def _migrate(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
+async def _pg_admin(url: str, sql: str) -> None:
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text(sql))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def migrated_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database built by running the Alembic migrations once per session.
+
+    SQLite: a template file copied per test. PostgreSQL: a fresh database per session (so
+    parallel runs don't collide), truncated between tests.
+    """
+    if PG_URL:
+        name = f"cp_test_{uuid.uuid4().hex[:12]}"
+        url = make_url(PG_URL)
+        asyncio.run(_pg_admin(PG_URL, f'CREATE DATABASE "{name}"'))
+        test_url = url.set(database=name).render_as_string(hide_password=False)
+        try:
+            asyncio.run(_migrate(test_url))
+            yield test_url
+        finally:
+            asyncio.run(_pg_admin(PG_URL, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    else:
+        path = tmp_path_factory.mktemp("db") / "template.db"
+        url = f"sqlite+aiosqlite:///{path}"
+        asyncio.run(_migrate(url))
+        yield url
+
+
+async def _truncate(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            names = ", ".join(f'"{t.name}"' for t in metadata.sorted_tables)
+            await conn.execute(text(f"TRUNCATE {names} CASCADE"))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def database_url(migrated_database: str, tmp_path: Path) -> AsyncIterator[str]:
+    if PG_URL:
+        yield migrated_database
+        await _truncate(migrated_database)
+    else:
+        template = Path(make_url(migrated_database).database or "")
+        target = tmp_path / "cp.db"
+        shutil.copyfile(template, target)
+        yield f"sqlite+aiosqlite:///{target}"
+
+
+# -- clock and mail -----------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC).replace(microsecond=0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@dataclass
+class RecordingTransport:
+    sent: list[Mail] = field(default_factory=list)
+    messages: list[EmailMessage] = field(default_factory=list)
+
+    async def deliver(self, message: EmailMessage, mail: Mail) -> None:
+        self.sent.append(mail)
+        self.messages.append(message)
+
+    def to(self, email: str) -> list[Mail]:
+        return [m for m in self.sent if m.to == email]
+
+    def last_token(self, email: str) -> str:
+        link = self.to(email)[-1].link or ""
+        assert "#token=" in link, link
+        return link.split("#token=", 1)[1]
+
+
+@pytest.fixture
+def outbox() -> RecordingTransport:
+    return RecordingTransport()
+
+
+# -- settings and app ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_settings(database_url: str, tmp_path: Path) -> Callable[..., Settings]:
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "env": "development",
+            "public_url": PUBLIC_URL,
+            "database_url": database_url,
+            "var_dir": tmp_path / "var",
+            "auto_migrate": False,
+            "secret_key": "s" * 48,
+            "key_encryption_key": KEK,
+            # Fast hashes for the suite; the OWASP parameters are tested on their own.
+            "password_hash_memory_kib": 1024,
+            "password_hash_time_cost": 1,
+            "redis_url": None,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return build
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@dataclass
+class Harness:
+    app: Any
+    client: httpx.AsyncClient
+    clock: FakeClock
+    outbox: RecordingTransport
+
+    async def drain(self) -> None:
+        await self.app.state.mailer.drain()
+
+
+@pytest.fixture
+def make_harness(
+    clock: FakeClock, outbox: RecordingTransport
+) -> Callable[[Settings], Any]:
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def build(settings: Settings) -> AsyncIterator[Harness]:
+        app = create_app(settings, clock=clock, mail_transport=outbox)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 50000))
+            async with httpx.AsyncClient(transport=transport, base_url=PUBLIC_URL) as client:
+                yield Harness(app, client, clock, outbox)
+                await app.state.mailer.drain()
+
+    return build
+
+
+@pytest.fixture
+async def harness(make_harness: Any, settings: Settings) -> AsyncIterator[Harness]:
+    async with make_harness(settings) as h:
+        yield h
+
+
+# -- account helpers ----------------------------------------------------------------------------
+
+PASSWORD = "correct horse battery staple"
+
+
+async def signup_and_verify(h: Harness, email: str, password: str = PASSWORD) -> None:
+    r = await h.client.post("/api/auth/signup", json={"email": email, "password": password})
+    assert r.status_code == 202, r.text
+    await h.drain()
+    token = h.outbox.last_token(email)
+    r = await h.client.post("/api/auth/verify-email", json={"token": token})
+    assert r.status_code == 200, r.text
+
+
+async def login_body(h: Harness, email: str, password: str = PASSWORD) -> dict[str, Any]:
+    r = await h.client.post(
+        "/api/auth/login", json={"email": email, "password": password, "transport": "body"}
+    )
+    assert r.status_code == 200, r.text
+    data: dict[str, Any] = r.json()
+    return data
+
+
+async def login_cookie(h: Harness, email: str, password: str = PASSWORD) -> dict[str, Any]:
+    r = await h.client.post("/api/auth/login", json={"email": email, "password": password})
+    assert r.status_code == 200, r.text
+    data: dict[str, Any] = r.json()
+    return data
