@@ -265,7 +265,9 @@ class JWKSCache:
                 self._missed.pop(kid, None)
                 return key
         self._remember_miss(kid)
-        logger.info(
+        # debug, not info: unknown kids are attacker-chosen and arrive in floods; the auth layer
+        # logs each refusal once already.
+        logger.debug(
             "token kid %r is not in the JWKS",
             kid,
             extra={"event": "jwks_unknown_kid", "kid": kid},
@@ -361,7 +363,10 @@ class JWKSCache:
             return False
         finally:
             self._inflight = None
-        self._keys = keys
+        # Keep the very same objects for keys that did not change, so callers that remember a
+        # key (the verifier's cache compares by identity) are not invalidated by every refresh.
+        old = self._keys
+        self._keys = {kid: old[kid] if old.get(kid) == key else key for kid, key in keys.items()}
         self._loaded_at = self._clock()
         self._failures = 0
         self._next_delay = self._refresh_delay(max_age)

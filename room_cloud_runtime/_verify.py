@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 import jwt
 from jwt import exceptions as jwt_errors
 
-from ._errors import ClaimError, ConfigError, KeysUnavailableError, TokenError, UnknownKeyError
+from ._errors import ClaimError, ConfigError, KeysUnavailableError, TokenError
 from ._jwks import MAX_KID_LENGTH, JWKSCache, VerificationKey
 from ._scope import ROLES, Principal
 from ._settings import AUDIENCE, MAX_LEEWAY_SECONDS, SUPPORTED_ALGORITHMS
@@ -62,9 +62,13 @@ _MAX_SECONDS = 2**53
 # One pass checks shape (exactly three non-empty segments) and the base64url alphabet.
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
-# (until, code, message, claim, kid): enough to rebuild the same refusal without the traceback
-# and cause of the first one (re-raising one stored instance would grow its traceback).
-_Refusal = tuple[float, str, str, str | None, str | None]
+# (until, code, message, claim): enough to rebuild the same refusal without the traceback and
+# cause of the first one (re-raising one stored instance would grow its traceback).
+_Refusal = tuple[float, str, str, str | None]
+# Refusals that time or a key rotation can turn into acceptance are not remembered: the JWKS
+# cache's own cooldown decides when an unknown kid is looked up again, and a token that is not
+# valid yet must work as soon as it is.
+_NOT_REMEMBERED = frozenset({"unknown_key", "token_not_yet_valid"})
 
 
 def _malformed(message: str) -> TokenError:
@@ -316,7 +320,10 @@ class TokenVerifier:
         cache[token] = (principal, key)
 
     def _remember_refusal(self, token: str, exc: TokenError) -> None:
-        if self._negative_size == 0:
+        if self._negative_size == 0 or exc.code in _NOT_REMEMBERED:
+            return
+        claim = getattr(exc, "claim", None)
+        if claim == "iat":  # issued in the future: time-dependent too
             return
         refused = self._refused
         while len(refused) >= self._negative_size:
@@ -325,8 +332,7 @@ class TokenVerifier:
             self._clock() + NEGATIVE_TTL_SECONDS,
             exc.code,
             exc.message,
-            getattr(exc, "claim", None),
-            getattr(exc, "kid", None),
+            claim,
         )
 
 
@@ -370,9 +376,7 @@ def _raise_mapped(exc: jwt.PyJWTError) -> NoReturn:
 
 
 def _raise_refusal(refusal: _Refusal) -> NoReturn:
-    _, code, message, claim, kid = refusal
-    if kid is not None:
-        raise UnknownKeyError(kid)
+    _, code, message, claim = refusal
     if claim is not None:
         raise ClaimError(claim, message)
     raise TokenError(code, message)

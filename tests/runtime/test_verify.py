@@ -552,17 +552,46 @@ async def test_a_replayed_forged_token_is_refused_from_the_negative_cache(
     assert decode_calls == [token]
 
 
-async def test_a_replayed_refusal_keeps_its_claim_and_kid(env: Env) -> None:
+async def test_a_replayed_refusal_keeps_its_code_and_claim(
+    env: Env, decode_calls: list[str]
+) -> None:
     token = env.factory.mint(role="admin")
-    for _ in range(2):
+    for _ in range(3):
         error = await refused(env, token, "invalid_claim")
         assert isinstance(error, ClaimError)
         assert error.claim == "role"
-    stranger = env.factory.mint(key=SigningKey(kid="ghost"))
-    for _ in range(2):
-        error = await refused(env, stranger, "unknown_key")
-        assert isinstance(error, UnknownKeyError)
-        assert error.kid == "ghost"
+    assert decode_calls == [token]
+
+
+async def test_a_token_refused_for_an_unknown_kid_works_once_its_key_is_published(
+    env: Env,
+) -> None:
+    # Not remembered as refused: the JWKS cooldown alone decides when the kid is looked up again.
+    early = SigningKey()
+    token = env.factory.mint(key=early)
+    await refused(env, token, "unknown_key")
+    env.factory.keys.append(early)
+    env.server.jwks = env.factory.jwks()
+    env.monotonic.now += 30  # the unknown-kid cooldown
+    assert (await env.verifier.verify(token)).subject == "user-1"
+
+
+async def test_a_token_not_yet_valid_is_accepted_once_its_time_comes(env: Env) -> None:
+    now = int(time.time())
+    token = env.factory.mint(now=now, nbf=now + 60)
+    await refused(env, token, "token_not_yet_valid")
+    env.clock.now = now + 30
+    assert (await env.verifier.verify(token)).subject == "user-1"
+
+
+async def test_a_cached_token_survives_a_refresh_that_republishes_its_key(
+    env: Env, decode_calls: list[str]
+) -> None:
+    token = env.factory.mint()
+    await env.verifier.verify(token)
+    assert await env.jwks.refresh()
+    await env.verifier.verify(token)
+    assert decode_calls == [token]
 
 
 # -- configuration -----------------------------------------------------------------------------
