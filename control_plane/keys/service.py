@@ -308,12 +308,24 @@ class KeyRing:
         key = self._snapshot.public_keys.get(kid) if isinstance(kid, str) else None
         if key is None:
             raise jwt.InvalidTokenError("unknown kid")
-        return jwt.decode(
+        claims: dict[str, Any] = jwt.decode(
             token,
             key,
             algorithms=[ALGORITHM],
             audience=audience,
             issuer=self._settings.issuer,
-            leeway=TOKEN_LEEWAY_SECONDS,
-            options={"require": ["exp", "iat", "sub", "aud", "iss"]},
+            # Time claims are checked below on the ring's clock (the one that signed).
+            options={
+                "require": ["exp", "iat", "sub", "aud", "iss"],
+                "verify_exp": False,
+                "verify_iat": False,
+                "verify_nbf": False,
+            },
         )
+        now = self._clock().timestamp()
+        exp, nbf = claims.get("exp"), claims.get("nbf", claims.get("iat"))
+        if not isinstance(exp, int) or isinstance(exp, bool) or exp + TOKEN_LEEWAY_SECONDS <= now:
+            raise jwt.ExpiredSignatureError("token expired")
+        if not isinstance(nbf, int) or isinstance(nbf, bool) or nbf - TOKEN_LEEWAY_SECONDS > now:
+            raise jwt.ImmatureSignatureError("token not yet valid")
+        return claims
