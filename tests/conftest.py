@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["tests.helpers.jwks_server"]
+
 REDIS_URL = os.environ.get("QUOROOM_TEST_REDIS_URL")
 DATABASE_URL = os.environ.get("QUOROOM_TEST_DATABASE_URL")
 
