@@ -120,6 +120,7 @@ def create_app(
             mailer = Mailer(cfg, mail_transport)
             resources.append(mailer)
             throttle = Throttle(cfg)
+            resources.append(throttle)
             google = GoogleClient(cfg) if cfg.google_enabled else None
             if google is not None:
                 resources.append(google)

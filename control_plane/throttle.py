@@ -20,6 +20,7 @@ import time
 from limits import RateLimitItem, parse_many
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
+from redis.asyncio import BlockingConnectionPool
 from starlette.requests import Request
 
 from control_plane.errors import Throttled, ThrottleUnavailable
@@ -32,8 +33,25 @@ class Throttle:
     """Named policies → hit/test by key. Keys are hashed so no email lands in Redis."""
 
     def __init__(self, settings: Settings) -> None:
-        url = f"async+{settings.redis_url}" if settings.redis_url else "async+memory://"
-        self.storage = storage_from_string(url)
+        self._pool: BlockingConnectionPool | None = None
+        if settings.redis_url:
+            # Our own pool (closed in aclose) with short timeouts, so an outage answers 503
+            # quickly; redis-py (a pinned dependency) rather than limits' default coredis.
+            self._pool = BlockingConnectionPool.from_url(
+                settings.redis_url,
+                max_connections=32,
+                timeout=2,
+                socket_timeout=2,
+                socket_connect_timeout=2,
+            )
+            self.storage = storage_from_string(
+                f"async+{settings.redis_url}",
+                implementation="redispy",
+                key_prefix="quoroom-cp",
+                connection_pool=self._pool,  # type: ignore[arg-type]
+            )
+        else:
+            self.storage = storage_from_string("async+memory://")
         self.limiter = SlidingWindowCounterRateLimiter(self.storage)
         self.policies: dict[str, list[RateLimitItem]] = {
             "login_address": parse_many(settings.throttle_login_address),
@@ -86,6 +104,10 @@ class Throttle:
             except Exception:  # the refusal stands; fall back to the tier's whole window
                 wait = max(wait, float(item.get_expiry()))
         return int(wait + 0.999)
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            await self._pool.aclose()
 
     async def reset(self) -> None:
         try:

@@ -183,9 +183,7 @@ class Harness:
 
 
 @pytest.fixture
-def make_harness(
-    clock: FakeClock, outbox: RecordingTransport
-) -> Callable[[Settings], Any]:
+def make_harness(clock: FakeClock, outbox: RecordingTransport) -> Callable[[Settings], Any]:
     from contextlib import asynccontextmanager
 
     @asynccontextmanager

@@ -18,7 +18,9 @@ async def test_a_new_user_signs_up_verifies_signs_in_refreshes_and_signs_out(har
     assert mail.link is not None and mail.link.startswith("http://cp.test/verify-email#token=")
 
     # Not verified yet: the right password is not enough.
-    r = await h.client.post("/api/auth/login", json={"email": "ada@example.com", "password": PASSWORD})
+    r = await h.client.post(
+        "/api/auth/login", json={"email": "ada@example.com", "password": PASSWORD}
+    )
     assert r.status_code == 403
     assert r.json()["code"] == "email_not_verified"
 

@@ -22,7 +22,9 @@ def fake_google() -> Iterator[FakeGoogle]:
 
 
 @pytest.fixture
-async def gh(make_harness: Any, make_settings: Any, fake_google: FakeGoogle) -> AsyncIterator[Harness]:
+async def gh(
+    make_harness: Any, make_settings: Any, fake_google: FakeGoogle
+) -> AsyncIterator[Harness]:
     fake_google.reset()
     settings = make_settings(
         google_client_id=CLIENT_ID,

@@ -28,7 +28,7 @@ async def test_a_concurrent_tab_within_the_grace_window_gets_the_same_new_token(
     h = harness
     await signup_and_verify(h, "tabs@example.com")
     first = await login_body(h, "tabs@example.com")
-    a = (await h.client.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]}))
+    a = await h.client.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
     h.clock.advance(5)
     b = await h.client.post("/api/auth/refresh", json={"refresh_token": first["refresh_token"]})
     assert a.status_code == b.status_code == 200
