@@ -1,8 +1,8 @@
 """``python -m bench`` (or ``scripts/bench``): run the benchmarks and write bench/RESULTS.md.
 
-    python -m bench            # everything (stack in-process + loopback, limiter)
-    python -m bench stack      # only the stack comparison
-    python -m bench limiter    # only the limiter at 1, 100k and 1M keys
+python -m bench            # everything (stack in-process + loopback, limiter)
+python -m bench stack      # only the stack comparison
+python -m bench limiter    # only the limiter at 1, 100k and 1M keys
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def _stack_section() -> str:
     lb = result["loopback"]
     if lb:
         lines.append(
-            f"| loopback requests/s (uvicorn 1 worker on core 0, wrk -t1 -c32 on core 1, median of 2×6 s) "
+            "| loopback requests/s (uvicorn 1 worker on core 0, wrk -t1 -c32 on core 1, "
+            "median of 2×6 s) "
             f"| {lb['bare_rps']:.0f} | {lb['stack_rps']:.0f} | {lb['ratio'] * 100:.1f} % of bare "
             f"| ≥ 90 % | {'pass' if lb['ratio'] >= 0.9 else 'FAIL'} |"
         )
@@ -69,7 +70,11 @@ def main(argv: list[str]) -> int:
     )
     text = header + "\n" + "\n\n".join(s for s in sections if s) + "\n"
     print(text)
-    out = RESULTS if which == {"stack", "limiter"} else RESULTS.with_name(f"RESULTS-{'-'.join(sorted(which))}.md")
+    out = (
+        RESULTS
+        if which == {"stack", "limiter"}
+        else RESULTS.with_name(f"RESULTS-{'-'.join(sorted(which))}.md")
+    )
     out.write_text(text)
     print(f"written to {out}", file=sys.stderr)
     return 0

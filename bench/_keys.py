@@ -26,10 +26,23 @@ def new_key() -> Ed25519PrivateKey:
 
 def jwks_of(key: Ed25519PrivateKey) -> dict:
     raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": _b64(raw), "kid": KID, "alg": "EdDSA", "use": "sig"}]}
+    return {
+        "keys": [
+            {
+                "kty": "OKP",
+                "crv": "Ed25519",
+                "x": _b64(raw),
+                "kid": KID,
+                "alg": "EdDSA",
+                "use": "sig",
+            }
+        ]
+    }
 
 
-def mint(key: Ed25519PrivateKey, *, role: str = "owner", sub: str = "bench-user", ttl: int = 900) -> str:
+def mint(
+    key: Ed25519PrivateKey, *, role: str = "owner", sub: str = "bench-user", ttl: int = 900
+) -> str:
     now = int(time.time())
     claims = {
         "iss": ISSUER,

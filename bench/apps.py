@@ -48,7 +48,9 @@ def stack_app(jwks: dict, settings: RuntimeSettings | None = None) -> RuntimeSta
 
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(
-            200, content=body, headers={"content-type": "application/json", "cache-control": "max-age=3600"}
+            200,
+            content=body,
+            headers={"content-type": "application/json", "cache-control": "max-age=3600"},
         )
 
     client = httpx.AsyncClient(transport=httpx.MockTransport(handler))

@@ -108,10 +108,20 @@ def _wait_listening(port: int, timeout: float = 15.0) -> None:
 
 def _wrk(port: int, token: str, seconds: int, connections: int) -> float:
     cmd = [
-        "taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
-        "-H", f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}{PATH}",
+        "taskset",
+        "-c",
+        "1",
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "-H",
+        f"Authorization: Bearer {token}",
+        f"http://127.0.0.1:{port}{PATH}",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=seconds + 30, check=True
+    ).stdout
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     if not match:
@@ -123,7 +133,10 @@ def _wrk(port: int, token: str, seconds: int, connections: int) -> float:
 
 def loopback(rounds: int = 2, seconds: int = 6, connections: int = 32) -> dict[str, float] | None:
     if shutil.which("wrk") is None or shutil.which("taskset") is None:
-        print("wrk/taskset not found: skipping the loopback run (apt-get install wrk)", file=sys.stderr)
+        print(
+            "wrk/taskset not found: skipping the loopback run (apt-get install wrk)",
+            file=sys.stderr,
+        )
         return None
     key = _keys.new_key()
     token = _keys.mint(key, ttl=900)
@@ -133,7 +146,17 @@ def loopback(rounds: int = 2, seconds: int = 6, connections: int = 32) -> dict[s
         for kind in ("bare", "stack"):
             port = _free_port()
             server = subprocess.Popen(
-                ["taskset", "-c", "0", sys.executable, "-m", "bench.serve", kind, "--port", str(port)],
+                [
+                    "taskset",
+                    "-c",
+                    "0",
+                    sys.executable,
+                    "-m",
+                    "bench.serve",
+                    kind,
+                    "--port",
+                    str(port),
+                ],
                 env=env,
             )
             try:

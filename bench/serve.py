@@ -1,6 +1,6 @@
 """Serve one benchmark app with uvicorn (a subprocess of the bench, pinned to its own core).
 
-    python -m bench.serve {bare|stack} --port P    (the JWKS comes in $BENCH_JWKS)
+python -m bench.serve {bare|stack} --port P    (the JWKS comes in $BENCH_JWKS)
 """
 
 from __future__ import annotations

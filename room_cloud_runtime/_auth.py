@@ -31,7 +31,7 @@ from ._scope import CLIENT_ADDRESS, PRINCIPAL, Principal, state_of
 
 logger = logging.getLogger("room_cloud_runtime.auth")
 
-WS_TOKEN_PREFIX = "quoroom.bearer."
+WS_TOKEN_PREFIX = "quoroom.bearer."  # noqa: S105 - a prefix, not a secret
 WS_PROTOCOL = "quoroom"
 # Application close code (4000-4999 are the application's): 4401 reads as "401 on a socket".
 WS_CLOSE_TOKEN_EXPIRED = 4401
@@ -104,8 +104,11 @@ class Authenticate:
         except KeysUnavailableError:
             _log_refusal(scope, KeysUnavailableError.code)
             await send_error(
-                send, 503, "token keys are unavailable, try again shortly",
-                KeysUnavailableError.code, (_RETRY_SOON,),
+                send,
+                503,
+                "token keys are unavailable, try again shortly",
+                KeysUnavailableError.code,
+                (_RETRY_SOON,),
             )
             return
         state_of(scope)[PRINCIPAL] = principal
@@ -170,7 +173,12 @@ class _ExpiringSocket:
             if kind == "websocket.accept":
                 if self._via_protocol and message.get("subprotocol") is None and self._offered:
                     # Browsers fail a handshake that offered protocols and got none back.
-                    message = {**message, "subprotocol": WS_PROTOCOL if WS_PROTOCOL in self._offered else self._offered[0]}
+                    message = {
+                        **message,
+                        "subprotocol": WS_PROTOCOL
+                        if WS_PROTOCOL in self._offered
+                        else self._offered[0],
+                    }
                 await self._send(message)
                 delay = max(0.0, self._expires_at - self._clock())
                 self._timer = asyncio.get_running_loop().call_later(delay, self._expire)
@@ -190,9 +198,13 @@ class _ExpiringSocket:
             logger.info("websocket closed at token expiry")
             try:
                 await self._send(
-                    {"type": "websocket.close", "code": WS_CLOSE_TOKEN_EXPIRED, "reason": "token_expired"}
+                    {
+                        "type": "websocket.close",
+                        "code": WS_CLOSE_TOKEN_EXPIRED,
+                        "reason": "token_expired",
+                    }
                 )
-            except Exception:  # noqa: BLE001 - the peer may already be gone; nothing to do
+            except Exception:
                 logger.debug("close at expiry found the socket gone")
 
     def cancel(self) -> None:
@@ -226,12 +238,15 @@ def _take_websocket_token(scope: Scope) -> tuple[Scope, str | None, bool]:
         if token is None:
             token = next((v for k, v in pairs if k == "token"), None)
         query = urlencode(rest).encode("latin-1")
-    headers = [
-        (k, v) for k, v in scope["headers"] if k != b"sec-websocket-protocol"
-    ]
+    headers = [(k, v) for k, v in scope["headers"] if k != b"sec-websocket-protocol"]
     if kept:
         headers.append((b"sec-websocket-protocol", ", ".join(kept).encode("latin-1")))
-    new_scope: dict[str, Any] = {**scope, "subprotocols": kept, "query_string": query, "headers": headers}
+    new_scope: dict[str, Any] = {
+        **scope,
+        "subprotocols": kept,
+        "query_string": query,
+        "headers": headers,
+    }
     return new_scope, (token or None), via_protocol
 
 

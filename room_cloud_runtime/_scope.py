@@ -50,7 +50,7 @@ def state_of(scope: Mapping[str, Any]) -> dict[str, Any]:
     if state is None:
         state = {}
         scope["state"] = state  # type: ignore[index]
-    return state  # type: ignore[no-any-return]
+    return state
 
 
 def principal_of(scope: Mapping[str, Any]) -> Principal | None:

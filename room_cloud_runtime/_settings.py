@@ -86,7 +86,8 @@ class RuntimeSettings:
             )
         if self.jwks_min_refresh_seconds > self.jwks_max_refresh_seconds:
             raise ConfigError(
-                "QUOROOM_JWKS_MIN_REFRESH_SECONDS", "must not exceed QUOROOM_JWKS_MAX_REFRESH_SECONDS"
+                "QUOROOM_JWKS_MIN_REFRESH_SECONDS",
+                "must not exceed QUOROOM_JWKS_MAX_REFRESH_SECONDS",
             )
         for name, value in (
             ("QUOROOM_RATE_LIMIT_ADDRESS", self.address_limit),
@@ -118,7 +119,7 @@ class RuntimeSettings:
 
     @property
     def resolved_jwks_url(self) -> str:
-        """The pinned JWKS URL: configured, or derived from the configured issuer (never a token)."""
+        """The pinned JWKS URL: configured, or derived from the issuer (never a token)."""
         if self.jwks_url:
             return self.jwks_url
         return f"{(self.issuer or '').rstrip('/')}/.well-known/jwks.json"
@@ -216,12 +217,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> RuntimeSettings:
     mode = (env.get("QUOROOM_DEPLOYMENT_MODE") or "local").strip().lower()
     if mode not in ("local", "cloud"):
         raise ConfigError(
-            "QUOROOM_DEPLOYMENT_MODE", f"must be 'local' or 'cloud', got {env['QUOROOM_DEPLOYMENT_MODE']!r}"
+            "QUOROOM_DEPLOYMENT_MODE",
+            f"must be 'local' or 'cloud', got {env['QUOROOM_DEPLOYMENT_MODE']!r}",
         )
     fail_mode = (env.get("QUOROOM_RATE_LIMIT_ON_STORAGE_ERROR") or "local").strip().lower()
     if fail_mode not in ("local", "open", "closed"):
         raise ConfigError(
-            "QUOROOM_RATE_LIMIT_ON_STORAGE_ERROR", f"must be local, open or closed, got {fail_mode!r}"
+            "QUOROOM_RATE_LIMIT_ON_STORAGE_ERROR",
+            f"must be local, open or closed, got {fail_mode!r}",
         )
     defaults = RuntimeSettings()
     return RuntimeSettings(
@@ -232,10 +235,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> RuntimeSettings:
         algorithms=_list(env, "QUOROOM_CLOUD_ALGORITHMS") or defaults.algorithms,
         leeway_seconds=_int(env, "QUOROOM_CLOUD_LEEWAY_SECONDS", defaults.leeway_seconds),
         max_token_bytes=_int(env, "QUOROOM_MAX_TOKEN_BYTES", defaults.max_token_bytes),
-        verified_cache_size=_int(
-            env, "QUOROOM_VERIFIED_CACHE_SIZE", defaults.verified_cache_size
+        verified_cache_size=_int(env, "QUOROOM_VERIFIED_CACHE_SIZE", defaults.verified_cache_size),
+        jwks_timeout_seconds=_float(
+            env, "QUOROOM_JWKS_TIMEOUT_SECONDS", defaults.jwks_timeout_seconds
         ),
-        jwks_timeout_seconds=_float(env, "QUOROOM_JWKS_TIMEOUT_SECONDS", defaults.jwks_timeout_seconds),
         jwks_min_refresh_seconds=_int(
             env, "QUOROOM_JWKS_MIN_REFRESH_SECONDS", defaults.jwks_min_refresh_seconds
         ),
@@ -243,13 +246,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> RuntimeSettings:
             env, "QUOROOM_JWKS_MAX_REFRESH_SECONDS", defaults.jwks_max_refresh_seconds
         ),
         jwks_unknown_kid_cooldown_seconds=_int(
-            env, "QUOROOM_JWKS_UNKNOWN_KID_COOLDOWN_SECONDS", defaults.jwks_unknown_kid_cooldown_seconds
+            env,
+            "QUOROOM_JWKS_UNKNOWN_KID_COOLDOWN_SECONDS",
+            defaults.jwks_unknown_kid_cooldown_seconds,
         ),
         jwks_max_staleness_seconds=_int(
             env, "QUOROOM_JWKS_MAX_STALENESS_SECONDS", defaults.jwks_max_staleness_seconds
         ),
         allowed_origins=_list(env, "QUOROOM_ALLOWED_ORIGINS"),
-        cors_max_age_seconds=_int(env, "QUOROOM_CORS_MAX_AGE_SECONDS", defaults.cors_max_age_seconds),
+        cors_max_age_seconds=_int(
+            env, "QUOROOM_CORS_MAX_AGE_SECONDS", defaults.cors_max_age_seconds
+        ),
         behind_fly_proxy=_bool(env, "QUOROOM_BEHIND_FLY_PROXY", defaults.behind_fly_proxy),
         rate_limit_storage=_str(env, "QUOROOM_RATE_LIMIT_STORAGE") or defaults.rate_limit_storage,
         rate_limit_on_storage_error=fail_mode,  # type: ignore[arg-type]
@@ -262,7 +269,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> RuntimeSettings:
         max_ws_message_bytes=_int(
             env, "QUOROOM_MAX_WS_MESSAGE_BYTES", defaults.max_ws_message_bytes
         ),
-        hsts_max_age_seconds=_int(env, "QUOROOM_HSTS_MAX_AGE_SECONDS", defaults.hsts_max_age_seconds),
+        hsts_max_age_seconds=_int(
+            env, "QUOROOM_HSTS_MAX_AGE_SECONDS", defaults.hsts_max_age_seconds
+        ),
         access_log=_bool(env, "QUOROOM_ACCESS_LOG", defaults.access_log),
         data_dir=_str(env, "QUOROOM_DATA_DIR"),
     )

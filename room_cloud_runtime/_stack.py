@@ -122,7 +122,11 @@ class RuntimeStack:
             "audience": s.audience,
             "algorithms": list(s.algorithms),
             "keysLoaded": bool(jwks_status.get("keysLoaded")),
-            "tokenTransports": ["authorization-bearer", f"websocket-protocol:{WS_TOKEN_PREFIX}", "websocket-query"],
+            "tokenTransports": [
+                "authorization-bearer",
+                f"websocket-protocol:{WS_TOKEN_PREFIX}",
+                "websocket-query",
+            ],
             "refreshPath": f"/api/cloud/instances/{s.instance_id}/refresh-token",
         }
 

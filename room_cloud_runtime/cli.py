@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ._errors import ConfigError
 from ._logging import configure_logging
@@ -20,7 +21,7 @@ from ._settings import RuntimeSettings, load_settings
 log = logging.getLogger("room_cloud_runtime.cli")
 
 
-def _load_app(spec: str | None, settings: RuntimeSettings):  # type: ignore[no-untyped-def]
+def _load_app(spec: str | None, settings: RuntimeSettings) -> Any:
     if spec is None:
         from .reference_room import create_room_app
 
@@ -45,6 +46,22 @@ def _port(value: str) -> int:
     return port
 
 
+def server_options(settings: RuntimeSettings) -> dict[str, object]:
+    """uvicorn options the stack relies on (shared by the CLI and the integration tests)."""
+    return {
+        "lifespan": "on",
+        # uvicorn's access log prints query strings (WebSocket tokens): AccessLog replaces it.
+        "access_log": False,
+        # Never rewrite the client from X-Forwarded-*: uvicorn trusts 127.0.0.1 by default and
+        # takes the left entry, which the client controls (arcjet-js#5412). Fly-Client-IP is
+        # handled by the ClientAddress layer when QUOROOM_BEHIND_FLY_PROXY is set.
+        "proxy_headers": False,
+        "server_header": False,
+        "ws_max_size": settings.max_ws_message_bytes,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quoroom-runtime", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--port", type=_port, help="default: $PORT, else 3700 in local mode and 8080 in cloud mode"
     )
-    serve.add_argument("--app", help="an ASGI app to wrap instead of the reference Room, 'mod:attr'")
+    serve.add_argument(
+        "--app", help="an ASGI app to wrap instead of the reference Room, 'mod:attr'"
+    )
     serve.add_argument("--log-level", default=os.environ.get("QUOROOM_LOG_LEVEL", "info"))
     return parser
 
@@ -85,16 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack,
         host=host,
         port=port,
-        lifespan="on",
-        # uvicorn's access log prints query strings (WebSocket tokens): AccessLog replaces it.
-        access_log=False,
         log_config=None,
         log_level=args.log_level.lower(),
-        # Never trust X-Forwarded-*: the client controls its left entry (arcjet-js#5412).
-        proxy_headers=False,
-        server_header=False,
-        ws_max_size=settings.max_ws_message_bytes,
-        h11_max_incomplete_event_size=settings.max_header_bytes,
+        **server_options(settings),  # type: ignore[arg-type]
     )
     return 0
 

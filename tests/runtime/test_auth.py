@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import httpx
@@ -89,13 +88,17 @@ async def get(app, path: str, **kwargs) -> httpx.Response:
 
 
 async def test_a_bearer_token_puts_the_principal_in_scope() -> None:
-    response = await get(make_app(FakeVerifier()), "/api/whoami", headers={"Authorization": f"Bearer {GOOD}"})
+    response = await get(
+        make_app(FakeVerifier()), "/api/whoami", headers={"Authorization": f"Bearer {GOOD}"}
+    )
     assert response.status_code == 200
     assert response.json()["sub"] == "user-1"
 
 
 async def test_the_bearer_scheme_is_case_insensitive() -> None:
-    response = await get(make_app(FakeVerifier()), "/api/whoami", headers={"Authorization": f"bearer {GOOD}"})
+    response = await get(
+        make_app(FakeVerifier()), "/api/whoami", headers={"Authorization": f"bearer {GOOD}"}
+    )
     assert response.status_code == 200
 
 
@@ -107,7 +110,9 @@ async def test_an_api_request_without_a_token_is_refused_with_401_json() -> None
 
 
 async def test_a_basic_authorization_header_is_not_a_token() -> None:
-    response = await get(make_app(FakeVerifier()), "/api/whoami", headers={"Authorization": "Basic Zm9vOmJhcg=="})
+    response = await get(
+        make_app(FakeVerifier()), "/api/whoami", headers={"Authorization": "Basic Zm9vOmJhcg=="}
+    )
     assert response.json()["code"] == "missing_token"
 
 
@@ -119,7 +124,9 @@ async def test_a_query_token_is_not_accepted_on_plain_http() -> None:
 
 
 async def test_a_refused_token_answers_with_the_verifier_code() -> None:
-    response = await get(make_app(FakeVerifier()), "/api/whoami", headers={"Authorization": "Bearer forged.x.y"})
+    response = await get(
+        make_app(FakeVerifier()), "/api/whoami", headers={"Authorization": "Bearer forged.x.y"}
+    )
     assert response.status_code == 401
     assert response.json()["code"] == "bad_signature"
     assert 'error="invalid_token"' in response.headers["www-authenticate"]
@@ -141,13 +148,17 @@ async def test_static_assets_and_public_status_need_no_token() -> None:
 
 
 async def test_a_bad_token_on_a_public_path_is_still_refused() -> None:
-    response = await get(make_app(FakeVerifier()), "/api/status", headers={"Authorization": "Bearer bad"})
+    response = await get(
+        make_app(FakeVerifier()), "/api/status", headers={"Authorization": "Bearer bad"}
+    )
     assert response.status_code == 401
 
 
 def test_a_websocket_token_in_the_subprotocol_is_removed_before_the_app() -> None:
     with TestClient(make_app(FakeVerifier())) as client:
-        with client.websocket_connect("/ws", subprotocols=["quoroom", f"quoroom.bearer.{GOOD}"]) as ws:
+        with client.websocket_connect(
+            "/ws", subprotocols=["quoroom", f"quoroom.bearer.{GOOD}"]
+        ) as ws:
             hello = ws.receive_json()
             assert ws.accepted_subprotocol == "quoroom"
     assert hello["sub"] == "user-1"

@@ -120,7 +120,13 @@ async def test_local_mode_accepts_loopback_hosts_with_any_port() -> None:
 
 
 async def test_local_mode_refuses_a_rebound_dns_name() -> None:
-    for host in ("evil.example", "evil.example:3700", "localhost.evil.example", "127.0.0.1.nip.io", "[::2]"):
+    for host in (
+        "evil.example",
+        "evil.example:3700",
+        "localhost.evil.example",
+        "127.0.0.1.nip.io",
+        "[::2]",
+    ):
         response = await call(LocalGuard(room()), "GET", "/api/rooms", headers={"Host": host})
         assert response.status_code == 403, host
         assert response.json()["code"] == "host_not_allowed"

@@ -42,7 +42,10 @@ def test_an_explicit_jwks_url_is_pinned() -> None:
         ({**CLOUD, "QUOROOM_ALLOWED_ORIGINS": ""}, "QUOROOM_ALLOWED_ORIGINS"),
         ({**CLOUD, "QUOROOM_ALLOWED_ORIGINS": "*"}, "QUOROOM_ALLOWED_ORIGINS"),
         ({**CLOUD, "QUOROOM_ALLOWED_ORIGINS": "https://app.example/"}, "QUOROOM_ALLOWED_ORIGINS"),
-        ({**CLOUD, "QUOROOM_ALLOWED_ORIGINS": "https://app.example/path"}, "QUOROOM_ALLOWED_ORIGINS"),
+        (
+            {**CLOUD, "QUOROOM_ALLOWED_ORIGINS": "https://app.example/path"},
+            "QUOROOM_ALLOWED_ORIGINS",
+        ),
         ({**CLOUD, "QUOROOM_CLOUD_ALGORITHMS": "HS256"}, "QUOROOM_CLOUD_ALGORITHMS"),
         ({**CLOUD, "QUOROOM_CLOUD_ALGORITHMS": "EdDSA,none"}, "QUOROOM_CLOUD_ALGORITHMS"),
         ({**CLOUD, "QUOROOM_CLOUD_LEEWAY_SECONDS": "61"}, "QUOROOM_CLOUD_LEEWAY_SECONDS"),
@@ -50,7 +53,10 @@ def test_an_explicit_jwks_url_is_pinned() -> None:
         ({**CLOUD, "QUOROOM_BEHIND_FLY_PROXY": "maybe"}, "QUOROOM_BEHIND_FLY_PROXY"),
         ({**CLOUD, "QUOROOM_RATE_LIMIT_READ": "lots"}, "QUOROOM_RATE_LIMIT_READ"),
         ({**CLOUD, "QUOROOM_RATE_LIMIT_STORAGE": "memcached://x"}, "QUOROOM_RATE_LIMIT_STORAGE"),
-        ({**CLOUD, "QUOROOM_RATE_LIMIT_ON_STORAGE_ERROR": "panic"}, "QUOROOM_RATE_LIMIT_ON_STORAGE_ERROR"),
+        (
+            {**CLOUD, "QUOROOM_RATE_LIMIT_ON_STORAGE_ERROR": "panic"},
+            "QUOROOM_RATE_LIMIT_ON_STORAGE_ERROR",
+        ),
         ({**CLOUD, "QUOROOM_MAX_BODY_BYTES": "0"}, "QUOROOM_MAX_BODY_BYTES"),
         ({**CLOUD, "QUOROOM_JWKS_TIMEOUT_SECONDS": "-1"}, "QUOROOM_JWKS_TIMEOUT_SECONDS"),
     ],
