@@ -12,6 +12,7 @@ from control_plane.db import Base
 MODEL_MODULES = (
     "control_plane.auth.models",
     "control_plane.keys.models",
+    "control_plane.instances.models",
 )
 
 for _module in MODEL_MODULES:

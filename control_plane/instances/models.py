@@ -1,0 +1,168 @@
+"""Instance tables: instances, members (the private ACL), subscriptions, events, Stripe events.
+
+The lifecycle (DESIGN.md "Instance lifecycle") lives in ``lifecycle.py``; every status change goes
+through :func:`control_plane.instances.lifecycle.transition`, never a plain attribute write.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from control_plane.db import Base, UTCDateTime, new_id, utcnow
+
+
+class InstanceStatus(StrEnum):
+    DRAFT = "draft"
+    AWAITING_PAYMENT = "awaiting_payment"
+    PROVISIONING = "provisioning"
+    RUNNING = "running"
+    FAILED = "failed"
+    PAST_DUE = "past_due"
+    SUSPENDED = "suspended"
+    CANCELED = "canceled"
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+
+
+class CloudInstance(Base):
+    """A hosted Room. Provider ids are persisted right after each create (never lost).
+
+    Worker bookkeeping: ``run_after`` is when the worker should next look at it (None = nothing
+    to do), ``attempts`` counts failed tries of the current state, ``deadline_at`` is when the
+    current state counts as stuck, ``lease_owner``/``lease_until`` is the worker's claim.
+    """
+
+    __tablename__ = "cloud_instances"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("users.id", ondelete="RESTRICT"), nullable=False, index=True
+    )
+    name: Mapped[str] = mapped_column(String(100), nullable=False)
+    goal: Mapped[str | None] = mapped_column(Text, nullable=True)
+    tier: Mapped[str] = mapped_column(String(32), nullable=False)
+    region: Mapped[str] = mapped_column(String(16), nullable=False)
+    status: Mapped[str] = mapped_column(String(24), nullable=False, default=InstanceStatus.DRAFT)
+    step: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Provider resources.
+    fly_app: Mapped[str | None] = mapped_column(String(63), nullable=True, unique=True)
+    machine_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    volume_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    snapshot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    url: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    image: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Secrets for the runtime (provider API keys), encrypted at rest; never returned or logged.
+    credentials_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # Checkout.
+    checkout_session_id: Mapped[str | None] = mapped_column(String(255), nullable=True, unique=True)
+    create_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Worker bookkeeping.
+    run_after: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    destroy_after: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), nullable=False, default=utcnow, onupdate=utcnow
+    )
+
+    __table_args__ = (
+        # A double-clicked create with the same key gives one instance.
+        UniqueConstraint("owner_id", "create_key", name="uq_cloud_instances_owner_create_key"),
+        Index("ix_cloud_instances_due", "status", "run_after"),
+    )
+
+
+class MemberStatus(StrEnum):
+    PENDING = "pending"  # invited by email, no account yet: claimed at signup / verification
+    ACTIVE = "active"
+
+
+class CloudInstanceMember(Base):
+    """Someone other than the owner who may open the Room as ``member``."""
+
+    __tablename__ = "cloud_instance_members"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    instance_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("cloud_instances.id", ondelete="CASCADE"), nullable=False
+    )
+    email: Mapped[str] = mapped_column(String(254), nullable=False)
+    user_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("users.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    role: Mapped[str] = mapped_column(String(16), nullable=False, default="member")
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=MemberStatus.PENDING)
+    invited_by: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("instance_id", "email", name="uq_cloud_instance_members_email"),
+    )
+
+
+class InstanceSubscription(Base):
+    """Billing state of an instance, from Stripe. ``grace_until`` is set while past due."""
+
+    __tablename__ = "instance_subscriptions"
+
+    instance_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("cloud_instances.id", ondelete="CASCADE"), primary_key=True
+    )
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    stripe_subscription_id: Mapped[str | None] = mapped_column(
+        String(255), nullable=True, unique=True
+    )
+    status: Mapped[str] = mapped_column(String(24), nullable=False, default="incomplete")
+    grace_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Orders out-of-order events: an older event never overrides a newer one's effect.
+    last_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), nullable=False, default=utcnow, onupdate=utcnow
+    )
+
+
+class InstanceEvent(Base):
+    """Audit and provisioning log: one row per transition, provider step, billing effect."""
+
+    __tablename__ = "instance_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    instance_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("cloud_instances.id", ondelete="CASCADE"), nullable=False
+    )
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    from_status: Mapped[str | None] = mapped_column(String(24), nullable=True)
+    to_status: Mapped[str | None] = mapped_column(String(24), nullable=True)
+    message: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+    __table_args__ = (Index("ix_instance_events_instance", "instance_id", "id"),)
+
+
+class StripeEvent(Base):
+    """A processed Stripe event id: each event's effect happens once (events arrive twice)."""
+
+    __tablename__ = "stripe_events"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    type: Mapped[str] = mapped_column(String(64), nullable=False)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
