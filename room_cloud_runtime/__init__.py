@@ -1,0 +1,83 @@
+"""room_cloud_runtime — the cloud-mode hardening stack a Quoroom Room server loads.
+
+``wrap(app)`` returns the Room wrapped by the layers its settings call for (cloud or local mode);
+each layer is also usable alone (pure ASGI, ``Layer(app, *, options)``). See README.md and
+docs/runtime.md.
+"""
+
+from ._acl import DEFAULT_POLICY, ACLGuard, BadPathError, Policy, Rule, normalize_path
+from ._auth import WS_CLOSE_TOKEN_EXPIRED, WS_PROTOCOL, WS_TOKEN_PREFIX, Authenticate
+from ._client import ClientAddress
+from ._cors import CORSGuard
+from ._endpoints import CloudEndpoints
+from ._errors import (
+    ClaimError,
+    CloudRuntimeError,
+    ConfigError,
+    KeysUnavailableError,
+    StorageUnavailableError,
+    TokenError,
+    UnknownKeyError,
+)
+from ._headers import SecurityHeaders
+from ._jwks import JWKSCache, VerificationKey
+from ._limits import RequestLimits
+from ._local import LocalGuard
+from ._logging import AccessLog, configure_logging
+from ._memstore import Decision
+from ._ratelimit import (
+    AddressRateLimit,
+    Limiter,
+    MemoryLimiter,
+    PrincipalRateLimit,
+    RedisLimiter,
+    build_limiter,
+)
+from ._scope import Principal, principal_of
+from ._settings import RuntimeSettings, load_settings
+from ._stack import RuntimeStack, wrap
+from ._verify import TokenVerifier
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "WS_CLOSE_TOKEN_EXPIRED",
+    "WS_PROTOCOL",
+    "WS_TOKEN_PREFIX",
+    "ACLGuard",
+    "AccessLog",
+    "AddressRateLimit",
+    "Authenticate",
+    "BadPathError",
+    "CORSGuard",
+    "ClaimError",
+    "ClientAddress",
+    "CloudEndpoints",
+    "CloudRuntimeError",
+    "ConfigError",
+    "Decision",
+    "JWKSCache",
+    "KeysUnavailableError",
+    "Limiter",
+    "LocalGuard",
+    "MemoryLimiter",
+    "Policy",
+    "Principal",
+    "PrincipalRateLimit",
+    "RedisLimiter",
+    "RequestLimits",
+    "Rule",
+    "RuntimeSettings",
+    "RuntimeStack",
+    "SecurityHeaders",
+    "StorageUnavailableError",
+    "TokenError",
+    "TokenVerifier",
+    "UnknownKeyError",
+    "VerificationKey",
+    "build_limiter",
+    "configure_logging",
+    "load_settings",
+    "normalize_path",
+    "principal_of",
+    "wrap",
+]
