@@ -23,8 +23,10 @@ from control_plane.keys.routes import router as keys_router
 from control_plane.keys.service import KeyRing
 from control_plane.mail import Mailer, Transport
 from control_plane.migrations import upgrade
+from control_plane.pages import install_pages
 from control_plane.settings import Settings, get_settings
 from control_plane.throttle import Throttle
+from room_cloud_runtime import SecurityHeaders
 
 logger = logging.getLogger("control_plane")
 
@@ -165,6 +167,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(keys_router)
     app.include_router(auth_router)
+    install_pages(app)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness")
     async def healthz() -> dict[str, bool]:
@@ -172,4 +175,6 @@ def create_app(
 
     max_body = (settings.max_body_bytes if settings else None) or 64 * 1024
     app.add_middleware(BodyLimit, max_bytes=max_body)
+    # Outermost, so refusals carry them too; pages set their own CSP (theirs wins).
+    app.add_middleware(SecurityHeaders)
     return app

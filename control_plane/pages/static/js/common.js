@@ -1,0 +1,309 @@
+// Shared helpers for the control plane's pages: the API client (session cookie + CSRF header,
+// one silent refresh on an expired access token), error display next to the field that caused
+// it, and the launch into a Room. Plain JavaScript, no build step; loaded with `defer`.
+"use strict";
+
+(function () {
+  const Q = (window.Q = {});
+
+  class ApiError extends Error {
+    constructor(status, body) {
+      const message = (body && body.error) || `request failed (${status})`;
+      super(message);
+      this.status = status;
+      this.code = (body && body.code) || "error";
+      this.body = body || {};
+      this.field = fieldOf(this.body, message);
+      this.problem = this.field ? problemOf(message, this.field) : message;
+    }
+  }
+  Q.ApiError = ApiError;
+
+  // The API's 422 names the field: {"field": "email"} and/or "email: problem" in `error`.
+  function fieldOf(body, message) {
+    if (typeof body.field === "string" && body.field !== "body") return body.field;
+    const match = /^([A-Za-z_][\w.-]*): /.exec(message || "");
+    if (match && match[1] !== "body") return match[1];
+    return CODE_FIELDS[body.code] || null;
+  }
+  const CODE_FIELDS = { weak_password: "password" };
+
+  function problemOf(message, field) {
+    const prefix = `${field}: `;
+    const text = message.startsWith(prefix) ? message.slice(prefix.length) : message;
+    return text.charAt(0).toUpperCase() + text.slice(1);
+  }
+
+  Q.cookie = function (name) {
+    for (const part of document.cookie.split(";")) {
+      const [key, ...rest] = part.trim().split("=");
+      if (key === name) return decodeURIComponent(rest.join("="));
+    }
+    return null;
+  };
+
+  Q.uuid = function () {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  };
+
+  // A local path for `next` (never //host, /\host or a URL): the server checks it too.
+  Q.safeNext = function (value, fallback) {
+    if (typeof value === "string" && /^\/(?![\/\\])/.test(value) && !/[\\\u0000-\u001f]/.test(value)) {
+      return value;
+    }
+    return fallback || "/app";
+  };
+
+  Q.signinUrl = function () {
+    const here = location.pathname + location.search;
+    return `/signin?next=${encodeURIComponent(Q.safeNext(here))}`;
+  };
+
+  async function send(method, path, body, headers) {
+    const h = { accept: "application/json", ...headers };
+    const csrf = Q.cookie("qr_csrf");
+    if (csrf && method !== "GET") h["x-csrf-token"] = csrf;
+    const init = { method, headers: h, credentials: "same-origin", cache: "no-store" };
+    if (body !== undefined) {
+      h["content-type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    const res = await fetch(path, init);
+    let data = null;
+    const text = await res.text();
+    if (text) {
+      try {
+        data = JSON.parse(text);
+      } catch (err) {
+        data = { error: `unexpected answer (${res.status})`, code: "bad_response" };
+      }
+    }
+    return { res, data };
+  }
+
+  let refreshing = null;
+  // One refresh at a time for the whole page: concurrent 401s wait for the same one.
+  Q.refreshSession = function () {
+    if (!refreshing) {
+      refreshing = send("POST", "/api/auth/refresh")
+        .then(({ res }) => res.ok)
+        .catch(() => false)
+        .finally(() => {
+          setTimeout(() => (refreshing = null), 0);
+        });
+    }
+    return refreshing;
+  };
+
+  // fetch a JSON API: resolves with the body, rejects with ApiError. On 401 (expired access
+  // token) it refreshes the session once and retries; if that fails it goes to sign-in unless
+  // `opts.noRedirect`.
+  Q.api = async function (method, path, body, opts) {
+    const options = opts || {};
+    const headers = options.headers || {};
+    let { res, data } = await send(method, path, body, headers);
+    if (res.status === 401 && !path.startsWith("/api/auth/")) {
+      if (await Q.refreshSession()) {
+        ({ res, data } = await send(method, path, body, headers));
+      }
+      if (res.status === 401 && !options.noRedirect) {
+        location.assign(Q.signinUrl());
+        return new Promise(() => {}); // navigating away
+      }
+    }
+    if (!res.ok) throw new ApiError(res.status, data);
+    return data;
+  };
+
+  // -- page messages ----------------------------------------------------------------------------
+
+  Q.alert = function (message) {
+    const el = document.getElementById("page-alert");
+    if (!el) return;
+    el.textContent = message || "";
+    el.hidden = !message;
+    if (message) el.scrollIntoView({ block: "nearest" });
+  };
+
+  Q.notice = function (message) {
+    const el = document.getElementById("page-notice");
+    if (!el) return;
+    el.textContent = message || "";
+    el.hidden = !message;
+  };
+
+  Q.clearErrors = function (form) {
+    Q.alert("");
+    if (!form) return;
+    for (const el of form.querySelectorAll("[data-error-for]")) {
+      el.textContent = "";
+      el.hidden = true;
+    }
+    for (const el of form.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+  };
+
+  // Show `message` next to the field named `name` (input name or data-error-for); false if the
+  // form has no such field.
+  Q.fieldError = function (form, name, message) {
+    if (!form) return false;
+    const slot = Array.from(form.querySelectorAll("[data-error-for]")).find(
+      (el) => el.dataset.errorFor === name
+    );
+    if (!slot) return false;
+    slot.textContent = message;
+    slot.hidden = false;
+    const input =
+      Array.from(form.elements).find((el) => el.name === name) ||
+      slot.closest("fieldset");
+    if (input) {
+      input.setAttribute("aria-invalid", "true");
+      if (input.focus) input.focus();
+    }
+    return true;
+  };
+
+  // An error from Q.api (or the network) shown next to its field, else in the page alert.
+  Q.showError = function (err, form) {
+    if (err instanceof ApiError) {
+      if (err.field && Q.fieldError(form, err.field, err.problem)) return;
+      let message = err.message.charAt(0).toUpperCase() + err.message.slice(1);
+      if (err.status === 429) {
+        const wait = err.body && err.body.retry_after;
+        message = wait ? `${message} (wait ${wait} s)` : message;
+      }
+      Q.alert(message);
+      return;
+    }
+    Q.alert("The server could not be reached. Check your connection and try again.");
+  };
+
+  // Browser-side checks before a request: required fields and HTML constraints.
+  Q.checkForm = function (form) {
+    Q.clearErrors(form);
+    for (const el of form.elements) {
+      if (!el.name || !el.willValidate || el.checkValidity()) continue;
+      const label = form.querySelector(`label[for="${el.id}"]`);
+      const what = label ? label.textContent.replace(/\s*\(optional\)\s*/, "").trim() : el.name;
+      let message = el.validationMessage || "This field is not valid.";
+      if (el.validity.valueMissing) message = `${what} is required.`;
+      else if (el.validity.typeMismatch && el.type === "email") message = "Enter an email address like name@example.com.";
+      else if (el.validity.tooShort) message = `${what} must be at least ${el.minLength} characters.`;
+      Q.fieldError(form, el.name, message);
+      return false;
+    }
+    return true;
+  };
+
+  // The form's values as an object; empty fields left out; "a.b" names nest ({a: {b}}).
+  Q.formValues = function (form) {
+    const out = {};
+    for (const [name, raw] of new FormData(form).entries()) {
+      const value = typeof raw === "string" ? raw.trim() : raw;
+      if (value === "") continue;
+      const parts = name.split(".");
+      let target = out;
+      for (const part of parts.slice(0, -1)) target = target[part] = target[part] || {};
+      target[parts[parts.length - 1]] = value;
+    }
+    return out;
+  };
+
+  Q.busy = function (button, on, label) {
+    if (!button) return;
+    if (on) {
+      button.dataset.label = button.textContent;
+      if (label) button.textContent = label;
+      button.disabled = true;
+      button.setAttribute("aria-busy", "true");
+    } else {
+      if (button.dataset.label) button.textContent = button.dataset.label;
+      button.disabled = false;
+      button.removeAttribute("aria-busy");
+    }
+  };
+
+  // Submit handler wiring: validate, mark busy, run `handler(values)`, show errors.
+  Q.onSubmit = function (form, handler) {
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      if (!Q.checkForm(form)) return;
+      const button = form.querySelector("[type=submit]");
+      Q.busy(button, true);
+      try {
+        await handler(Q.formValues(form), form);
+      } catch (err) {
+        Q.showError(err, form);
+      } finally {
+        Q.busy(button, false);
+      }
+    });
+  };
+
+  Q.el = function (tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "dataset") Object.assign(node.dataset, value);
+      else if (key === "text") node.textContent = value;
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, value === true ? "" : value);
+    }
+    for (const child of children) {
+      if (child === null || child === undefined || child === false) continue;
+      node.append(child);
+    }
+    return node;
+  };
+
+  Q.STATUS_LABELS = {
+    draft: "Draft",
+    awaiting_payment: "Awaiting payment",
+    provisioning: "Provisioning",
+    running: "Running",
+    failed: "Failed",
+    past_due: "Payment overdue",
+    suspended: "Suspended",
+    canceled: "Canceled",
+    destroying: "Being deleted",
+    destroyed: "Deleted",
+  };
+
+  Q.money = function (cents, currency) {
+    try {
+      return new Intl.NumberFormat(undefined, {
+        style: "currency",
+        currency: (currency || "usd").toUpperCase(),
+      }).format(cents / 100);
+    } catch (err) {
+      return `${(cents / 100).toFixed(2)} ${currency || ""}`;
+    }
+  };
+
+  // Into the Room: a short-lived runtime token in the URL fragment (never sent to a server,
+  // never in a Referer: every page here answers with Referrer-Policy: no-referrer).
+  Q.launch = async function (instanceId) {
+    const grant = await Q.api(
+      "POST",
+      `/api/cloud/instances/${encodeURIComponent(instanceId)}/runtime-token`
+    );
+    const base = String(grant.runtime_url || "").replace(/\/+$/, "");
+    if (!/^https?:\/\//.test(base)) throw new Error("the Room has no address yet");
+    location.replace(`${base}/#launch=${encodeURIComponent(grant.token)}`);
+  };
+
+  // -- page-wide wiring --------------------------------------------------------------------------
+
+  document.addEventListener("click", async (event) => {
+    const button = event.target.closest("[data-action=signout]");
+    if (!button) return;
+    button.disabled = true;
+    try {
+      await Q.api("POST", "/api/auth/logout", undefined, { noRedirect: true });
+    } catch (err) {
+      // Signed out already, or the session ended: either way the cookies are gone or useless.
+    }
+    location.assign("/");
+  });
+})();
