@@ -17,8 +17,11 @@ from control_plane.auth.google import GoogleClient, StateCookie
 from control_plane.auth.passwords import PasswordHasher
 from control_plane.auth.routes import router as auth_router
 from control_plane.auth.service import AuthContext
+from control_plane.billing.routes import router as billing_router
 from control_plane.db import create_engine, create_session_factory, utcnow
 from control_plane.errors import install_error_handlers, json_dumps
+from control_plane.instances.routes import router as instances_router
+from control_plane.instances.setup import start_instances
 from control_plane.keys.routes import router as keys_router
 from control_plane.keys.service import KeyRing
 from control_plane.mail import Mailer, Transport
@@ -133,6 +136,7 @@ def create_app(
             app.state.mailer = mailer
             app.state.throttle = throttle
             app.state.google = google
+            resources.append(start_instances(app, cfg, factory, clock))
             app.state.clock = clock
             app.state.jwks_headers = {
                 "Cache-Control": f"public, max-age={cfg.jwks_max_age_seconds}",
@@ -167,6 +171,8 @@ def create_app(
     install_error_handlers(app)
     app.include_router(keys_router)
     app.include_router(auth_router)
+    app.include_router(instances_router)
+    app.include_router(billing_router)
     install_pages(app)
 
     @app.get("/healthz", tags=["ops"], summary="Liveness")

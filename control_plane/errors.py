@@ -137,6 +137,88 @@ class BodyTooLarge(ControlPlaneError):
     message = "request body too large"
 
 
+# -- instances, members, runtime tokens ----------------------------------------------------------
+class InstanceNotFound(ControlPlaneError):
+    message = "instance not found"
+
+
+class OwnerRequired(ControlPlaneError):
+    message = "only the owner of this instance may do this"
+
+
+class InvalidInstanceState(ControlPlaneError):
+    message = "the instance is not in a state that allows this"
+
+
+class InstanceNotRunning(ControlPlaneError):
+    message = "the instance is not running"
+
+
+class QuotaExceeded(ControlPlaneError):
+    message = "you have reached the maximum number of instances"
+
+
+class UnknownTier(ControlPlaneError):
+    message = "unknown tier"
+
+
+class UnknownRegion(ControlPlaneError):
+    message = "unknown region"
+
+
+class InvalidIdempotencyKey(ControlPlaneError):
+    message = "Idempotency-Key must be 1-128 printable ASCII characters without spaces"
+
+
+class IdempotencyConflict(ControlPlaneError):
+    message = "this Idempotency-Key was already used for a different request"
+
+
+class MemberNotFound(ControlPlaneError):
+    message = "member not found"
+
+
+class CannotInviteOwner(ControlPlaneError):
+    message = "the owner of an instance cannot be added as a member"
+
+
+class MemberLimitReached(ControlPlaneError):
+    message = "this instance has the maximum number of members"
+
+
+class InvalidRuntimeToken(ControlPlaneError):
+    message = "invalid or expired runtime token"
+
+
+class RuntimeOriginRefused(ControlPlaneError):
+    message = "request origin is not allowed"
+
+
+# -- billing -------------------------------------------------------------------------------------
+class BillingDisabled(ControlPlaneError):
+    message = "billing is disabled (development)"
+
+
+class PaymentProviderUnavailable(ControlPlaneError):
+    message = "the payment provider could not be reached; try again shortly"
+
+
+class PaymentProviderError(ControlPlaneError):
+    message = "the payment provider refused the request"
+
+
+class CheckoutMismatch(ControlPlaneError):
+    message = "this checkout session does not belong to this instance"
+
+
+class InvalidWebhookSignature(ControlPlaneError):
+    message = "invalid webhook signature"
+
+
+class InvalidWebhookPayload(ControlPlaneError):
+    message = "invalid webhook payload"
+
+
 #: The one mapping: exception class → (HTTP status, stable code). Looked up along the MRO, so
 #: a subclass without its own row uses its parent's.
 ERROR_TABLE: dict[type[ControlPlaneError], tuple[int, str]] = {
@@ -164,6 +246,26 @@ ERROR_TABLE: dict[type[ControlPlaneError], tuple[int, str]] = {
     KeysNotReady: (503, "keys_not_ready"),
     KeyDecryptionFailed: (500, "key_decryption_failed"),
     BodyTooLarge: (413, "body_too_large"),
+    InstanceNotFound: (404, "not_found"),
+    OwnerRequired: (403, "owner_required"),
+    InvalidInstanceState: (409, "invalid_state"),
+    InstanceNotRunning: (409, "instance_not_running"),
+    QuotaExceeded: (409, "quota_exceeded"),
+    UnknownTier: (422, "unknown_tier"),
+    UnknownRegion: (422, "unknown_region"),
+    InvalidIdempotencyKey: (400, "invalid_idempotency_key"),
+    IdempotencyConflict: (409, "idempotency_conflict"),
+    MemberNotFound: (404, "not_found"),
+    CannotInviteOwner: (422, "cannot_invite_owner"),
+    MemberLimitReached: (409, "member_limit"),
+    InvalidRuntimeToken: (401, "invalid_token"),
+    RuntimeOriginRefused: (403, "origin_not_allowed"),
+    BillingDisabled: (409, "billing_disabled"),
+    PaymentProviderUnavailable: (503, "billing_unavailable"),
+    PaymentProviderError: (502, "billing_error"),
+    CheckoutMismatch: (400, "checkout_mismatch"),
+    InvalidWebhookSignature: (400, "invalid_signature"),
+    InvalidWebhookPayload: (400, "invalid_payload"),
 }
 
 _HTTP_CODES = {

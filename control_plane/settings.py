@@ -102,6 +102,29 @@ class Settings(BaseSettings):
     throttle_email_account: str = "3/15minutes;10/day"
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
 
+    # Instances, members and billing (issue 4).
+    catalog_path: Path | None = None  # JSON/TOML catalog; required outside development
+    stripe_api_base: str | None = None  # another Stripe API base (tests: the loopback fake)
+    grace_period_hours: int = Field(default=72, ge=1, le=60 * 24)
+    retention_days: int = Field(default=7, ge=0, le=365)
+    instance_quota: int = Field(default=3, ge=0, le=1000)
+    max_members_per_instance: int = Field(default=50, ge=1, le=1000)
+    runtime_token_ttl_seconds: int = Field(default=600, ge=60, le=MAX_TOKEN_TTL_SECONDS)
+
+    # Provisioning (issue 4): the worker, the reconciler and the providers.
+    run_worker: bool | None = None  # the worker inside the app process; default: in development
+    app_prefix: str = Field(default="qr", pattern=r"^[a-z][a-z0-9]{0,11}$")  # app names: qr-<id>
+    fly_api_base_url: str = "https://api.machines.dev"
+    worker_poll_seconds: float = Field(default=5.0, gt=0, le=300)
+    worker_concurrency: int = Field(default=4, ge=1, le=64)
+    worker_lease_seconds: int = Field(default=900, ge=30)  # longer than any one provider step
+    worker_max_attempts: int = Field(default=8, ge=1, le=100)
+    worker_retry_base_seconds: float = Field(default=2.0, gt=0)
+    worker_retry_max_seconds: float = Field(default=300.0, gt=0)
+    provision_deadline_seconds: int = Field(default=1800, ge=10)
+    reconcile_seconds: float = Field(default=300.0, gt=0)
+    runtime_health_timeout_seconds: float = Field(default=180.0, gt=0)
+
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, value: str) -> str:

@@ -20,7 +20,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.db import utcnow
-from control_plane.errors import ControlPlaneError
+from control_plane.errors import InvalidInstanceState
 from control_plane.instances.models import CloudInstance, InstanceEvent, InstanceStatus
 
 S = InstanceStatus
@@ -31,7 +31,8 @@ TRANSITIONS: dict[InstanceStatus, frozenset[InstanceStatus]] = {
     S.AWAITING_PAYMENT: frozenset({S.PROVISIONING, S.CANCELED}),
     S.PROVISIONING: frozenset({S.RUNNING, S.FAILED, S.CANCELED}),
     S.FAILED: frozenset({S.PROVISIONING, S.CANCELED}),
-    S.RUNNING: frozenset({S.PAST_DUE, S.CANCELED}),
+    # running → provisioning: the reconciler found the machine gone; the worker recreates it.
+    S.RUNNING: frozenset({S.PAST_DUE, S.CANCELED, S.PROVISIONING}),
     S.PAST_DUE: frozenset({S.RUNNING, S.SUSPENDED, S.CANCELED}),
     S.SUSPENDED: frozenset({S.RUNNING, S.CANCELED}),
     S.CANCELED: frozenset({S.DESTROYING}),
@@ -47,7 +48,7 @@ LIVE = frozenset(s for s in InstanceStatus if s not in (S.DESTROYED,))
 CANCELABLE = frozenset(s for s, targets in TRANSITIONS.items() if S.CANCELED in targets)
 
 
-class IllegalTransition(ControlPlaneError):
+class IllegalTransition(InvalidInstanceState):
     """The instance was not in any of the expected states (raced, or an illegal move)."""
 
     message = "the instance is not in a state that allows this"

@@ -1,0 +1,84 @@
+"""``GET /api/cloud/catalog`` and ``POST /api/billing/stripe/webhook``.
+
+The webhook verifies the signature on the raw body (a parsed and re-serialised body would not
+verify, stripe/stripe-node#341), records the event id in ``stripe_events`` in the same transaction
+as its effect (a duplicate delivery is acknowledged with no effect), and acknowledges events it
+does not act on so Stripe stops redelivering them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from control_plane.auth.schemas import ErrorOut
+from control_plane.billing import service
+from control_plane.billing.service import Billing
+from control_plane.billing.stripe_gateway import WebhookPayloadError, WebhookSignatureError
+from control_plane.deps import Now, SessionDep
+from control_plane.errors import BillingDisabled, InvalidWebhookPayload, InvalidWebhookSignature
+from control_plane.instances.schemas import CatalogOut, RegionOut, TierOut
+
+logger = logging.getLogger("control_plane.billing")
+
+router = APIRouter(tags=["billing"])
+
+
+def _billing(request: Request) -> Billing:
+    billing: Billing = request.app.state.billing
+    return billing
+
+
+@router.get("/api/cloud/catalog", summary="Tiers and regions (public)")
+async def catalog(request: Request) -> CatalogOut:
+    billing = _billing(request)
+    return CatalogOut(
+        tiers=[
+            TierOut(
+                id=t.id,
+                name=t.name,
+                monthlyPriceCents=t.monthly_price_cents,
+                currency=t.currency,
+                cpus=t.cpus,
+                cpuKind=t.cpu_kind,
+                memoryMb=t.memory_mb,
+                volumeGb=t.volume_gb,
+            )
+            for t in billing.catalog.tiers
+        ],
+        regions=[RegionOut(id=r.id, name=r.name) for r in billing.catalog.regions],
+        billingEnabled=billing.enabled,
+    )
+
+
+@router.post(
+    "/api/billing/stripe/webhook",
+    summary="Stripe webhook endpoint (signed; each event's effect happens once)",
+    responses={400: {"model": ErrorOut}, 409: {"model": ErrorOut}},
+    include_in_schema=True,
+)
+async def stripe_webhook(request: Request, db: SessionDep, now: Now) -> dict[str, Any]:
+    billing = _billing(request)
+    if billing.gateway is None:
+        raise BillingDisabled()
+    raw = await request.body()
+    try:
+        event = billing.gateway.parse_webhook(raw, request.headers.get("stripe-signature"))
+    except WebhookSignatureError as exc:
+        raise InvalidWebhookSignature() from exc
+    except WebhookPayloadError as exc:
+        logger.warning("stripe webhook with an unusable payload: %s", exc)
+        raise InvalidWebhookPayload() from exc
+    if not await service.record_stripe_event(db, event, now):
+        await db.rollback()
+        return {"ok": True, "duplicate": True}
+    outcome = await service.apply_event(db, billing.settings, event, now)
+    await db.commit()
+    logger.info(
+        "stripe event applied",
+        extra={"stripe_event_id": event.event_id, "billing_effect": outcome.effect},
+    )
+    await service.after_commit(billing, outcome, getattr(request.app.state, "worker_wakeup", None))
+    return {"ok": True}

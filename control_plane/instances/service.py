@@ -1,0 +1,470 @@
+"""Instance operations behind ``/api/cloud/instances``. Routes stay thin: they parse, call one
+function here and answer.
+
+Transactions never span a call to Stripe: the instance is committed as a ``draft`` first, the
+Checkout Session is created (its idempotency key derived from the instance id, so repeating the
+call returns the same session), then ``draft → awaiting_payment`` is one guarded update.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from control_plane.auth.models import User
+from control_plane.billing import service as billing_
+from control_plane.billing.service import BILLING_DISABLED_NOTE, Billing
+from control_plane.db import new_id
+from control_plane.errors import (
+    BillingDisabled,
+    CheckoutMismatch,
+    ControlPlaneError,
+    EmailNotVerified,
+    IdempotencyConflict,
+    InvalidInstanceState,
+    QuotaExceeded,
+    UnknownRegion,
+    UnknownTier,
+)
+from control_plane.instances.access import Role
+from control_plane.instances.credentials import encrypt_credentials
+from control_plane.instances.lifecycle import (
+    CANCELABLE,
+    IllegalTransition,
+    record_event,
+    transition,
+    update_fields,
+)
+from control_plane.instances.models import (
+    CloudInstance,
+    CloudInstanceMember,
+    InstanceEvent,
+    InstanceStatus,
+    InstanceSubscription,
+    MemberStatus,
+)
+from control_plane.instances.schemas import EventOut, InstanceCreateIn, InstanceOut, StatusOut
+from control_plane.settings import Settings
+
+logger = logging.getLogger("control_plane.instances")
+
+S = InstanceStatus
+#: Statuses that count against the per-user quota (everything not on its way out).
+QUOTA_STATUSES = tuple(str(s) for s in S if s not in (S.CANCELED, S.DESTROYING, S.DESTROYED))
+_ENDED = frozenset({S.CANCELED, S.DESTROYING, S.DESTROYED})
+MAX_LISTED = 200
+MAX_EVENTS = 100
+
+
+@dataclass(frozen=True)
+class InstancesContext:
+    """The long-lived collaborators of the instance operations (built once in the lifespan)."""
+
+    settings: Settings
+    billing: Billing
+    factory: async_sessionmaker[AsyncSession]
+    clock: Callable[[], datetime]
+    wakeup: Callable[[], object | None]
+
+
+def to_out(instance: CloudInstance, role: Role) -> InstanceOut:
+    return InstanceOut(
+        id=instance.id,
+        name=instance.name,
+        goal=instance.goal,
+        tier=instance.tier,
+        region=instance.region,
+        status=instance.status,
+        step=instance.step,
+        error=instance.error,
+        url=instance.url,
+        role=role,
+        createdAt=instance.created_at,
+        updatedAt=instance.updated_at,
+    )
+
+
+async def _reload(db: AsyncSession, instance_id: str) -> CloudInstance:
+    instance = await db.scalar(
+        select(CloudInstance)
+        .where(CloudInstance.id == instance_id)
+        .execution_options(populate_existing=True)
+    )
+    assert instance is not None
+    return instance
+
+
+# -- create --------------------------------------------------------------------------------------
+
+
+def _same_request(instance: CloudInstance, body: InstanceCreateIn) -> bool:
+    return (instance.name, instance.tier, instance.region, instance.goal) == (
+        body.name,
+        body.tier,
+        body.region,
+        body.goal,
+    )
+
+
+async def _by_key(db: AsyncSession, owner_id: str, key: str) -> CloudInstance | None:
+    return await db.scalar(
+        select(CloudInstance)
+        .where(CloudInstance.owner_id == owner_id, CloudInstance.create_key == key)
+        .execution_options(populate_existing=True)
+    )
+
+
+async def create_instance(
+    db: AsyncSession,
+    ctx: InstancesContext,
+    user: User,
+    body: InstanceCreateIn,
+    *,
+    idempotency_key: str | None,
+) -> tuple[CloudInstance, str | None]:
+    """A new instance and its checkout URL (``None`` when billing is disabled or already paid).
+
+    With an ``Idempotency-Key``, repeating the request (a double click, a retry after a network
+    error) returns the same instance and the same Checkout Session.
+    """
+    if not user.email_verified:
+        raise EmailNotVerified("verify your email address before creating an instance")
+    catalog = ctx.billing.catalog
+    if not catalog.has_tier(body.tier):
+        raise UnknownTier(f"unknown tier {body.tier!r}")
+    if not catalog.has_region(body.region):
+        raise UnknownRegion(f"unknown region {body.region!r}")
+    if idempotency_key is not None:
+        existing = await _by_key(db, user.id, idempotency_key)
+        if existing is not None:
+            return await _resume(db, ctx, user, existing, body, idempotency_key)
+    now = ctx.clock()
+    # Serialise this user's creates so two at once cannot both pass the quota (PostgreSQL row
+    # lock; SQLite's BEGIN IMMEDIATE already serialises writers).
+    await db.execute(select(User.id).where(User.id == user.id).with_for_update())
+    live = await db.scalar(
+        select(func.count())
+        .select_from(CloudInstance)
+        .where(CloudInstance.owner_id == user.id, CloudInstance.status.in_(QUOTA_STATUSES))
+    )
+    if (live or 0) >= ctx.settings.instance_quota:
+        raise QuotaExceeded(
+            f"you can have at most {ctx.settings.instance_quota} instances; delete one first"
+        )
+    instance = CloudInstance(
+        owner_id=user.id,
+        name=body.name,
+        goal=body.goal,
+        tier=body.tier,
+        region=body.region,
+        status=S.DRAFT,
+        create_key=idempotency_key,
+        created_at=now,
+        updated_at=now,
+        attempts=0,
+    )
+    instance.id = new_id()
+    instance.credentials_encrypted = encrypt_credentials(
+        ctx.settings, instance.id, body.credentials or {}
+    )
+    try:
+        async with db.begin_nested():
+            db.add(instance)
+    except IntegrityError:
+        # The same Idempotency-Key raced us (PostgreSQL); answer as its replay.
+        await db.rollback()
+        if idempotency_key is None:
+            raise
+        existing = await _by_key(db, user.id, idempotency_key)
+        if existing is None:  # pragma: no cover - the conflicting row is there
+            raise
+        return await _resume(db, ctx, user, existing, body, idempotency_key)
+    if ctx.billing.enabled:
+        db.add(
+            InstanceSubscription(
+                instance_id=instance.id,
+                status=billing_.SUB_INCOMPLETE,
+                stripe_customer_id=await _known_customer(db, user.id),
+                updated_at=now,
+            )
+        )
+    await record_event(db, instance.id, "created", f"{body.tier} in {body.region}", now=now)
+    await db.commit()
+    return await _proceed(db, ctx, user, instance, keep_draft=idempotency_key is not None)
+
+
+async def _known_customer(db: AsyncSession, user_id: str) -> str | None:
+    """The Stripe customer of this user's earlier subscriptions, so invoices stay together."""
+    return await db.scalar(
+        select(InstanceSubscription.stripe_customer_id)
+        .join(CloudInstance, CloudInstance.id == InstanceSubscription.instance_id)
+        .where(
+            CloudInstance.owner_id == user_id,
+            InstanceSubscription.stripe_customer_id.is_not(None),
+        )
+        .order_by(InstanceSubscription.updated_at.desc())
+        .limit(1)
+    )
+
+
+async def _resume(
+    db: AsyncSession,
+    ctx: InstancesContext,
+    user: User,
+    instance: CloudInstance,
+    body: InstanceCreateIn,
+    key: str,
+) -> tuple[CloudInstance, str | None]:
+    if not _same_request(instance, body):
+        raise IdempotencyConflict()
+    await db.commit()
+    return await _proceed(db, ctx, user, instance, keep_draft=True)
+
+
+async def _proceed(
+    db: AsyncSession,
+    ctx: InstancesContext,
+    user: User,
+    instance: CloudInstance,
+    *,
+    keep_draft: bool,
+) -> tuple[CloudInstance, str | None]:
+    """Take a committed instance as far as it goes without the customer: checkout, or (billing
+    disabled) straight to provisioning. Safe to repeat."""
+    status = S(instance.status)
+    if not ctx.billing.enabled:
+        if status == S.DRAFT:
+            now = ctx.clock()
+            try:
+                await transition(
+                    db,
+                    instance.id,
+                    expected=(S.DRAFT,),
+                    to=S.PROVISIONING,
+                    message=f"{BILLING_DISABLED_NOTE}: provisioning without payment",
+                    kind="billing",
+                    now=now,
+                    run_after=now,
+                    attempts=0,
+                )
+                await db.commit()
+                billing_.wake(ctx.wakeup())
+            except IllegalTransition:
+                await db.rollback()
+        return await _reload(db, instance.id), None
+    if status not in (S.DRAFT, S.AWAITING_PAYMENT):
+        return instance, None
+    customer = await db.scalar(
+        select(InstanceSubscription.stripe_customer_id).where(
+            InstanceSubscription.instance_id == instance.id
+        )
+    )
+    await db.commit()  # no transaction (nor SQLite write lock) held across the Stripe call
+    try:
+        session = await billing_.start_checkout(
+            ctx.billing, instance, email=user.email, customer_id=customer
+        )
+    except ControlPlaneError:
+        if status == S.DRAFT and not keep_draft:
+            await _abandon(db, ctx, instance.id)
+        raise
+    now = ctx.clock()
+    try:
+        if status == S.DRAFT:
+            await transition(
+                db,
+                instance.id,
+                expected=(S.DRAFT,),
+                to=S.AWAITING_PAYMENT,
+                message="checkout started",
+                kind="billing",
+                now=now,
+                checkout_session_id=session.id,
+            )
+        elif instance.checkout_session_id != session.id:
+            # Stripe forgets idempotency keys after 24 h; a later retry opens a new session.
+            await update_fields(
+                db, instance.id, status=S.AWAITING_PAYMENT, checkout_session_id=session.id
+            )
+        await db.commit()
+    except IllegalTransition:
+        # The other click (or the payment itself) moved it first: answer with what is there.
+        await db.rollback()
+    instance = await _reload(db, instance.id)
+    await db.commit()
+    url = session.url if S(instance.status) == S.AWAITING_PAYMENT else None
+    return instance, url
+
+
+async def _abandon(db: AsyncSession, ctx: InstancesContext, instance_id: str) -> None:
+    """A draft whose checkout could not start and that no Idempotency-Key can resume: cancel it
+    so it neither lingers nor counts against the quota."""
+    try:
+        await billing_.cancel_now(
+            db, ctx.settings, instance_id, now=ctx.clock(), message="checkout could not be started"
+        )
+        await db.commit()
+    except IllegalTransition:
+        await db.rollback()
+
+
+# -- read ----------------------------------------------------------------------------------------
+
+
+async def list_visible(db: AsyncSession, user: User) -> list[tuple[CloudInstance, Role]]:
+    memberships = select(CloudInstanceMember.instance_id).where(
+        CloudInstanceMember.user_id == user.id,
+        CloudInstanceMember.status == MemberStatus.ACTIVE,
+    )
+    rows = await db.scalars(
+        select(CloudInstance)
+        .where(or_(CloudInstance.owner_id == user.id, CloudInstance.id.in_(memberships)))
+        .order_by(CloudInstance.created_at.desc(), CloudInstance.id)
+        .limit(MAX_LISTED)
+        .execution_options(populate_existing=True)
+    )
+    return [(i, "owner" if i.owner_id == user.id else "member") for i in rows]
+
+
+async def status_of(db: AsyncSession, instance: CloudInstance) -> StatusOut:
+    events = list(
+        await db.scalars(
+            select(InstanceEvent)
+            .where(InstanceEvent.instance_id == instance.id)
+            .order_by(InstanceEvent.id.desc())
+            .limit(MAX_EVENTS)
+        )
+    )
+    return StatusOut(
+        status=instance.status,
+        step=instance.step,
+        error=instance.error,
+        url=instance.url,
+        events=[
+            EventOut(
+                kind=e.kind, from_=e.from_status, to=e.to_status, message=e.message, at=e.created_at
+            )
+            for e in reversed(events)
+        ],
+        updatedAt=instance.updated_at,
+    )
+
+
+# -- confirm, retry, cancel ----------------------------------------------------------------------
+
+
+async def confirm_checkout(
+    db: AsyncSession,
+    ctx: InstancesContext,
+    instance: CloudInstance,
+    *,
+    session_id: str | None,
+) -> CloudInstance:
+    """Ask Stripe about the checkout and run the webhook's fulfil step (the success page can
+    load before ``checkout.session.completed`` arrives)."""
+    if not ctx.billing.enabled:
+        raise BillingDisabled()
+    if S(instance.status) not in (S.DRAFT, S.AWAITING_PAYMENT):
+        return instance
+    session_id = session_id or instance.checkout_session_id
+    if session_id is None:
+        raise InvalidInstanceState("no checkout was started for this instance")
+    await db.commit()  # nothing held across the Stripe call
+    state = await billing_.retrieve_checkout(ctx.billing, session_id)
+    if state.instance_id is None or state.instance_id != instance.id:
+        raise CheckoutMismatch()
+    if not state.paid:
+        return await _reload(db, instance.id)
+    outcome = await billing_.fulfil(
+        db,
+        ctx.settings,
+        instance_id=instance.id,
+        subscription_id=state.subscription_id,
+        customer_id=state.customer_id,
+        user_id=state.metadata.get("user_id"),
+        event_at=None,
+        now=ctx.clock(),
+        source="confirm",
+    )
+    await db.commit()
+    await billing_.after_commit(ctx.billing, outcome, ctx.wakeup())
+    instance = await _reload(db, instance.id)
+    await db.commit()
+    return instance
+
+
+async def retry(db: AsyncSession, ctx: InstancesContext, instance: CloudInstance) -> CloudInstance:
+    now = ctx.clock()
+    await transition(
+        db,
+        instance.id,
+        expected=(S.FAILED,),
+        to=S.PROVISIONING,
+        message="retry requested by the owner",
+        now=now,
+        run_after=now,
+        attempts=0,
+        error=None,
+        deadline_at=None,
+    )
+    await db.commit()
+    billing_.wake(ctx.wakeup())
+    instance = await _reload(db, instance.id)
+    await db.commit()
+    return instance
+
+
+async def cancel(db: AsyncSession, ctx: InstancesContext, instance: CloudInstance) -> CloudInstance:
+    """Cancel the subscription at Stripe, then ``→ canceled`` (the worker stops, snapshots and,
+    after the retention period, destroys). Repeating it is harmless."""
+    if S(instance.status) in _ENDED:
+        return instance
+    if S(instance.status) not in CANCELABLE:  # pragma: no cover - every live state is
+        raise InvalidInstanceState()
+    canceled: set[str] = set()
+    subscription_id = await _live_subscription(db, instance.id)
+    await db.commit()  # nothing held across the Stripe call
+    if subscription_id is not None:
+        await billing_.cancel_subscription(ctx.billing, subscription_id)  # raises: no change
+        canceled.add(subscription_id)
+    now = ctx.clock()
+    locked = await billing_.lock_instance(db, instance.id)
+    if locked is not None and S(locked.status) not in _ENDED:
+        await billing_.cancel_now(
+            db, ctx.settings, instance.id, now=now, message="canceled by the owner"
+        )
+        sub = await db.scalar(
+            select(InstanceSubscription)
+            .where(InstanceSubscription.instance_id == instance.id)
+            .execution_options(populate_existing=True)
+        )
+        if sub is not None and sub.stripe_subscription_id in canceled:
+            sub.status = billing_.SUB_CANCELED
+            sub.grace_until = None
+            sub.updated_at = now
+    late = await _live_subscription(db, instance.id)
+    await db.commit()
+    if late is not None and late not in canceled:
+        # Paid between our read and the cancel: the fulfil step saw it live, so cancel it too.
+        outcome = billing_.Outcome("late subscription", cancel_subscriptions=[late])
+        await billing_.after_commit(ctx.billing, outcome, None)
+    billing_.wake(ctx.wakeup())
+    instance = await _reload(db, instance.id)
+    await db.commit()
+    return instance
+
+
+async def _live_subscription(db: AsyncSession, instance_id: str) -> str | None:
+    return await db.scalar(
+        select(InstanceSubscription.stripe_subscription_id).where(
+            InstanceSubscription.instance_id == instance_id,
+            InstanceSubscription.stripe_subscription_id.is_not(None),
+            InstanceSubscription.status != billing_.SUB_CANCELED,
+        )
+    )

@@ -1,0 +1,162 @@
+"""Runtime tokens: what a hosted Room's ``room_cloud_runtime`` accepts (DESIGN.md "Runtime token").
+
+EdDSA with ``kid``, signed by the key ring; claims ``iss`` (the public URL, which the runtime has
+as ``QUOROOM_CLOUD_ISSUER``), ``aud`` ``quoroom-runtime``, ``sub``, ``instanceId``, ``role``,
+``iat``/``nbf``/``exp`` (TTL from settings, ≤ 15 min), ``jti``, ``sid`` (the control-plane session),
+``email``, ``emailVerified`` and ``name``.
+
+A refresh takes the current, still-valid runtime token as its proof (the Room UI runs on the
+runtime's origin and has no control-plane cookie). It checks what the runtime checks, and more:
+the ``sid`` session must still be live, the caller must still be the owner or an active member,
+and the instance must still be open — so a removed member or a signed-out session gets no new
+token, and old ones die within their TTL.
+"""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import jwt
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from control_plane.auth.models import User, UserSession
+from control_plane.errors import InstanceNotRunning, InvalidRuntimeToken
+from control_plane.instances.access import Role, load_instance, role_of
+from control_plane.instances.lifecycle import OPENABLE
+from control_plane.instances.models import CloudInstance, InstanceStatus
+from control_plane.keys.service import KeyRing
+from control_plane.settings import Settings
+
+RUNTIME_AUDIENCE = "quoroom-runtime"
+MAX_TOKEN_LENGTH = 4096
+ROLES = frozenset({"owner", "member"})
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    token: str
+    expires_at: datetime
+    runtime_url: str
+
+
+def runtime_origin(url: str | None) -> str | None:
+    """The exact origin (scheme://host[:port], lower-case, default port dropped) of a URL."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    host = parts.hostname.lower()
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    default = 443 if parts.scheme == "https" else 80
+    port = f":{parts.port}" if parts.port not in (None, default) else ""
+    return f"{parts.scheme}://{host}{port}"
+
+
+def ensure_openable(instance: CloudInstance) -> str:
+    """The instance's runtime URL, or :class:`InstanceNotRunning`."""
+    if InstanceStatus(instance.status) not in OPENABLE or not instance.url:
+        raise InstanceNotRunning()
+    return instance.url
+
+
+def issue(
+    ring: KeyRing,
+    settings: Settings,
+    *,
+    user: User,
+    instance: CloudInstance,
+    role: Role,
+    session_id: str,
+    now: datetime,
+) -> IssuedToken:
+    """A fresh runtime token (new ``jti``) for ``user`` on an open ``instance``."""
+    runtime_url = ensure_openable(instance)
+    issued_at = int(now.timestamp())
+    expires = issued_at + settings.runtime_token_ttl_seconds
+    claims: dict[str, Any] = {
+        "iss": settings.issuer,
+        "sub": user.id,
+        "instanceId": instance.id,
+        "role": role,
+        "iat": issued_at,
+        "nbf": issued_at,
+        "exp": expires,
+        "jti": uuid.uuid4().hex,
+        "sid": session_id,
+        "email": user.email,
+        "emailVerified": bool(user.email_verified),
+    }
+    if user.name:
+        claims["name"] = user.name
+    token = ring.sign(claims, audience=RUNTIME_AUDIENCE)
+    return IssuedToken(token, datetime.fromtimestamp(expires, tz=UTC), runtime_url)
+
+
+def verify_runtime_token(
+    ring: KeyRing, token: str, *, instance_id: str, now: datetime
+) -> dict[str, Any]:
+    """The claims of a runtime token this control plane issued for ``instance_id`` that has not
+    expired yet (no leeway: the clock that checks is the one that signed)."""
+    if not token or len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidRuntimeToken()
+    try:
+        claims = ring.verify(token, audience=RUNTIME_AUDIENCE)
+    except jwt.InvalidTokenError as exc:
+        raise InvalidRuntimeToken() from exc
+    exp, sub, sid = claims.get("exp"), claims.get("sub"), claims.get("sid")
+    token_instance, role = claims.get("instanceId"), claims.get("role")
+    if not isinstance(exp, int) or exp <= now.timestamp():
+        raise InvalidRuntimeToken("the runtime token has expired; open the Room again")
+    if not (isinstance(sub, str) and isinstance(sid, str) and isinstance(token_instance, str)):
+        raise InvalidRuntimeToken()
+    if not hmac.compare_digest(token_instance.encode(), instance_id.encode()):
+        raise InvalidRuntimeToken()
+    if role not in ROLES:
+        raise InvalidRuntimeToken()
+    return claims
+
+
+async def refresh(
+    db: AsyncSession,
+    ring: KeyRing,
+    settings: Settings,
+    *,
+    instance_id: str,
+    token: str,
+    now: datetime,
+) -> IssuedToken:
+    """A new token (new ``jti``, same ``sid``) for the holder of a valid one, if access holds."""
+    claims = verify_runtime_token(ring, token, instance_id=instance_id, now=now)
+    user = await db.scalar(
+        select(User)
+        .join(UserSession, UserSession.user_id == User.id)
+        .where(
+            User.id == claims["sub"],
+            UserSession.id == claims["sid"],
+            UserSession.revoked_at.is_(None),
+            UserSession.expires_at > now,
+        )
+    )
+    if user is None:
+        raise InvalidRuntimeToken("the session has ended; sign in again")
+    instance = await load_instance(db, instance_id)
+    role = await role_of(db, instance, user.id) if instance is not None else None
+    if instance is None or role is None:
+        raise InvalidRuntimeToken("you no longer have access to this Room")
+    return issue(
+        ring,
+        settings,
+        user=user,
+        instance=instance,
+        role=role,
+        session_id=claims["sid"],
+        now=now,
+    )
