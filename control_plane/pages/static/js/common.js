@@ -30,7 +30,8 @@
 
   function problemOf(message, field) {
     const prefix = `${field}: `;
-    const text = message.startsWith(prefix) ? message.slice(prefix.length) : message;
+    let text = message.startsWith(prefix) ? message.slice(prefix.length) : message;
+    text = text.replace(/^(Value error|Assertion failed), /, "");
     return text.charAt(0).toUpperCase() + text.slice(1);
   }
 
@@ -154,6 +155,8 @@
     if (!slot) return false;
     slot.textContent = message;
     slot.hidden = false;
+    const details = slot.closest("details");
+    if (details) details.open = true;
     const input =
       Array.from(form.elements).find((el) => el.name === name) ||
       slot.closest("fieldset");
@@ -168,6 +171,11 @@
   Q.showError = function (err, form) {
     if (err instanceof ApiError) {
       if (err.field && Q.fieldError(form, err.field, err.problem)) return;
+      // "credentials.openai" without its own slot: show it on "credentials".
+      if (err.field && err.field.includes(".")) {
+        const head = err.field.split(".")[0];
+        if (Q.fieldError(form, head, `${err.field.slice(head.length + 1)}: ${err.problem}`)) return;
+      }
       let message = err.message.charAt(0).toUpperCase() + err.message.slice(1);
       if (err.status === 429) {
         const wait = err.body && err.body.retry_after;
@@ -184,6 +192,12 @@
     Q.clearErrors(form);
     for (const el of form.elements) {
       if (!el.name || !el.willValidate || el.checkValidity()) continue;
+      if (el.type === "radio") {
+        const legend = el.closest("fieldset") && el.closest("fieldset").querySelector("legend");
+        const what = legend ? legend.textContent.trim().toLowerCase() : el.name;
+        Q.fieldError(form, el.name, `Choose a ${what}.`);
+        return false;
+      }
       const label = form.querySelector(`label[for="${el.id}"]`);
       const what = label ? label.textContent.replace(/\s*\(optional\)\s*/, "").trim() : el.name;
       let message = el.validationMessage || "This field is not valid.";
