@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import httpx
+from starlette.applications import Starlette
 
 from room_cloud_runtime import reference_room
 from room_cloud_runtime._jwks import JWKSCache
@@ -56,3 +57,10 @@ def stack_app(jwks: dict, settings: RuntimeSettings | None = None) -> RuntimeSta
     client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     cache = JWKSCache(settings.resolved_jwks_url, algorithms=settings.algorithms, client=client)
     return RuntimeStack(reference_room.create_room_app(), settings, jwks=cache)
+
+
+def peer_app(jwks_url: str, settings: RuntimeSettings | None = None) -> Starlette:
+    """The same Room hardened the common way (bench/peer.py), with the same budgets."""
+    from .peer import peer_app as build
+
+    return build(jwks_url, settings or bench_settings())

@@ -1,6 +1,8 @@
 """Serve one benchmark app with uvicorn (a subprocess of the bench, pinned to its own core).
 
 python -m bench.serve {bare|stack} --port P    (the JWKS comes in $BENCH_JWKS)
+python -m bench.serve peer --port P    (PyJWKClient fetches $BENCH_JWKS_URL)
+$BENCH_SETTINGS (JSON, optional): overrides of apps.bench_settings for stack and peer
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from . import apps
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["bare", "stack"])
+    parser.add_argument("kind", choices=["bare", "stack", "peer"])
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     logging.getLogger("room_cloud_runtime").setLevel(logging.WARNING)
+    settings = apps.bench_settings(**json.loads(os.environ.get("BENCH_SETTINGS") or "{}"))
     if args.kind == "bare":
         app = apps.bare_app()
+    elif args.kind == "peer":
+        app = apps.peer_app(os.environ["BENCH_JWKS_URL"], settings)
     else:
-        app = apps.stack_app(json.loads(os.environ["BENCH_JWKS"]))
+        app = apps.stack_app(json.loads(os.environ["BENCH_JWKS"]), settings)
     uvicorn.run(
         app,
         host="127.0.0.1",

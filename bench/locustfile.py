@@ -1,0 +1,607 @@
+"""Locust users for the load bench: legitimate owners, members and WebSocket subscribers, a
+token refresher against the control plane, and abusers whose refusals are the expected outcome.
+
+Run through ``python -m bench.load`` (which mints the tokens, starts the servers and picks the
+classes per scenario). Configuration comes from the environment:
+
+- ``BENCH_TOKENS``: a JSON file ``{"owner": [...], "member": [...], "abuser": [...],
+  "forged": [...], "unknown_kid": [...]}``; each simulated user takes the next token of its role
+  (one token, one subject, one budget per user).
+- ``BENCH_STACK``: ``ours`` | ``peer`` | ``bare`` (bare: the Room's local token, no roles, so
+  members skip the writes only an owner may make).
+- ``BENCH_ORIGIN`` (the allowed origin), ``BENCH_FLOOD_RPS`` (per flooder user),
+  ``BENCH_CATEGORIES_CSV`` (where the per-category summary is written at the end).
+- ``BENCH_CP_URL``, ``BENCH_CP_TOKENS``, ``BENCH_INSTANCE_ID``: the optional token refresher.
+
+Every simulated user has its own client address, sent as ``Fly-Client-IP`` (our stack is set up
+as behind Fly's proxy) and ``X-Forwarded-For`` (uvicorn rewrites the peer's client address from
+it, trusting 127.0.0.1): on loopback all sockets come from 127.0.0.1, and per-address budgets
+would otherwise lump 500 users into one.
+
+Requests carry a ``category`` in their context (``legit``, ``ws``, ``refresh``, ``flood``,
+``abuse``); a listener keeps response times and status codes per category and writes them to
+``BENCH_CATEGORIES_CSV`` so the driver judges legitimate traffic alone, apart from abuse.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import random
+import socket
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import websocket
+from locust import FastHttpUser, User, between, constant_throughput, events, task
+from locust.env import Environment
+
+STACK = os.environ.get("BENCH_STACK", "ours")
+ORIGIN = os.environ.get("BENCH_ORIGIN", "https://app.bench.example")
+BAD_ORIGIN = "https://evil.example"
+FLOOD_RPS = float(os.environ.get("BENCH_FLOOD_RPS", "100"))
+CATEGORIES_CSV = os.environ.get("BENCH_CATEGORIES_CSV", "")
+CP_URL = os.environ.get("BENCH_CP_URL", "")
+INSTANCE_ID = os.environ.get("BENCH_INSTANCE_ID", "bench-instance")
+ROOMS = ("r1", "r2")
+DECISIONS = ("d1", "d2", "d3")
+MESSAGES = (("r1", "m1"), ("r1", "m2"), ("r2", "m3"))
+BODY_CAP = 1024 * 1024  # the stack's max_body_bytes; the Room's own cap is 64 KiB
+
+
+def _load_tokens() -> dict[str, list[str]]:
+    path = os.environ.get("BENCH_TOKENS")
+    if not path:
+        return {}
+    with open(path) as handle:
+        return json.load(handle)
+
+
+TOKENS = _load_tokens()
+_next: defaultdict[str, itertools.count[int]] = defaultdict(itertools.count)  # role -> pool index
+_addresses = itertools.count(1)
+
+
+def take_token(role: str) -> str:
+    pool = TOKENS.get(role) or [""]
+    return pool[next(_next[role]) % len(pool)]
+
+
+def new_address() -> str:
+    n = next(_addresses)
+    return f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
+
+
+def expect(response: Any, *statuses: int) -> None:
+    """Mark a ``catch_response`` response: success iff its status is one of ``statuses``."""
+    if response.status_code in statuses:
+        response.success()
+    else:
+        response.failure(f"expected {'/'.join(map(str, statuses))}, got {response.status_code}")
+
+
+# --- per-category accounting -----------------------------------------------------------------
+
+
+class Categories:
+    """Response times and status codes per category, apart from locust's per-name stats."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.times: dict[str, list[float]] = defaultdict(list)
+        self.failures: Counter[str] = Counter()
+        self.statuses: dict[str, Counter[str]] = defaultdict(Counter)
+        self.failed_statuses: dict[str, Counter[str]] = defaultdict(Counter)
+        self.counts: Counter[str] = Counter()  # events that are not requests (WS pushes)
+        self.started = time.monotonic()
+
+    def record(self, category: str, ms: float, status: str, failed: bool) -> None:
+        self.times[category].append(ms)
+        self.statuses[category][status] += 1
+        if failed:
+            self.failures[category] += 1
+            self.failed_statuses[category][status] += 1
+
+    def rows(self) -> list[dict[str, Any]]:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rows = []
+        for category in sorted(set(self.times) | set(self.counts)):
+            times = sorted(self.times.get(category, []))
+            rows.append(
+                {
+                    "category": category,
+                    "requests": len(times),
+                    "failures": self.failures[category],
+                    "rps": round(len(times) / elapsed, 1),
+                    "p50_ms": round(percentile(times, 50), 2),
+                    "p95_ms": round(percentile(times, 95), 2),
+                    "p99_ms": round(percentile(times, 99), 2),
+                    "max_ms": round(times[-1], 2) if times else 0.0,
+                    "statuses": " ".join(
+                        f"{k}:{v}" for k, v in sorted(self.statuses[category].items())
+                    ),
+                    "failed_statuses": " ".join(
+                        f"{k}:{v}" for k, v in sorted(self.failed_statuses[category].items())
+                    ),
+                    "events": self.counts[category],
+                    "seconds": round(elapsed, 1),
+                }
+            )
+        return rows
+
+    def write(self, path: str) -> None:
+        rows = self.rows()
+        fields = list(rows[0]) if rows else ["category"]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile (the value below which ``pct`` % of the samples fall)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, -(-len(sorted_values) * pct // 100))  # ceil
+    return sorted_values[int(rank) - 1]
+
+
+CATEGORIES = Categories()
+
+
+@events.request.add_listener
+def _on_request(
+    request_type: str,
+    name: str,
+    response_time: float,
+    response_length: int,
+    exception: BaseException | None = None,
+    context: dict[str, Any] | None = None,
+    response: Any = None,
+    **_: Any,
+) -> None:
+    context = context or {}
+    category = context.get("category", "other")
+    status = getattr(response, "status_code", None) or context.get("status")
+    label = str(status) if status else ("error" if exception else "ok")
+    CATEGORIES.record(category, response_time, label, exception is not None)
+
+
+@events.spawning_complete.add_listener
+def _on_spawned(user_count: int, **_: Any) -> None:
+    # Measure the steady state: locust's own stats are reset too (--reset-stats).
+    CATEGORIES.reset()
+
+
+@events.quitting.add_listener
+def _on_quit(environment: Environment, **_: Any) -> None:
+    if CATEGORIES_CSV:
+        CATEGORIES.write(CATEGORIES_CSV)
+
+
+def fire(
+    environment: Environment,
+    category: str,
+    kind: str,
+    name: str,
+    started: float,
+    exception: BaseException | None = None,
+    status: int | None = None,
+) -> None:
+    """Report a non-HTTP action (WebSocket, raw socket) to locust as a request event."""
+    environment.events.request.fire(
+        request_type=kind,
+        name=name,
+        response_time=(time.perf_counter() - started) * 1000,
+        response_length=0,
+        exception=exception,
+        context={"category": category, "status": status},
+    )
+
+
+# --- legitimate users ------------------------------------------------------------------------
+
+
+class _RoomUser(FastHttpUser):
+    abstract = True
+    role = "owner"
+    category = "legit"
+    wait_time = between(0.5, 2.5)
+
+    def on_start(self) -> None:
+        self.token = take_token(self.role)
+        self.address = new_address()
+        self.headers = {
+            "authorization": f"Bearer {self.token}",
+            "origin": ORIGIN,
+            "fly-client-ip": self.address,
+            "x-forwarded-for": self.address,
+        }
+
+    def context(self) -> dict[str, Any]:
+        return {"category": self.category}
+
+    def get(self, path: str, name: str | None = None) -> None:
+        with self.client.get(path, headers=self.headers, name=name, catch_response=True) as r:
+            expect(r, 200)
+
+    def post(self, path: str, body: dict[str, Any], name: str, *statuses: int) -> None:
+        with self.client.post(
+            path, json=body, headers=self.headers, name=name, catch_response=True
+        ) as r:
+            expect(r, *statuses)
+
+    @task(40)
+    def list_rooms(self) -> None:
+        self.get("/api/rooms")
+
+    @task(30)
+    def get_room(self) -> None:
+        self.get(f"/api/rooms/{random.choice(ROOMS)}", name="/api/rooms/{id}")
+
+    @task(8)
+    def vote(self) -> None:
+        body = {"vote": random.choice(("yes", "no", "abstain"))}
+        decision = random.choice(DECISIONS)
+        self.post(f"/api/decisions/{decision}/vote", body, "/api/decisions/{id}/vote", 200)
+
+    @task(4)
+    def mark_read(self) -> None:
+        room, message = random.choice(MESSAGES)
+        self.post(
+            f"/api/rooms/{room}/messages/{message}/read",
+            {},
+            "/api/rooms/{id}/messages/{mid}/read",
+            200,
+        )
+
+
+class OwnerUser(_RoomUser):
+    """Reads most of the time, votes, marks messages read, now and then creates a room."""
+
+    weight = 4
+    role = "owner"
+
+    @task(1)
+    def create_room(self) -> None:
+        body = {"name": f"load {random.randrange(1 << 30)}", "goal": "measure the stack"}
+        self.post("/api/rooms", body, "/api/rooms [POST]", 201)
+
+
+class MemberUser(_RoomUser):
+    """Reads and votes; the owner-only writes it tries are refused (403 is the intended outcome)."""
+
+    weight = 4
+    role = "member"
+
+    @task(1)
+    def create_room_refused(self) -> None:
+        if STACK == "bare":  # no roles without a stack: the Room would accept it
+            return
+        body = {"name": "not mine to create"}
+        self.post("/api/rooms", body, "/api/rooms [POST, member: 403]", 403)
+
+    @task(1)
+    def read_credentials_refused(self) -> None:
+        if STACK == "bare":
+            return
+        with self.client.get(
+            "/api/credentials/c1",
+            headers=self.headers,
+            name="/api/credentials/{id} [member: 403]",
+            catch_response=True,
+        ) as r:
+            expect(r, 403)
+
+
+class WebSocketUser(User):
+    """Connects to /ws with the subprotocol token, subscribes to a room and receives its events.
+
+    Reported to locust as custom events: ``WS connect`` (handshake), ``WS subscribe`` (until the
+    ``subscribed`` reply) and ``WS ping`` (a ping/pong round trip on the open socket, after
+    draining pushed events). Pushed events are counted (``events`` in the category summary).
+    """
+
+    weight = 2
+    wait_time = between(1.0, 3.0)
+
+    def on_start(self) -> None:
+        self.token = take_token("member" if random.random() < 0.5 else "owner")
+        self.address = new_address()
+        self.ws: websocket.WebSocket | None = None
+        self.connect()
+
+    def _url(self) -> str:
+        return str(self.host).replace("http://", "ws://", 1).rstrip("/") + "/ws"
+
+    def connect(self) -> None:
+        started = time.perf_counter()
+        protocols = ["quoroom", f"quoroom.bearer.{self.token}"]
+        headers = [f"Fly-Client-IP: {self.address}", f"X-Forwarded-For: {self.address}"]
+        url = self._url()
+        if STACK == "bare":
+            # The bare Room takes ?token= and picks no subprotocol (a client offering one
+            # would then refuse the handshake).
+            protocols, url = [], f"{url}?token={self.token}"
+        try:
+            self.ws = websocket.create_connection(
+                url, subprotocols=protocols, origin=ORIGIN, header=headers, timeout=10
+            )
+        except Exception as exc:
+            fire(self.environment, "ws", "WS", "connect", started, exc)
+            self.ws = None
+            return
+        fire(self.environment, "ws", "WS", "connect", started)
+        started = time.perf_counter()
+        try:
+            self.ws.send(json.dumps({"type": "subscribe", "roomId": random.choice(ROOMS)}))
+            self._until("subscribed")
+        except Exception as exc:
+            fire(self.environment, "ws", "WS", "subscribe", started, exc)
+            self._close()
+            return
+        fire(self.environment, "ws", "WS", "subscribe", started)
+
+    def _until(self, kind: str) -> None:
+        assert self.ws is not None
+        while True:
+            message = json.loads(self.ws.recv())
+            if message.get("type") == kind:
+                return
+            if message.get("type") == "error":
+                raise RuntimeError(f"WS error: {message}")
+            CATEGORIES.counts["ws"] += 1
+
+    def _drain(self) -> None:
+        assert self.ws is not None
+        self.ws.settimeout(0.0001)
+        try:
+            while True:
+                self.ws.recv()
+                CATEGORIES.counts["ws"] += 1
+        except (websocket.WebSocketTimeoutException, BlockingIOError, TimeoutError):
+            pass
+        finally:
+            self.ws.settimeout(10)
+
+    @task
+    def ping(self) -> None:
+        if self.ws is None:
+            self.connect()
+            return
+        started = time.perf_counter()
+        try:
+            self._drain()
+            started = time.perf_counter()
+            self.ws.send('{"type":"ping"}')
+            self._until("pong")
+        except Exception as exc:
+            fire(self.environment, "ws", "WS", "ping", started, exc)
+            self._close()
+            return
+        fire(self.environment, "ws", "WS", "ping", started)
+
+    def _close(self) -> None:
+        if self.ws is not None:
+            try:
+                self.ws.close()
+            except Exception:
+                pass
+            self.ws = None
+
+    def on_stop(self) -> None:
+        self._close()
+
+
+# --- the token refresher (control plane) -----------------------------------------------------
+
+
+class TokenRefresherUser(FastHttpUser):
+    """Refreshes its runtime token as the Room UI does (at 80 % of its life, compressed here):
+    ``POST {control}/api/cloud/instances/{id}/refresh-token {token}`` → ``{ok, token}``.
+
+    Only runs when the driver gives a control plane (``BENCH_CP_URL`` and ``BENCH_CP_TOKENS``,
+    tokens the control plane itself issued): weight 0 otherwise, so naming it is harmless.
+    """
+
+    weight = 1 if CP_URL and TOKENS.get("control_plane") else 0
+    wait_time = between(2.0, 5.0)
+
+    def on_start(self) -> None:
+        self.token = take_token("control_plane")
+
+    def context(self) -> dict[str, Any]:
+        return {"category": "refresh"}
+
+    @task
+    def refresh(self) -> None:
+        url = f"{CP_URL.rstrip('/')}/api/cloud/instances/{INSTANCE_ID}/refresh-token"
+        with self.client.post(
+            url,
+            json={"token": self.token},
+            headers={"authorization": f"Bearer {self.token}", "origin": ORIGIN},
+            name="/api/cloud/instances/{id}/refresh-token",
+            catch_response=True,
+        ) as r:
+            body = r.json() if r.status_code == 200 else {}
+            if r.status_code == 200 and body.get("ok") and body.get("token"):
+                self.token = body["token"]
+                r.success()
+            else:
+                r.failure(f"refresh failed: {r.status_code}")
+
+
+# --- abusers ---------------------------------------------------------------------------------
+
+
+class FloodUser(FastHttpUser):
+    """A valid token hammering GET /api/rooms from one address at ``BENCH_FLOOD_RPS`` per user.
+
+    The driver runs several of these sharing one address and one token, so together they send
+    20x the address budget. A 200 (inside the budget) and a 429 are both expected outcomes;
+    anything else is a failure. Counted under the ``flood`` category.
+    """
+
+    fixed_count = 4
+    weight = 0
+    wait_time = constant_throughput(FLOOD_RPS)
+    _shared: dict[str, str] = {}
+
+    def on_start(self) -> None:
+        if not FloodUser._shared:
+            FloodUser._shared.update(token=take_token("abuser"), address=new_address())
+        address = FloodUser._shared["address"]
+        self.headers = {
+            "authorization": f"Bearer {FloodUser._shared['token']}",
+            "fly-client-ip": address,
+            "x-forwarded-for": address,
+        }
+
+    def context(self) -> dict[str, Any]:
+        return {"category": "flood"}
+
+    @task
+    def flood(self) -> None:
+        with self.client.get(
+            "/api/rooms", headers=self.headers, name="flood /api/rooms", catch_response=True
+        ) as r:
+            expect(r, 200, 429)
+
+
+class AbuserUser(FastHttpUser):
+    """No token, forged tokens, unknown kids, oversized and chunked bodies, disallowed origins.
+
+    Each attempt's refusal (401/403/413, or 429 once its address budget is spent) is the expected
+    outcome and marked success; one that gets through is a failure named after the attack.
+    """
+
+    fixed_count = 1
+    weight = 0
+    wait_time = constant_throughput(5)
+
+    def on_start(self) -> None:
+        self.address = new_address()
+        self.base = {"fly-client-ip": self.address, "x-forwarded-for": self.address}
+
+    def context(self) -> dict[str, Any]:
+        return {"category": "abuse"}
+
+    def _get(self, name: str, headers: dict[str, str], *statuses: int) -> None:
+        with self.client.get(
+            "/api/rooms", headers={**self.base, **headers}, name=name, catch_response=True
+        ) as r:
+            expect(r, *statuses, 429)
+
+    @task
+    def no_token(self) -> None:
+        self._get("abuse: no token", {}, 401)
+
+    @task
+    def garbage_token(self) -> None:
+        self._get("abuse: garbage token", {"authorization": "Bearer not.a.jwt"}, 401)
+
+    @task
+    def forged_token(self) -> None:
+        token = take_token("forged")
+        self._get("abuse: forged signature", {"authorization": f"Bearer {token}"}, 401)
+
+    @task
+    def unknown_kid(self) -> None:
+        token = take_token("unknown_kid")
+        self._get("abuse: unknown kid", {"authorization": f"Bearer {token}"}, 401)
+
+    @task
+    def disallowed_origin(self) -> None:
+        headers = {"authorization": f"Bearer {take_token('abuser')}", "origin": BAD_ORIGIN}
+        self._get("abuse: disallowed origin", headers, 403)
+
+    @task
+    def oversized_body(self) -> None:
+        self._raw_post("abuse: oversized body (content-length)", chunked=False)
+
+    @task
+    def chunked_body(self) -> None:
+        self._raw_post("abuse: oversized body (chunked)", chunked=True)
+
+    @task
+    def websocket_bad_origin(self) -> None:
+        started = time.perf_counter()
+        url = str(self.host).replace("http://", "ws://", 1).rstrip("/") + "/ws"
+        token = take_token("abuser")
+        headers = [f"{k}: {v}" for k, v in self.base.items()]
+        try:
+            ws = websocket.create_connection(
+                url,
+                subprotocols=["quoroom", f"quoroom.bearer.{token}"],
+                origin=BAD_ORIGIN,
+                header=headers,
+                timeout=5,
+            )
+        except websocket.WebSocketBadStatusException as exc:
+            ok = exc.status_code in (403, 429)
+            fire(
+                self.environment,
+                "abuse",
+                "WS",
+                "abuse: WS disallowed origin",
+                started,
+                None if ok else exc,
+                exc.status_code,
+            )
+            return
+        except Exception as exc:
+            fire(self.environment, "abuse", "WS", "abuse: WS disallowed origin", started, exc)
+            return
+        ws.close()
+        fire(
+            self.environment,
+            "abuse",
+            "WS",
+            "abuse: WS disallowed origin",
+            started,
+            RuntimeError("upgrade from a disallowed origin was accepted"),
+            101,
+        )
+
+    def _raw_post(self, name: str, *, chunked: bool) -> None:
+        """A body over the cap, sent on a raw socket so the early refusal can be read."""
+        host, _, port = str(self.host).removeprefix("http://").rstrip("/").partition(":")
+        size = BODY_CAP + 512 * 1024
+        token = take_token("abuser")
+        head = [
+            "POST /api/rooms HTTP/1.1",
+            f"Host: {host}:{port}",
+            f"Authorization: Bearer {token}",
+            "Content-Type: application/json",
+            *(f"{k}: {v}" for k, v in self.base.items()),
+            "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}",
+        ]
+        started = time.perf_counter()
+        status = 0
+        exc: BaseException | None = None
+        try:
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+                chunk = b"[" * (64 * 1024)
+                try:
+                    for _ in range(size // len(chunk)):
+                        if chunked:
+                            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        else:
+                            sock.sendall(chunk)
+                    if chunked:
+                        sock.sendall(b"0\r\n\r\n")
+                except OSError:
+                    pass  # refused mid-body and closed: read what was answered
+                reply = sock.recv(4096)
+                status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
+        except (OSError, ValueError, IndexError) as error:
+            exc = error
+        if exc is None and status not in (413, 429):
+            exc = RuntimeError(f"expected 413, got {status or 'no answer'}")
+        fire(self.environment, "abuse", "HTTP", name, started, exc, status or None)

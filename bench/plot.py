@@ -1,0 +1,48 @@
+"""The load bench's plot: legitimate latency percentiles per scenario, and throughput per stack.
+
+Written by ``python -m bench.load`` to bench/load.png (matplotlib, Agg backend: no display).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+COLOURS = {"bare": "#9e9e9e", "ours": "#1f77b4", "peer": "#ff7f0e"}
+
+
+def plot(
+    results: dict[str, dict[str, dict[str, Any]]],
+    wrk: dict[str, float] | None,
+    out: Path,
+) -> None:
+    """Left: p50/p95/p99 of legitimate HTTP requests per locust scenario. Right: wrk req/s."""
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1]})
+    names = [n for n, c in results.items() if c.get("legit")]
+    width = 0.26
+    for i, (pct, alpha) in enumerate((("p50_ms", 0.45), ("p95_ms", 0.7), ("p99_ms", 1.0))):
+        xs = [j + (i - 1) * width for j in range(len(names))]
+        values = [results[n]["legit"][pct] for n in names]
+        colours = [COLOURS.get(n.split("-")[0], "#555555") for n in names]
+        lat.bar(xs, values, width, color=colours, alpha=alpha, label=pct.removesuffix("_ms"))
+    lat.axhline(50, color="red", linestyle="--", linewidth=1, label="p99 target 50 ms")
+    lat.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+    lat.set_ylabel("legitimate HTTP latency (ms)")
+    lat.set_title("locust: p50 / p95 / p99 (light → dark)")
+    lat.legend(fontsize=8)
+    if wrk:
+        kinds = list(wrk)
+        thr.bar(kinds, [wrk[k] for k in kinds], color=[COLOURS.get(k, "#555") for k in kinds])
+        for j, k in enumerate(kinds):
+            thr.text(j, wrk[k], f"{wrk[k] / wrk['bare']:.0%}", ha="center", va="bottom", fontsize=8)
+        thr.set_title("wrk: requests/s")
+    else:
+        thr.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
