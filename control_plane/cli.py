@@ -127,6 +127,16 @@ def _keys_parser(parser: argparse.ArgumentParser) -> None:
     rotate.set_defaults(handler=_keys_rotate)
 
 
+# -- dev ----------------------------------------------------------------------------------------
+
+
+@register("dev", "run the control plane, the worker and the local provider with embedded defaults")
+def _dev_parser(parser: argparse.ArgumentParser) -> None:
+    from control_plane.devserver import configure
+
+    configure(parser)
+
+
 # -- entry point --------------------------------------------------------------------------------
 
 
