@@ -1,0 +1,391 @@
+"""The ``fly`` provider: one Fly app per instance over :class:`FlyMachinesClient`.
+
+Per instance: app ``<prefix>-<instance id>`` (Create App with an ``idempotency_key``; a
+``name_taken`` owned by our org is adopted), a shared IPv4 and an IPv6 (listed before allocating),
+app secrets (the owner's provider credentials), a volume named ``data`` created with the machine's
+guest as ``compute`` hints, and one machine in *the volume's* region mounting it (a volume pins its
+host: Kilo-Org/cloud#388) with the config from :func:`fly_image.config.build_machine_config` — the
+image pinned by digest, issuer and JWKS URL pointing at this control plane.
+
+No create is ever repeated blindly (PITFALLS.md): before creating a volume the app's volumes are
+listed by name, before creating a machine the app's machines are listed by the instance's
+metadata, so a create whose reply was lost is found and adopted instead of doubled. Fly keeps a
+volume's snapshots only as long as the app (memoetapp/memoet#57): the app is destroyed only when
+the retention period ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+
+from control_plane.provisioning.fly_api import (
+    DEFAULT_BASE_URL,
+    FlyCapacity,
+    FlyConflict,
+    FlyError,
+    FlyMachine,
+    FlyMachinesClient,
+    FlyNotFound,
+    FlyProtocolError,
+    FlyRateLimited,
+    FlyServerError,
+    FlyTimeout,
+    FlyUnavailable,
+    FlyUnhealthy,
+)
+from control_plane.provisioning.provider import (
+    APP_PREFIX,
+    InstanceSpec,
+    MachineInfo,
+    OwnedApp,
+    ProviderError,
+    VolumeInfo,
+    app_name,
+    instance_id_from_app,
+    machine_name,
+)
+from fly_image.config import (
+    METADATA_INSTANCE_ID,
+    MachineConfigError,
+    build_machine_config,
+    check_image_reference,
+)
+
+__all__ = ["VOLUME_NAME", "FlyProvider", "check_secret_names"]
+
+logger = logging.getLogger(__name__)
+
+VOLUME_NAME = "data"
+_GONE = frozenset({"destroyed", "destroying"})
+_STOPPED = frozenset({"stopped", "suspended"})
+#: Transient failures: the same call may succeed later (the worker backs off and retries).
+_RETRYABLE: tuple[type[FlyError], ...] = (
+    FlyServerError,
+    FlyTimeout,
+    FlyUnavailable,
+    FlyRateLimited,
+    FlyCapacity,
+    FlyConflict,
+    FlyUnhealthy,
+    FlyProtocolError,
+)
+_SECRET_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
+#: Names the runtime's trust rests on (issuer, JWKS, origins, instance id) or Fly sets itself:
+#: an owner-supplied credential must never override them.
+_RESERVED_PREFIXES = ("QUOROOM_", "FLY_")
+_RESERVED_NAMES = frozenset({"PORT", "PATH", "HOME", "PYTHONPATH", "LD_PRELOAD"})
+
+
+def check_secret_names(values: Mapping[str, str]) -> None:
+    """Refuse credential names that are not env names or that would override runtime settings."""
+    for key in values:
+        if not _SECRET_NAME.match(key):
+            raise ProviderError(
+                f"secrets: {key!r} is not an environment variable name",
+                retryable=False,
+                step="secrets",
+            )
+        if key.startswith(_RESERVED_PREFIXES) or key in _RESERVED_NAMES:
+            raise ProviderError(
+                f"secrets: {key!r} is reserved for the runtime", retryable=False, step="secrets"
+            )
+
+
+@asynccontextmanager
+async def _boundary(step: str) -> AsyncIterator[None]:
+    """Translate client errors into :class:`ProviderError` (one place)."""
+    try:
+        yield
+    except FlyError as exc:
+        raise ProviderError(
+            f"{step}: {exc}", retryable=isinstance(exc, _RETRYABLE), step=step
+        ) from exc
+    except MachineConfigError as exc:
+        raise ProviderError(f"{step}: {exc}", retryable=False, step=step) from exc
+
+
+class FlyProvider:
+    """The Fly Machines provider (see the module docstring)."""
+
+    name = "fly"
+
+    def __init__(
+        self,
+        client: FlyMachinesClient,
+        *,
+        image: str,
+        issuer: str,
+        allowed_origins: Sequence[str],
+        jwks_url: str | None = None,
+        prefix: str = APP_PREFIX,
+        app_domain: str = "fly.dev",
+        ip_types: Sequence[str] = ("shared_v4", "v6"),
+        wait_timeout: float = 180.0,
+        health_timeout: float = 120.0,
+        poll_interval: float = 1.0,
+        owns_client: bool = True,
+    ) -> None:
+        self.image = check_image_reference(image)
+        self._client = client
+        self._issuer = issuer
+        self._origins = list(allowed_origins)
+        self._jwks_url = jwks_url
+        self._prefix = prefix
+        self._domain = app_domain
+        self._ip_types = tuple(ip_types)
+        self._wait_timeout = wait_timeout
+        self._health_timeout = health_timeout
+        self._poll = poll_interval
+        self._owns_client = owns_client
+        # Secrets version per app, so a machine created right after sees them (best effort:
+        # after a restart the machine is created without the hint).
+        self._secrets_version: dict[str, int] = {}
+
+    @classmethod
+    def from_settings(
+        cls, settings: Any, *, transport: httpx.AsyncBaseTransport | None = None, **kw: Any
+    ) -> FlyProvider:
+        """Build from :class:`control_plane.settings.Settings` (token, org, image, public URL)."""
+        from control_plane.settings import SettingsError
+
+        if settings.fly_api_token is None:
+            raise SettingsError("QUOROOM_CP_FLY_API_TOKEN", "is required when PROVIDER=fly")
+        if not settings.fly_org:
+            raise SettingsError("QUOROOM_CP_FLY_ORG", "is required when PROVIDER=fly")
+        if not settings.runtime_image:
+            raise SettingsError("QUOROOM_CP_RUNTIME_IMAGE", "is required when PROVIDER=fly")
+        try:
+            check_image_reference(settings.runtime_image)
+        except MachineConfigError as exc:
+            raise SettingsError("QUOROOM_CP_RUNTIME_IMAGE", str(exc)) from exc
+        client = FlyMachinesClient(
+            settings.fly_api_token.get_secret_value(),
+            org_slug=settings.fly_org,
+            base_url=getattr(settings, "fly_api_base_url", None) or DEFAULT_BASE_URL,
+            transport=transport,
+        )
+        return cls(
+            client,
+            image=settings.runtime_image,
+            issuer=settings.issuer,
+            allowed_origins=[settings.public_origin],
+            prefix=getattr(settings, "app_prefix", APP_PREFIX),
+            **kw,
+        )
+
+    def __repr__(self) -> str:
+        return f"FlyProvider(client={self._client!r}, prefix={self._prefix!r})"
+
+    def url_of(self, app: str) -> str:
+        return f"https://{app}.{self._domain}"
+
+    # ---------------------------------------------------------------- app
+
+    async def ensure_app(self, spec: InstanceSpec) -> str:
+        name = app_name(spec.instance_id, self._prefix)
+        async with _boundary("app"):
+            # Create App honours idempotency_key: safe to resend; a name_taken is adopted only
+            # when the app is in our organization (the client checks).
+            await self._client.create_app(name, idempotency_key=f"quoroom-app-{spec.instance_id}")
+        async with _boundary("ip"):
+            # IP assignment has no idempotency key: list first, allocate only what is missing.
+            ips = await self._client.list_ips(name)
+            have = {"shared_v4" if ip.shared else ("v6" if ":" in ip.ip else "v4") for ip in ips}
+            for ip_type in self._ip_types:
+                if ip_type not in have:
+                    await self._client.allocate_ip(name, ip_type=ip_type)
+        return name
+
+    async def set_secrets(self, spec: InstanceSpec, app: str, values: Mapping[str, str]) -> None:
+        check_secret_names(values)
+        if not values:
+            return
+        async with _boundary("secrets"):
+            self._secrets_version[app] = await self._client.set_secrets(app, values)
+
+    # ---------------------------------------------------------------- volume
+
+    async def ensure_volume(
+        self, spec: InstanceSpec, app: str, volume_id: str | None
+    ) -> VolumeInfo:
+        async with _boundary("volume"):
+            if volume_id:
+                try:
+                    known = await self._client.get_volume(app, volume_id)
+                    if not _volume_gone(known.state):
+                        return VolumeInfo(known.id, known.region)
+                except FlyNotFound:
+                    pass
+            # A create whose reply was lost is found here, never made twice.
+            existing = [
+                v
+                for v in await self._client.list_volumes(app)
+                if v.name == VOLUME_NAME and not _volume_gone(v.state)
+            ]
+            if existing:
+                existing.sort(key=lambda v: v.id)
+                if len(existing) > 1:
+                    logger.warning("app %s has %d data volumes", app, len(existing))
+                return VolumeInfo(existing[0].id, existing[0].region)
+            created = await self._client.create_volume(
+                app,
+                name=VOLUME_NAME,
+                region=spec.region,
+                size_gb=spec.volume_gb,
+                # The volume pins its host: ask for one that can also run the machine.
+                compute={"cpu_kind": spec.cpu_kind, "cpus": spec.cpus, "memory_mb": spec.memory_mb},
+            )
+            return VolumeInfo(created.id, created.region)
+
+    # ---------------------------------------------------------------- machine
+
+    async def _find_machines(self, app: str, instance_id: str) -> list[FlyMachine]:
+        found = await self._client.list_machines(app, metadata={METADATA_INSTANCE_ID: instance_id})
+        return sorted((m for m in found if m.state not in _GONE), key=lambda m: m.id)
+
+    async def find_machine(self, app: str, instance_id: str) -> MachineInfo | None:
+        async with _boundary("machine"):
+            try:
+                found = await self._find_machines(app, instance_id)
+            except FlyNotFound:
+                return None
+        return self._info(app, found[0]) if found else None
+
+    async def ensure_machine(
+        self, spec: InstanceSpec, app: str, volume: VolumeInfo, machine_id: str | None
+    ) -> MachineInfo:
+        async with _boundary("machine"):
+            if machine_id:
+                try:
+                    known = await self._client.get_machine(app, machine_id)
+                    if known.state not in _GONE:
+                        return self._info(app, known)
+                except FlyNotFound:
+                    pass
+            found = await self._find_machines(app, spec.instance_id)
+            if found:
+                if len(found) > 1:
+                    logger.warning("app %s has %d machines for one instance", app, len(found))
+                return self._info(app, found[0])
+            config = build_machine_config(
+                instance_id=spec.instance_id,
+                owner_id=spec.owner_id,
+                tier=spec,
+                image=self.image,
+                issuer=self._issuer,
+                allowed_origins=[*self._origins, self.url_of(app)],
+                jwks_url=self._jwks_url,
+                volume_id=volume.id,
+            )
+            try:
+                created = await self._client.create_machine(
+                    app,
+                    config=config,
+                    region=volume.region,  # the volume's region, not the requested one
+                    name=machine_name(spec.instance_id),
+                    min_secrets_version=self._secrets_version.get(app),
+                )
+            except FlyConflict:
+                # The deterministic name exists already: a create we lost track of.
+                again = await self._find_machines(app, spec.instance_id)
+                if again:
+                    return self._info(app, again[0])
+                raise
+            return self._info(app, created)
+
+    def _info(self, app: str, machine: FlyMachine) -> MachineInfo:
+        return MachineInfo(machine.id, machine.state, url=self.url_of(app), image=machine.image)
+
+    async def wait_healthy(self, spec: InstanceSpec, app: str, machine_id: str) -> MachineInfo:
+        async with _boundary("health"):
+            # /wait answers 408 at its 60 s ceiling: the client loops; then the checks must pass
+            # (started is not ready: PITFALLS.md).
+            await self._client.wait(app, machine_id, "started", timeout_total=self._wait_timeout)
+            machine = await self._client.wait_healthy(
+                app, machine_id, timeout_total=self._health_timeout, poll_interval=self._poll
+            )
+            return self._info(app, machine)
+
+    async def machine(self, app: str, machine_id: str) -> MachineInfo | None:
+        async with _boundary("machine"):
+            try:
+                found = await self._client.get_machine(app, machine_id)
+            except FlyNotFound:
+                return None
+            return None if found.state in _GONE else self._info(app, found)
+
+    async def stop(self, app: str, machine_id: str) -> None:
+        async with _boundary("stop"):
+            try:
+                machine = await self._client.get_machine(app, machine_id)
+            except FlyNotFound:
+                return
+            if machine.state in _GONE or machine.state in _STOPPED:
+                return
+            await self._client.stop_machine(app, machine_id)
+            # Waiting for "stopped" needs the version (superfly/flyctl#1751).
+            await self._client.wait(
+                app,
+                machine_id,
+                "stopped",
+                version=machine.current_version,
+                timeout_total=self._wait_timeout,
+            )
+
+    async def start(self, app: str, machine_id: str) -> None:
+        async with _boundary("start"):
+            machine = await self._client.get_machine(app, machine_id)
+            if machine.state in ("started", "starting"):
+                return
+            await self._client.start_machine(app, machine_id)
+
+    # ---------------------------------------------------------------- snapshots and teardown
+
+    async def snapshot_volume(self, app: str, volume_id: str) -> str:
+        async with _boundary("snapshot"):
+            before = {s.id for s in await self._client.list_volume_snapshots(app, volume_id)}
+            try:
+                await self._client.create_volume_snapshot(app, volume_id)
+            except (FlyUnavailable, FlyTimeout) as exc:
+                if not exc.maybe_applied:
+                    raise
+                logger.info("snapshot of %s: reply lost (%s); looking it up", volume_id, exc)
+            after = await self._client.list_volume_snapshots(app, volume_id)
+            new = [s for s in after if s.id not in before]
+            if not new:
+                raise FlyServerError(
+                    f"the snapshot of volume {volume_id} is not listed yet", method="GET"
+                )
+            new.sort(key=lambda s: (s.created_at or "", s.id))
+            return new[-1].id
+
+    async def destroy(self, app: str) -> None:
+        async with _boundary("destroy"):
+            try:
+                await self._client.delete_app(app)
+            except FlyNotFound:
+                return
+
+    async def list_owned(self) -> list[OwnedApp]:
+        async with _boundary("list"):
+            apps = await self._client.list_apps()
+        owned = []
+        for app in apps:
+            instance_id = instance_id_from_app(app.name, self._prefix)
+            if instance_id is not None:
+                owned.append(OwnedApp(app.name, instance_id))
+        return owned
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+
+def _volume_gone(state: str) -> bool:
+    return "destroy" in state

@@ -1,0 +1,459 @@
+"""The ``local`` provider — the embedded default: each Room runtime is a local process.
+
+``quoroom-runtime serve`` runs as a subprocess (``python -m room_cloud_runtime.cli serve --host
+127.0.0.1 --port P``) in cloud mode, on a free loopback port, with its issuer and pinned JWKS URL
+pointing at this control plane, so the whole flow (pay → provision → open the Room with a runtime
+token) runs on one machine with no account anywhere.
+
+Layout under ``VAR_DIR``::
+
+    instances/<instance id>/app.json      the "app": marks the directory as ours
+    instances/<instance id>/data/         the "volume" (QUOROOM_DATA_DIR)
+    instances/<instance id>/secrets.json  the owner's credentials, mode 0600
+    instances/<instance id>/runtime.json  the "machine": pid, port, when it started
+    instances/<instance id>/runtime.log   the runtime's output
+    snapshots/<instance id>-<timestamp>/  copies of data/ taken on cancel
+
+The state files let a restarted control plane find the runtimes a previous one started (and the
+reconciler sweep them both ways). A pid is only trusted if ``/proc`` shows it is a runtime serving
+this instance on that port (pids are reused). Runtimes run in their own session so a Ctrl-C in
+the terminal reaches the control plane only; :meth:`LocalProvider.aclose` stops the ones this
+process started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from control_plane.provisioning.fly import check_secret_names
+from control_plane.provisioning.provider import (
+    APP_PREFIX,
+    InstanceSpec,
+    MachineInfo,
+    OwnedApp,
+    ProviderError,
+    VolumeInfo,
+    app_name,
+    instance_id_from_app,
+)
+from room_cloud_runtime._errors import ConfigError
+from room_cloud_runtime._settings import load_settings
+
+__all__ = ["LocalProvider"]
+
+logger = logging.getLogger(__name__)
+
+VOLUME_ID = "data"
+REGION = "local"
+#: Environment passed through to the runtime. Nothing else is: the control plane's own
+#: QUOROOM_CP_* secrets must never reach a Room.
+_PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "TZ")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _write_json(path: Path, data: Mapping[str, Any], *, mode: int = 0o644) -> None:
+    """Atomic write (temp file + rename): a crash never leaves a half-written state file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle)
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class LocalProvider:
+    """Runtimes as local processes (see the module docstring)."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        *,
+        var_dir: Path,
+        issuer: str,
+        allowed_origins: Sequence[str],
+        jwks_url: str | None = None,
+        prefix: str = APP_PREFIX,
+        host: str = "127.0.0.1",
+        health_timeout: float = 30.0,
+        stop_timeout: float = 10.0,
+        python: str = sys.executable,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.root = Path(var_dir) / "instances"
+        self.snapshots = Path(var_dir) / "snapshots"
+        self._issuer = issuer.rstrip("/")
+        self._jwks_url = jwks_url or f"{self._issuer}/.well-known/jwks.json"
+        self._origins = list(allowed_origins)
+        self._prefix = prefix
+        self._host = host
+        self._health_timeout = health_timeout
+        self._stop_timeout = stop_timeout
+        self._python = python
+        self._extra_env = dict(extra_env or {})
+        # Runtimes this object started: waited on (no zombies) and stopped by aclose().
+        self._children: dict[str, asyncio.subprocess.Process] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._http = httpx.AsyncClient(timeout=2.0, trust_env=False)
+
+    @classmethod
+    def from_settings(cls, settings: Any, **kw: Any) -> LocalProvider:
+        return cls(
+            var_dir=settings.var_dir,
+            issuer=settings.issuer,
+            allowed_origins=[settings.public_origin],
+            prefix=getattr(settings, "app_prefix", APP_PREFIX),
+            **kw,
+        )
+
+    # ---------------------------------------------------------------- paths and state
+
+    def _dir(self, app: str) -> Path:
+        instance_id = instance_id_from_app(app, self._prefix)
+        if instance_id is None or "/" in instance_id or instance_id in (".", ".."):
+            raise ProviderError(f"{app!r} is not one of our apps", retryable=False)
+        return self.root / instance_id
+
+    def _lock(self, app: str) -> asyncio.Lock:
+        return self._locks.setdefault(app, asyncio.Lock())
+
+    def _state(self, app: str) -> dict[str, Any] | None:
+        return _read_json(self._dir(app) / "runtime.json")
+
+    def _alive(self, app: str, state: Mapping[str, Any] | None) -> bool:
+        """Is the runtime recorded in ``state`` running (and really ours)?"""
+        if not state or not isinstance(state.get("pid"), int):
+            return False
+        pid, port = state["pid"], state.get("port")
+        child = self._children.get(app)
+        if child is not None and child.pid == pid:
+            return child.returncode is None
+        return _is_our_runtime(pid, str(state.get("instance_id")), port)
+
+    def url_of(self, port: int) -> str:
+        return f"http://{self._host}:{port}"
+
+    # ---------------------------------------------------------------- app, secrets, volume
+
+    async def ensure_app(self, spec: InstanceSpec) -> str:
+        name = app_name(spec.instance_id, self._prefix)
+        path = self._dir(name)
+        path.mkdir(parents=True, exist_ok=True)
+        if _read_json(path / "app.json") is None:
+            _write_json(path / "app.json", {"app": name, "instance_id": spec.instance_id})
+        return name
+
+    async def set_secrets(self, spec: InstanceSpec, app: str, values: Mapping[str, str]) -> None:
+        check_secret_names(values)
+        _write_json(self._dir(app) / "secrets.json", dict(values), mode=0o600)
+
+    async def ensure_volume(
+        self, spec: InstanceSpec, app: str, volume_id: str | None
+    ) -> VolumeInfo:
+        (self._dir(app) / "data").mkdir(parents=True, exist_ok=True)
+        return VolumeInfo(VOLUME_ID, REGION)
+
+    # ---------------------------------------------------------------- machine
+
+    def _machine_id(self, spec_or_id: str) -> str:
+        return f"rt-{spec_or_id[:8]}"
+
+    def _env(self, instance_id: str, app: str, port: int) -> dict[str, str]:
+        env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+        secrets = _read_json(self._dir(app) / "secrets.json") or {}
+        env.update({str(k): str(v) for k, v in secrets.items()})
+        env.update(self._extra_env)
+        env.update(
+            {
+                "QUOROOM_DEPLOYMENT_MODE": "cloud",
+                "QUOROOM_CLOUD_INSTANCE_ID": instance_id,
+                "QUOROOM_CLOUD_ISSUER": self._issuer,
+                "QUOROOM_CLOUD_JWKS_URL": self._jwks_url,
+                # The control plane's pages and the runtime's own UI (same-origin writes carry
+                # an Origin header too).
+                "QUOROOM_ALLOWED_ORIGINS": ",".join(
+                    dict.fromkeys([*self._origins, self.url_of(port)])
+                ),
+                "QUOROOM_DATA_DIR": str((self._dir(app) / "data").resolve()),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        try:
+            load_settings(env)  # the runtime's own parser: never start one that would refuse
+        except ConfigError as exc:
+            raise ProviderError(f"runtime settings: {exc}", retryable=False) from exc
+        return env
+
+    async def _spawn(self, app: str, instance_id: str, port: int | None) -> dict[str, Any]:
+        if port is None or not _port_free(self._host, port):
+            port = _free_port(self._host)
+        path = self._dir(app)
+        env = self._env(instance_id, app, port)
+        argv = [self._python, "-m", "room_cloud_runtime.cli", "serve"]
+        argv += ["--host", self._host, "--port", str(port)]
+        log = await asyncio.to_thread(open, path / "runtime.log", "ab")
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                cwd=str(path),
+                start_new_session=True,  # Ctrl-C in the terminal reaches the control plane only
+            )
+        finally:
+            log.close()  # the child holds its own copy of the descriptor
+        self._children[app] = process
+        state = {
+            "pid": process.pid,
+            "port": port,
+            "instance_id": instance_id,
+            "app": app,
+            "started_at": datetime.now(UTC).isoformat(),
+        }
+        _write_json(path / "runtime.json", state)
+        logger.info("started runtime for %s (pid %d, port %d)", instance_id, process.pid, port)
+        return state
+
+    async def find_machine(self, app: str, instance_id: str) -> MachineInfo | None:
+        return await self.machine(app, self._machine_id(instance_id))
+
+    async def ensure_machine(
+        self, spec: InstanceSpec, app: str, volume: VolumeInfo, machine_id: str | None
+    ) -> MachineInfo:
+        async with self._lock(app):
+            state = self._state(app)
+            if state is None or not self._alive(app, state):
+                port = state.get("port") if state else None
+                state = await self._spawn(app, spec.instance_id, port)
+            return MachineInfo(
+                self._machine_id(spec.instance_id), "started", url=self.url_of(state["port"])
+            )
+
+    async def wait_healthy(self, spec: InstanceSpec, app: str, machine_id: str) -> MachineInfo:
+        state = self._state(app)
+        if not state:
+            raise ProviderError("health: no runtime recorded", retryable=True, step="health")
+        url = self.url_of(state["port"])
+        deadline = time.monotonic() + self._health_timeout
+        delay = 0.02
+        while True:
+            if not self._alive(app, state):
+                raise ProviderError(
+                    f"health: the runtime exited ({self._exit_detail(app)})",
+                    retryable=True,
+                    step="health",
+                )
+            try:
+                reply = await self._http.get(f"{url}/healthz")
+                if reply.status_code == 200:
+                    return MachineInfo(machine_id, "started", url=url)
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() >= deadline:
+                raise ProviderError(
+                    f"health: {url}/healthz did not answer within {self._health_timeout:g}s",
+                    retryable=True,
+                    step="health",
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    def _exit_detail(self, app: str) -> str:
+        child = self._children.get(app)
+        code = f"status {child.returncode}" if child and child.returncode is not None else "gone"
+        try:
+            lines = (self._dir(app) / "runtime.log").read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            lines = []
+        tail = next((line for line in reversed(lines) if "error" in line.lower()), "")
+        return f"{code}; {tail[-300:]}" if tail else code
+
+    async def machine(self, app: str, machine_id: str) -> MachineInfo | None:
+        try:
+            path = self._dir(app)
+        except ProviderError:
+            return None
+        state = _read_json(path / "runtime.json")
+        if state is None:
+            return None
+        alive = self._alive(app, state)
+        url = self.url_of(state["port"]) if isinstance(state.get("port"), int) else None
+        return MachineInfo(machine_id, "started" if alive else "stopped", url=url)
+
+    async def stop(self, app: str, machine_id: str) -> None:
+        async with self._lock(app):
+            await self._stop(app)
+
+    async def _stop(self, app: str) -> None:
+        state = self._state(app)
+        if state is None:
+            return
+        if self._alive(app, state):
+            pid = int(state["pid"])
+            await self._terminate(app, pid)
+        if state.get("pid") is not None:
+            state["pid"] = None
+            state["stopped_at"] = datetime.now(UTC).isoformat()
+            _write_json(self._dir(app) / "runtime.json", state)
+
+    async def _terminate(self, app: str, pid: int) -> None:
+        child = self._children.get(app)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)  # its own session: the group id is its pid
+        deadline = time.monotonic() + self._stop_timeout
+        while time.monotonic() < deadline:
+            if child is not None and child.pid == pid:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(child.wait(), timeout=0.05)
+                if child.returncode is not None:
+                    break
+            elif not _pid_running(pid):
+                break
+            else:
+                await asyncio.sleep(0.05)
+        else:
+            logger.warning("runtime pid %d did not stop in time; killing it", pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            if child is not None and child.pid == pid:
+                await child.wait()
+        if child is not None and child.pid == pid:
+            self._children.pop(app, None)
+
+    async def start(self, app: str, machine_id: str) -> None:
+        async with self._lock(app):
+            state = self._state(app)
+            if state is None:
+                raise ProviderError("start: no runtime recorded", retryable=False, step="start")
+            if not self._alive(app, state):
+                await self._spawn(app, str(state["instance_id"]), state.get("port"))
+
+    # ---------------------------------------------------------------- snapshots and teardown
+
+    async def snapshot_volume(self, app: str, volume_id: str) -> str:
+        instance_id = self._dir(app).name
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        snapshot_id = f"{instance_id}-{stamp}"
+        source = self._dir(app) / "data"
+        target = self.snapshots / snapshot_id
+        self.snapshots.mkdir(parents=True, exist_ok=True)
+        if source.exists():
+            await asyncio.to_thread(shutil.copytree, source, target)
+        else:
+            target.mkdir()
+        return snapshot_id
+
+    async def destroy(self, app: str) -> None:
+        async with self._lock(app):
+            await self._stop(app)
+            path = self._dir(app)
+            instance_id = path.name
+            await asyncio.to_thread(shutil.rmtree, path, True)
+            if self.snapshots.exists():
+                for snap in self.snapshots.glob(f"{instance_id}-*"):
+                    await asyncio.to_thread(shutil.rmtree, snap, True)
+        self._locks.pop(app, None)
+
+    async def list_owned(self) -> list[OwnedApp]:
+        owned: list[OwnedApp] = []
+        if not self.root.exists():
+            return owned
+        for marker in sorted(self.root.glob("*/app.json")):
+            data = _read_json(marker)
+            if data and isinstance(data.get("app"), str):
+                instance_id = instance_id_from_app(data["app"], self._prefix)
+                if instance_id is not None and instance_id == marker.parent.name:
+                    owned.append(OwnedApp(data["app"], instance_id))
+        return owned
+
+    async def aclose(self) -> None:
+        """Stop every runtime this process started (their state files stay: a restarted
+        control plane starts them again through the reconciler)."""
+        for app in list(self._children):
+            try:
+                await self.stop(app, "")
+            except Exception:  # pragma: no cover - shutdown must finish
+                logger.exception("could not stop the runtime of %s", app)
+        await self._http.aclose()
+
+    @property
+    def children(self) -> dict[str, int]:
+        """app → pid of the runtimes this object started and that still run."""
+        return {a: p.pid for a, p in self._children.items() if p.returncode is None}
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        # A zombie (exited, not yet reaped by its parent) is not running.
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return not Path("/proc").is_dir()
+
+
+def _is_our_runtime(pid: int, instance_id: str, port: Any) -> bool:
+    """Is ``pid`` a live ``quoroom-runtime serve`` for this instance on this port?
+
+    Pids are reused: after a reboot or a long stop the recorded pid may be anything. On Linux
+    the command line and environment say for sure; elsewhere only liveness is checked.
+    """
+    if not _pid_running(pid):
+        return False
+    proc = Path(f"/proc/{pid}")
+    if not proc.is_dir():
+        return True
+    try:
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+        environ = (proc / "environ").read_bytes().split(b"\0")
+    except (FileNotFoundError, PermissionError, ProcessLookupError):
+        return False
+    return (
+        b"room_cloud_runtime.cli" in argv
+        and str(port).encode() in argv
+        and f"QUOROOM_CLOUD_INSTANCE_ID={instance_id}".encode() in environ
+    )
