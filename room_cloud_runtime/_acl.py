@@ -57,6 +57,15 @@ HTTP_METHODS: Final = frozenset(
 # A rank no principal has: "nobody may".
 _NOBODY: Final = 1 << 30
 _RANK_TO_ROLE: Final[dict[int, Role]] = {ROLE_RANK[role]: role for role in ROLES}
+# ACLGuard's memo of verdicts by (method, path, raw_path): bounded in entries and in key length,
+# because the keys come from the client. Past the cap it is cleared and refilled.
+_MEMO_SIZE: Final = 4096
+_MEMO_MAX_PATH: Final = 512
+# Verdicts: (least rank, readable without a principal) for a protected path, or one of these
+# two sentinels, compared by identity.
+_Verdict = tuple[int, bool]
+_BAD_PATH: Final[_Verdict] = (-1, False)
+_UNPROTECTED: Final[_Verdict] = (-2, False)
 
 # A dot segment ("." or ".."), and a percent sequence that decodes to a separator, a dot, NUL
 # or another escape (double encoding). Both are searched only after a cheap substring test.
@@ -343,6 +352,10 @@ class ACLGuard:
     ``public_paths`` are exact paths (case-insensitive) that ``GET``/``HEAD`` may read without a
     principal, so the UI can learn the deployment mode; everything else is denied by default.
     WebSocket refusals are sent before accept. ``lifespan`` passes through.
+
+    The policy's verdict for a (method, path, raw path) is memoised in a bounded dict (the policy
+    never changes after construction), so a repeated request costs one dict lookup plus the
+    principal checks, which are never memoised.
     """
 
     def __init__(
@@ -378,24 +391,44 @@ class ACLGuard:
             except BadPathError as exc:
                 raise ConfigError("public_paths", f"{path!r}: {exc.reason}") from exc
         self._public = frozenset(public)
+        # The only state that changes after construction: a bounded memo of verdicts.
+        self._memo: dict[tuple[str, str, bytes | None], _Verdict] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind != "http" and kind != "websocket":
+        if kind == "http":
+            method = scope.get("method", "GET")
+        elif kind == "websocket":
+            method = "GET"  # the upgrade is a GET (RFC 6455 section 4.1)
+        else:
             await self.app(scope, receive, send)
             return
-        try:
-            path = normalize_path(scope["path"], scope.get("raw_path"))
-        except BadPathError:
+        path = scope["path"]
+        raw_path = scope.get("raw_path")
+        # The verdict depends only on (method, path, raw_path) and the immutable policy, so it
+        # is memoised; who asks (the principal) is checked below on every request.
+        key = (method, path, raw_path)
+        verdict = self._memo.get(key)
+        if verdict is None:
+            verdict = self._judge(method, path, raw_path)
+            if len(path) <= _MEMO_MAX_PATH and (
+                raw_path is None or len(raw_path) <= _MEMO_MAX_PATH
+            ):
+                memo = self._memo
+                if len(memo) >= _MEMO_SIZE:
+                    # Keys are attacker-controlled: a hard cap, and clearing is O(1) amortised.
+                    memo.clear()
+                memo[key] = verdict
+        if verdict is _UNPROTECTED:
+            await self.app(scope, receive, send)
+            return
+        if verdict is _BAD_PATH:
             await self._refuse(scope, send, 400, "malformed request path", "bad_path")
             return
-        if path not in self._exact_protected and not path.startswith(self._protected_starts):
-            await self.app(scope, receive, send)
-            return
-        method = scope.get("method", "GET") if kind == "http" else "GET"
+        least_rank, public = verdict
         principal = principal_of(scope)
         if principal is None:
-            if path in self._public and (method == "GET" or method == "HEAD"):
+            if public and (method == "GET" or method == "HEAD"):
                 await self.app(scope, receive, send)
                 return
             await self._refuse(
@@ -414,11 +447,26 @@ class ACLGuard:
             return
         # An unknown role gets rank 0, below every rule: fail closed even if a verifier let
         # one through.
-        rank = ROLE_RANK.get(principal.role, 0)
-        if rank < self.policy.least_rank(method, path):
+        if ROLE_RANK.get(principal.role, 0) < least_rank:
             await self._refuse(scope, send, 403, "your role may not do this", "forbidden")
             return
         await self.app(scope, receive, send)
+
+    def _judge(self, method: str, path: str, raw_path: bytes | None) -> _Verdict:
+        """What the policy says about a request, before looking at who sends it.
+
+        :data:`_BAD_PATH`, :data:`_UNPROTECTED`, or ``(least_rank, public)`` for a protected
+        path (``public``: readable without a principal).
+        """
+        try:
+            normalized = normalize_path(path, raw_path)
+        except BadPathError:
+            return _BAD_PATH
+        if normalized not in self._exact_protected and not normalized.startswith(
+            self._protected_starts
+        ):
+            return _UNPROTECTED
+        return self.policy.least_rank(method, normalized), normalized in self._public
 
     @staticmethod
     async def _refuse(

@@ -308,6 +308,48 @@ async def test_a_lower_case_verb_is_not_mistaken_for_get() -> None:
     assert sent[0]["status"] == 403
 
 
+# -- the verdict memo --------------------------------------------------------------------------
+
+
+async def test_a_memoised_verdict_still_checks_who_asks_on_every_request(
+    client: httpx.AsyncClient,
+) -> None:
+    path = "/api/credentials/c1"
+    assert (await client.get(path, headers=OWNER)).status_code == 200
+    assert (await client.get(path, headers=MEMBER)).status_code == 403
+    assert (await client.get(path)).status_code == 401
+    other = {"x-test-role": "owner", "x-test-instance": "inst_other"}
+    assert (await client.get(path, headers=other)).status_code == 403
+    assert (await client.get(path, headers=OWNER)).status_code == 200
+
+
+async def test_the_memo_tells_requests_apart_by_method_and_raw_path() -> None:
+    app = stack()
+    assert (await call_raw(app, "/api/rooms/x", b"/api/rooms/x"))[0]["status"] == 200
+    # Same decoded path, different raw path: judged again, not answered from the memo.
+    assert (await call_raw(app, "/api/rooms/x", b"/api/rooms/%2e%2e"))[0]["status"] == 400
+    assert (await call_raw(app, "/api/rooms/x", None))[0]["status"] == 200
+    assert (await call_raw(app, "/api/rooms/x", b"/api/rooms/x", method="DELETE"))[0][
+        "status"
+    ] == 403
+
+
+async def test_the_memo_is_bounded_in_entries_and_in_key_length() -> None:
+    from room_cloud_runtime import _acl
+
+    guard = ACLGuard(echo_app, instance_id=INSTANCE)
+    app = FakeAuth(guard)
+    for i in range(_acl._MEMO_SIZE + 10):
+        path = f"/api/rooms/{i}"
+        assert (await call_raw(app, path, path.encode()))[0]["status"] == 200
+    assert 0 < len(guard._memo) <= _acl._MEMO_SIZE
+    guard._memo.clear()
+    long = "/api/rooms/" + "x" * _acl._MEMO_MAX_PATH
+    assert (await call_raw(app, long, long.encode()))[0]["status"] == 200
+    assert (await call_raw(app, long, long.encode(), method="DELETE"))[0]["status"] == 403
+    assert guard._memo == {}
+
+
 def test_a_member_may_open_the_websocket() -> None:
     with (
         TestClient(stack()) as tc,
