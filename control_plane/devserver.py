@@ -104,8 +104,9 @@ class DevServer:
         self.settings = settings
         self.socket = sock
         self.out = out or sys.stdout
+        self.app = create_app(settings)
         config = uvicorn.Config(
-            create_app(settings),
+            self.app,
             lifespan="on",
             proxy_headers=False,
             server_header=False,

@@ -102,7 +102,7 @@
   }
 
   function secondsSince(at) {
-    return ((stoppedAt || Date.now()) - at) / 1000;
+    return Math.max(0, ((stoppedAt || Date.now()) - at) / 1000);
   }
 
   function tick() {
