@@ -57,7 +57,7 @@ from ._memstore import (
     retry_in,
 )
 from ._responses import deny_websocket, error_body, send_json
-from ._scope import CLIENT_ADDRESS, principal_of
+from ._scope import CLIENT_ADDRESS, PRINCIPAL
 
 __all__ = [
     "AddressRateLimit",
@@ -89,6 +89,16 @@ class Limiter(ABC):
         Raises :class:`StorageUnavailableError` only when the storage is down and the limiter
         was built with ``on_storage_error="closed"``.
         """
+
+    def checker(self, item: RateLimitItem) -> Callable[[str], Decision | None] | None:
+        """A synchronous check for ``item``, or ``None`` when this limiter can only answer
+        asynchronously (the default; Redis).
+
+        The check counts one hit for its key and returns ``None`` when allowed, the refusal's
+        :class:`Decision` otherwise. The layers ask for it once, at construction, so a
+        per-process limiter costs neither a coroutine nor a ``Decision`` per allowed request.
+        """
+        return None
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to close by default
         """Release connections. The limiter must not be used afterwards."""
@@ -127,6 +137,21 @@ class MemoryLimiter(Limiter):
         if entry is None:
             entry = self._resolve(item)
         return entry[1].hit(key, entry[2], self._clock())
+
+    def checker(self, item: RateLimitItem) -> Callable[[str], Decision | None]:
+        """The synchronous check for ``item`` (see :meth:`Limiter.checker`)."""
+        entry = self._policies.get(id(item))
+        if entry is None:
+            entry = self._resolve(item)
+        # Bound once here: the table is kept for good (only the id cache may be cleared).
+        acquire = entry[1].acquire
+        limit = entry[2]
+        clock = self._clock
+
+        def check(key: str) -> Decision | None:
+            return acquire(key, limit, clock())
+
+        return check
 
     def _resolve(self, item: RateLimitItem) -> tuple[RateLimitItem, WindowTable, int]:
         if item.amount > MAX_LIMIT:
@@ -457,21 +482,31 @@ class AddressRateLimit:
                     "exempt_paths", f"each entry must be a path like /healthz: {path!r}"
                 )
         self.exempt_paths = frozenset(paths)
+        self._check = self.limiter.checker(self.policy.item)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if (kind != "http" and kind != "websocket") or scope["path"] in self.exempt_paths:
             await self.app(scope, receive, send)
             return
-        try:
-            decision = await self.limiter.hit(address_key(scope), self.policy.item)
-        except StorageUnavailableError:
-            await _unavailable(scope, send)
-            return
-        if decision.allowed:
+        # The common case inlined from address_key: the client-address layer's key.
+        state = scope.get("state")
+        address = state.get(CLIENT_ADDRESS) if state else None
+        key = f"a:{address}" if address else address_key(scope)
+        check = self._check
+        if check is not None:  # per-process memory: no coroutine, no Decision when allowed
+            refusal = check(key)
+        else:
+            try:
+                decision = await self.limiter.hit(key, self.policy.item)
+            except StorageUnavailableError:
+                await _unavailable(scope, send)
+                return
+            refusal = None if decision.allowed else decision
+        if refusal is None:
             await self.app(scope, receive, send)
         else:
-            await _refuse(scope, send, self.policy, decision)
+            await _refuse(scope, send, self.policy, refusal)
 
 
 class PrincipalRateLimit:
@@ -496,27 +531,35 @@ class PrincipalRateLimit:
         self.limiter = _check_limiter(limiter)
         self.read = _Policy("read_limit", "read", read_limit)
         self.write = _Policy("write_limit", "write", write_limit)
+        self._read_check = self.limiter.checker(self.read.item)
+        self._write_check = self.limiter.checker(self.write.item)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            policy = self.read if scope["method"] in READ_METHODS else self.write
+            read = scope["method"] in READ_METHODS
         elif kind == "websocket":
-            policy = self.read
+            read = True
         else:
             await self.app(scope, receive, send)
             return
-        principal = principal_of(scope)
+        state = scope.get("state")
+        principal = state.get(PRINCIPAL) if state else None
         if principal is None:
             await self.app(scope, receive, send)
             return
         key = f"p:{principal.instance_id}:{principal.subject}"
-        try:
-            decision = await self.limiter.hit(key, policy.item)
-        except StorageUnavailableError:
-            await _unavailable(scope, send)
-            return
-        if decision.allowed:
+        check = self._read_check if read else self._write_check
+        if check is not None:  # per-process memory: no coroutine, no Decision when allowed
+            refusal = check(key)
+        else:
+            try:
+                decision = await self.limiter.hit(key, (self.read if read else self.write).item)
+            except StorageUnavailableError:
+                await _unavailable(scope, send)
+                return
+            refusal = None if decision.allowed else decision
+        if refusal is None:
             await self.app(scope, receive, send)
         else:
-            await _refuse(scope, send, policy, decision)
+            await _refuse(scope, send, self.read if read else self.write, refusal)

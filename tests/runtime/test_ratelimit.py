@@ -232,6 +232,68 @@ async def test_a_memory_check_never_yields_to_the_event_loop() -> None:
     assert isinstance(done.value.value, Decision)
 
 
+def test_acquire_gives_the_same_answers_as_hit_and_allocates_nothing_when_allowed(
+    clock: FakeClock,
+) -> None:
+    import random
+
+    rng = random.Random(7)
+    by_hit = WindowTable(60, now=clock(), max_keys=50)
+    by_acquire = WindowTable(60, now=clock(), max_keys=50)
+    keys = [f"k{i}" for i in range(80)]  # more than max_keys: evictions happen too
+    for _ in range(20_000):
+        key = rng.choice(keys[:5] if rng.random() < 0.7 else keys)
+        limit = 7
+        clock.advance(rng.choice((0.0, 0.0, 0.01, 0.5, 3.0, 59.0, 130.0)) * rng.random())
+        decision = by_hit.hit(key, limit, clock())
+        refusal = by_acquire.acquire(key, limit, clock())
+        if decision.allowed:
+            assert refusal is None
+        else:
+            assert refusal == decision
+        assert by_hit.peek(key, clock()) == by_acquire.peek(key, clock())
+        assert len(by_hit) == len(by_acquire)
+
+
+def test_the_memory_limiter_offers_a_synchronous_check_and_redis_does_not(
+    clock: FakeClock,
+) -> None:
+    limiter = MemoryLimiter(clock=clock)
+    item = parse("2/minute")
+    check = limiter.checker(item)
+    assert check is not None
+    assert check("k") is None and check("k") is None
+    refusal = check("k")
+    assert refusal is not None and not refusal.allowed and refusal.remaining == 0
+    assert not limiter.hit_now("k", item).allowed  # one budget, whichever way it is asked
+    assert build_limiter(DOWN_REDIS).checker(item) is None
+
+
+async def test_the_layers_use_the_synchronous_check_of_a_memory_limiter(clock: FakeClock) -> None:
+    limiter = MemoryLimiter(clock=clock)
+
+    async def never(key: str, item: Any) -> Decision:
+        raise AssertionError("the coroutine path was taken")
+
+    limiter.hit = never  # type: ignore[method-assign]
+    app = FakeOuterLayers(
+        AddressRateLimit(
+            PrincipalRateLimit(room, limiter=limiter, read_limit="2/minute"),
+            limiter=limiter,
+            limit="3/minute",
+        )
+    )
+    async with client_for(app) as client:
+        codes = [
+            (await client.get("/api", headers={"x-test-subject": "a"})).status_code
+            for _ in range(3)
+        ]
+        fourth = await client.get("/api", headers={"x-test-subject": "b"})
+    assert codes == [200, 200, 429]
+    assert fourth.status_code == 429
+    assert fourth.headers["ratelimit-policy"].startswith('"address"')
+
+
 def test_retry_after_is_whole_seconds_and_at_least_one() -> None:
     assert retry_after_seconds(0.0) == 1
     assert retry_after_seconds(1.2) == 2
