@@ -137,6 +137,16 @@ def create_app(
             app.state.throttle = throttle
             app.state.google = google
             resources.append(start_instances(app, cfg, factory, clock))
+            # Provisioning: the worker in this process (default in development, `dev`); billing
+            # pokes app.state.worker_wakeup after fulfilment so it starts without a poll delay.
+            from control_plane.provisioning.runner import WorkerRunner, should_run_worker
+
+            app.state.worker_wakeup = None
+            if should_run_worker(cfg):
+                runner = WorkerRunner(cfg, factory, clock=clock, catalog=app.state.catalog)
+                runner.start()
+                resources.append(runner)
+                app.state.worker_wakeup = runner.wakeup
             app.state.clock = clock
             app.state.jwks_headers = {
                 "Cache-Control": f"public, max-age={cfg.jwks_max_age_seconds}",

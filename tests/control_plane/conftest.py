@@ -159,6 +159,8 @@ def make_settings(database_url: str, tmp_path: Path) -> Callable[..., Settings]:
             "password_hash_memory_kib": 1024,
             "password_hash_time_cost": 1,
             "redis_url": None,
+            # No in-process provisioning worker unless a test asks for one (run_worker=True).
+            "run_worker": False,
         }
         values.update(overrides)
         return Settings(**values)
