@@ -13,7 +13,8 @@
 
 python -m bench.load                 # everything (about 6 minutes)
 python -m bench.load --quick         # shorter phases, for a smoke run (about 2 minutes)
-python -m bench.load --cp-url URL --cp-tokens FILE   # add the token-refresher scenario
+python -m bench.load --cp-url URL --cp-tokens FILE [--cp-instance ID --cp-origin O]
+                                     # add the token-refresher scenario
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import http.server
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -137,6 +139,18 @@ def jwks_server(body: bytes) -> Iterator[str]:
 # --- servers ----------------------------------------------------------------------------------
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (Linux /proc; taskset execs, same pid)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+CPU: dict[str, float] = {}  # "server" / "generator": CPU seconds of the last scenario
+
+
 @contextmanager
 def serve(kind: str, env: dict[str, str], settings: dict[str, Any]) -> Iterator[int]:
     """``python -m bench.serve kind`` on core 0; yields its port; stops it on exit."""
@@ -160,6 +174,7 @@ def serve(kind: str, env: dict[str, str], settings: dict[str, Any]) -> Iterator[
     try:
         _wait_listening(port)
         yield port
+        CPU["server"] = _cpu_seconds(proc.pid)
     finally:
         proc.terminate()
         try:
@@ -226,6 +241,7 @@ def run_locust(scenario: Scenario, port: int, env: dict[str, str]) -> Path:
         # locust's warnings (gevent, urllib3) are not ours to fix; keep the log readable.
         "PYTHONWARNINGS": "ignore",
     }
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         cmd,
         env=locust_env,
@@ -235,6 +251,8 @@ def run_locust(scenario: Scenario, port: int, env: dict[str, str]) -> Path:
         text=True,
         check=False,
     )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU["generator"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     # locust exits 1 when any request failed: that is data for the summary, not a crash.
     if not categories.exists():
         raise RuntimeError(f"locust wrote no summary for {scenario.name}:\n{proc.stderr[-3000:]}")
@@ -473,7 +491,12 @@ def _refresher_note(args: argparse.Namespace) -> tuple[Scenario | None, str]:
         50,
         ("TokenRefresherUser",),
         args.seconds,
-        {"BENCH_CP_URL": args.cp_url, "BENCH_TOKENS": str(Path(args.cp_tokens).resolve())},
+        {
+            "BENCH_CP_URL": args.cp_url,
+            "BENCH_CP_ORIGIN": args.cp_origin or "",
+            "BENCH_INSTANCE_ID": args.cp_instance,
+            "BENCH_TOKENS": str(Path(args.cp_tokens).resolve()),
+        },
     )
     return scenario, f"token refresher: against {args.cp_url}."
 
@@ -487,6 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short phases (smoke run)")
     parser.add_argument("--cp-url", help="control plane for the token refresher")
     parser.add_argument("--cp-tokens", help="JSON file of control-plane-issued tokens")
+    parser.add_argument("--cp-instance", default=_keys.INSTANCE_ID, help="their instance id")
+    parser.add_argument("--cp-origin", help="the instance's runtime origin (sent as Origin)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.wrk_seconds, args.wrk_rounds = 20, 4, 1
@@ -504,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes: list[str] = []
     results: dict[str, dict[str, dict[str, Any]]] = {}
     loads: dict[str, float] = {}  # 1-minute load average after each scenario
+    cpu: dict[str, tuple[float, float]] = {}  # CPU seconds: server, generator
     # Real budgets; ours behind "Fly's proxy" so Fly-Client-IP gives each simulated user its
     # own address (the peer gets the same from X-Forwarded-For through uvicorn).
     real = {
@@ -553,6 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with serve(scenario.stack, env, settings) as port:
                 results[scenario.name] = read_categories(run_locust(scenario, port, env))
             loads[scenario.name] = os.getloadavg()[0]
+            cpu[scenario.name] = (CPU.get("server", 0.0), CPU.get("generator", 0.0))
         verdicts = judge(results, wrk)
         mixed_p99 = results["ours-mixed"].get("legit", {}).get("p99_ms", 0.0)
         if mixed_p99 > P99_TARGET_MS:
@@ -565,7 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with serve("ours", env, real) as port:
                     results[scenario.name] = read_categories(run_locust(scenario, port, env))
                 loads[scenario.name] = os.getloadavg()[0]
-    notes += scaling_notes(results, wrk, loads)
+                cpu[scenario.name] = (CPU.get("server", 0.0), CPU.get("generator", 0.0))
+    notes += scaling_notes(results, wrk, loads, cpu, args.seconds)
     notes += let_through(results)
     command = "python -m bench.load" + (" " + " ".join(argv) if argv else "")
     if argv is None and sys.argv[1:]:
@@ -603,16 +631,25 @@ def scaling_notes(
     results: dict[str, dict[str, dict[str, Any]]],
     wrk: dict[str, float] | None,
     loads: dict[str, float],
+    cpu: dict[str, tuple[float, float]] | None = None,
+    seconds: float = 0.0,
 ) -> list[str]:
     """What the 2-core machine limits, with the numbers behind it."""
     notes = []
     for name, categories in results.items():
         legit = categories.get("legit")
         if legit:
+            server, generator = (cpu or {}).get(name, (float("nan"), float("nan")))
+            busy = (
+                f"; server core busy {server / seconds:.0%}, "
+                f"generator core {generator / seconds:.0%}"
+                if seconds
+                else ""
+            )
             notes.append(
-                f"{name}: legit {legit['rps']:.0f} req/s, p99 {legit['p99_ms']:.1f} ms; "
+                f"{name}: legit {legit['rps']:.0f} req/s, p99 {legit['p99_ms']:.1f} ms{busy}; "
                 f"1-min load average {loads.get(name, float('nan')):.2f} at its end "
-                "(2 cores: above ~2 other work on the machine competed for them)."
+                "(2 cores: above ~2 means other work on the machine competed for them)."
             )
     if wrk:
         notes.append(

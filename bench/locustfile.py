@@ -11,7 +11,8 @@ classes per scenario). Configuration comes from the environment:
   members skip the writes only an owner may make).
 - ``BENCH_ORIGIN`` (the allowed origin), ``BENCH_FLOOD_RPS`` (per flooder user),
   ``BENCH_CATEGORIES_CSV`` (where the per-category summary is written at the end).
-- ``BENCH_CP_URL``, ``BENCH_CP_TOKENS``, ``BENCH_INSTANCE_ID``: the optional token refresher.
+- ``BENCH_CP_URL``, ``BENCH_CP_ORIGIN``, ``BENCH_INSTANCE_ID`` and a ``control_plane`` pool in
+  ``BENCH_TOKENS``: the optional token refresher.
 
 Every simulated user has its own client address, sent as ``Fly-Client-IP`` (our stack is set up
 as behind Fly's proxy) and ``X-Forwarded-For`` (uvicorn rewrites the peer's client address from
@@ -45,6 +46,7 @@ BAD_ORIGIN = "https://evil.example"
 FLOOD_RPS = float(os.environ.get("BENCH_FLOOD_RPS", "100"))
 CATEGORIES_CSV = os.environ.get("BENCH_CATEGORIES_CSV", "")
 CP_URL = os.environ.get("BENCH_CP_URL", "")
+CP_ORIGIN = os.environ.get("BENCH_CP_ORIGIN", "")
 INSTANCE_ID = os.environ.get("BENCH_INSTANCE_ID", "bench-instance")
 ROOMS = ("r1", "r2")
 DECISIONS = ("d1", "d2", "d3")
@@ -405,8 +407,8 @@ class TokenRefresherUser(FastHttpUser):
     """Refreshes its runtime token as the Room UI does (at 80 % of its life, compressed here):
     ``POST {control}/api/cloud/instances/{id}/refresh-token {token}`` → ``{ok, token}``.
 
-    Only runs when the driver gives a control plane (``BENCH_CP_URL`` and ``BENCH_CP_TOKENS``,
-    tokens the control plane itself issued): weight 0 otherwise, so naming it is harmless.
+    Only runs when the driver gives a control plane (``BENCH_CP_URL`` and a ``control_plane``
+    pool of runtime tokens the control plane itself issued): weight 0 otherwise.
     """
 
     weight = 1 if CP_URL and TOKENS.get("control_plane") else 0
@@ -424,7 +426,9 @@ class TokenRefresherUser(FastHttpUser):
         with self.client.post(
             url,
             json={"token": self.token},
-            headers={"authorization": f"Bearer {self.token}", "origin": ORIGIN},
+            # The token in the body is the proof. A browser on the runtime's origin sends that
+            # origin, which the control plane checks against the instance (BENCH_CP_ORIGIN).
+            headers={"origin": CP_ORIGIN} if CP_ORIGIN else {},
             name="/api/cloud/instances/{id}/refresh-token",
             catch_response=True,
         ) as r:

@@ -1,0 +1,139 @@
+"""The driver's judgement: pass or fail read from sample category CSVs, as locust leaves them."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from bench import load
+
+FIELDS = [
+    "category",
+    "requests",
+    "failures",
+    "rps",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "max_ms",
+    "statuses",
+    "failed_statuses",
+    "events",
+    "seconds",
+]
+
+
+def row(category: str, p99: float, statuses: str, failed: str = "", **extra: Any) -> dict:
+    failures = sum(int(v) for v in (p.split(":")[1] for p in failed.split()))
+    requests = sum(int(v) for v in (p.split(":")[1] for p in statuses.split()))
+    return {
+        "category": category,
+        "requests": requests,
+        "failures": failures,
+        "rps": 100,
+        "p50_ms": 1.0,
+        "p95_ms": p99 / 2,
+        "p99_ms": p99,
+        "max_ms": p99 * 2,
+        "statuses": statuses,
+        "failed_statuses": failed,
+        "events": 0,
+        "seconds": 40,
+        **extra,
+    }
+
+
+def write(tmp_path: Path, name: str, rows: list[dict]) -> dict[str, dict[str, Any]]:
+    path = tmp_path / f"{name}_categories.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return load.read_categories(path)
+
+
+def verdicts(tmp_path: Path, mixed: list[dict], abuse: list[dict], wrk=None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    results = {
+        "ours-mixed": write(tmp_path, "ours-mixed", mixed),
+        "ours-abuse": write(tmp_path, "ours-abuse", abuse),
+    }
+    return {v.target: v.ok for v in load.judge(results, wrk)}
+
+
+GOOD_MIXED = [row("legit", 12.0, "200:9000 201:50 403:100"), row("ws", 8.0, "ok:900")]
+GOOD_ABUSE = [
+    row("legit", 13.0, "200:9000 201:50 403:100"),
+    row("ws", 9.0, "ok:900"),
+    row("flood", 3.0, "200:800 429:15000"),
+    row("abuse", 3.0, "401:100 403:20 413:20"),
+]
+WRK = {"bare": 10000.0, "ours": 9500.0, "peer": 2000.0}
+
+
+def test_a_clean_run_passes_every_target(tmp_path: Path) -> None:
+    result = verdicts(tmp_path, GOOD_MIXED, GOOD_ABUSE, WRK)
+    assert result and all(ok in (True, None) for ok in result.values()), result
+    assert len(result) == 8
+
+
+def test_legit_429s_are_intended_but_any_other_failure_fails(tmp_path: Path) -> None:
+    throttled = [row("legit", 12.0, "200:9000 429:30", failed="429:30"), GOOD_MIXED[1]]
+    assert verdicts(tmp_path, throttled, GOOD_ABUSE)[
+        "(a) 500 users, mixed: no error other than intended 429s"
+    ]
+    broken = [row("legit", 12.0, "200:9000 500:1", failed="500:1"), GOOD_MIXED[1]]
+    assert not verdicts(tmp_path, broken, GOOD_ABUSE)[
+        "(a) 500 users, mixed: no error other than intended 429s"
+    ]
+    ws_failed = [GOOD_MIXED[0], row("ws", 8.0, "ok:890 error:10", failed="error:10")]
+    assert not verdicts(tmp_path, ws_failed, GOOD_ABUSE)[
+        "(a) 500 users, mixed: no error other than intended 429s"
+    ]
+
+
+def test_p99_above_50_ms_fails(tmp_path: Path) -> None:
+    slow = [row("legit", 50.1, "200:9000"), GOOD_MIXED[1]]
+    result = verdicts(tmp_path, slow, GOOD_ABUSE)
+    assert result["(a) 500 users, mixed: HTTP p99 ≤ 50 ms"] is False
+    on_target = [row("legit", 50.0, "200:9000"), GOOD_MIXED[1]]
+    assert verdicts(tmp_path, on_target, GOOD_ABUSE)["(a) 500 users, mixed: HTTP p99 ≤ 50 ms"]
+
+
+def test_legit_p99_more_than_1_2_times_slower_under_abuse_fails(tmp_path: Path) -> None:
+    abuse = [row("legit", 14.5, "200:9000"), *GOOD_ABUSE[1:]]  # 14.5 / 12 = 1.21
+    key = "(b) legit p99 with the abusers ≤ 1.2× without"
+    assert verdicts(tmp_path, GOOD_MIXED, abuse)[key] is False
+    abuse = [row("legit", 14.4, "200:9000"), *GOOD_ABUSE[1:]]
+    assert verdicts(tmp_path, GOOD_MIXED, abuse)[key] is True
+
+
+def test_a_flooder_that_is_not_throttled_fails(tmp_path: Path) -> None:
+    key = "(b) flooder at 20× its budget (20/s) is throttled"
+    unthrottled = [*GOOD_ABUSE[:2], row("flood", 3.0, "200:16000"), GOOD_ABUSE[3]]
+    assert verdicts(tmp_path, GOOD_MIXED, unthrottled)[key] is False
+    # Refusing some but letting through far more than the budget is no throttle either.
+    leaky = [*GOOD_ABUSE[:2], row("flood", 3.0, "200:8000 429:8000"), GOOD_ABUSE[3]]
+    assert verdicts(tmp_path, GOOD_MIXED, leaky)[key] is False
+
+
+def test_an_abuse_that_gets_through_fails(tmp_path: Path) -> None:
+    through = [*GOOD_ABUSE[:3], row("abuse", 3.0, "401:100 200:5", failed="200:5")]
+    assert not verdicts(tmp_path, GOOD_MIXED, through)[
+        "(b) every other abuse refused (401/403/413/429)"
+    ]
+
+
+def test_throughput_below_90_percent_of_bare_fails(tmp_path: Path) -> None:
+    key = "(c) our stack ≥ 90% of bare throughput (wrk)"
+    assert verdicts(tmp_path, GOOD_MIXED, GOOD_ABUSE, WRK)[key] is True
+    slow = {**WRK, "ours": 8999.0}
+    assert verdicts(tmp_path, GOOD_MIXED, GOOD_ABUSE, slow)[key] is False
+
+
+def test_the_report_names_each_verdict(tmp_path: Path) -> None:
+    results = {"ours-mixed": write(tmp_path, "ours-mixed", GOOD_MIXED)}
+    text = load.report(
+        results, WRK, load.judge(results, WRK), command="python -m bench.load", notes=["n"]
+    )
+    assert "| pass |" in text and "python -m bench.load" in text and "- n" in text
