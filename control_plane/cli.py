@@ -137,6 +137,23 @@ def _dev_parser(parser: argparse.ArgumentParser) -> None:
     configure(parser)
 
 
+# -- worker and ops -----------------------------------------------------------------------------
+
+
+@register("worker", "run the provisioning worker and reconciler (no HTTP server)")
+def _worker_parser(parser: argparse.ArgumentParser) -> None:
+    from control_plane.provisioning.commands import configure_worker
+
+    configure_worker(parser)
+
+
+@register("ops", "operations on the fleet of Room machines (ops update-image IMAGE)")
+def _ops_parser(parser: argparse.ArgumentParser) -> None:
+    from control_plane.provisioning.commands import configure_ops
+
+    configure_ops(parser)
+
+
 # -- entry point --------------------------------------------------------------------------------
 
 

@@ -1,0 +1,172 @@
+"""``quoroom-cloud worker`` and ``quoroom-cloud ops update-image IMAGE`` (registered in
+``control_plane.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from control_plane.settings import Settings, get_settings
+
+__all__ = ["configure_ops", "configure_worker", "update_image", "worker_main"]
+
+logger = logging.getLogger(__name__)
+
+
+# -- worker -------------------------------------------------------------------------------------
+
+
+def configure_worker(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="reconcile, process the work that is due now, then exit (for a scheduler)",
+    )
+    parser.set_defaults(handler=_worker)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    return asyncio.run(worker_main(get_settings(), once=args.once))
+
+
+async def worker_main(settings: Settings, *, once: bool = False) -> int:
+    """Run the worker (and the reconciler) until SIGINT/SIGTERM; ``once``: one pass."""
+    from control_plane.db import create_engine, create_session_factory
+    from control_plane.provisioning.reconciler import Reconciler
+    from control_plane.provisioning.runner import WorkerRunner
+
+    engine = create_engine(settings.resolved_database_url)
+    try:
+        runner = WorkerRunner(settings, create_session_factory(engine))
+        if once:
+            try:
+                await Reconciler(settings, runner.worker.factory, runner.provider).run_once()
+                count = await runner.worker.run_until_idle()
+            finally:
+                await runner.provider.aclose()
+            print(f"processed {count} instance(s)")
+            return 0
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):  # not on Windows
+                loop.add_signal_handler(signum, runner.stop)
+        logger.info(
+            "worker %s running (provider %s, %d claim loop(s))",
+            runner.worker.owner,
+            settings.provider,
+            settings.worker_concurrency,
+        )
+        await runner.run()
+        return 0
+    finally:
+        await engine.dispose()
+
+
+# -- ops update-image ---------------------------------------------------------------------------
+
+
+def configure_ops(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="ops_command", required=True, metavar="COMMAND")
+    update = sub.add_parser(
+        "update-image",
+        help="roll every running Room machine to IMAGE, one at a time, with rollback",
+        description="Roll every running Room machine to IMAGE (pinned by digest), one at a "
+        "time; a machine that does not become healthy is rolled back, and the rollout stops "
+        "after --max-failures failed machines.",
+    )
+    update.add_argument("image", help="registry/repo@sha256:<64 hex>")
+    update.add_argument("--max-failures", type=int, default=1, metavar="N")
+    update.set_defaults(handler=_update_image)
+
+
+def _update_image(args: argparse.Namespace) -> int:
+    if args.max_failures < 1:
+        print("--max-failures must be at least 1", file=sys.stderr)
+        return 2
+    return asyncio.run(update_image(get_settings(), args.image, max_failures=args.max_failures))
+
+
+async def update_image(
+    settings: Settings,
+    image: str,
+    *,
+    max_failures: int = 1,
+    transport: httpx.AsyncBaseTransport | None = None,
+    **rollout_kw: Any,
+) -> int:
+    """Roll the running instances' machines to ``image``; every step is an instance event.
+
+    Returns the exit status: 0 when every machine is updated (or skipped), 1 otherwise, 2 on a
+    configuration error.
+    """
+    from control_plane.db import create_engine, create_session_factory, transaction
+    from control_plane.instances.lifecycle import IllegalTransition, record_event, update_fields
+    from control_plane.instances.models import CloudInstance, InstanceStatus
+    from fly_image.config import MachineConfigError, check_image_reference
+    from fly_image.rollout import Outcome, RolloutTarget, format_report, run_update_image
+
+    if settings.provider != "fly":
+        print("ops update-image needs QUOROOM_CP_PROVIDER=fly", file=sys.stderr)
+        return 2
+    if settings.fly_api_token is None or not settings.fly_org:
+        print("ops update-image needs QUOROOM_CP_FLY_API_TOKEN and _FLY_ORG", file=sys.stderr)
+        return 2
+    try:
+        check_image_reference(image)
+    except MachineConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    engine = create_engine(settings.resolved_database_url)
+    try:
+        factory = create_session_factory(engine)
+        async with factory() as session:
+            rows = (
+                await session.scalars(
+                    select(CloudInstance)
+                    .where(
+                        CloudInstance.status == str(InstanceStatus.RUNNING),
+                        CloudInstance.fly_app.is_not(None),
+                        CloudInstance.machine_id.is_not(None),
+                    )
+                    .order_by(CloudInstance.created_at)
+                )
+            ).all()
+        targets = [RolloutTarget(r.id, r.fly_app or "", r.machine_id or "") for r in rows]
+
+        async def on_event(instance_id: str, kind: str, detail: Mapping[str, Any]) -> None:
+            message = f"{kind.replace('_', ' ')}: {detail.get('detail') or image}"
+            async with transaction(factory) as db:
+                await record_event(db, instance_id, kind, message, dict(detail))
+
+        report = await run_update_image(
+            image,
+            targets=targets,
+            token=settings.fly_api_token.get_secret_value(),
+            org_slug=settings.fly_org,
+            base_url=settings.fly_api_base_url,
+            max_failures=max_failures,
+            on_event=on_event,
+            transport=transport,
+            **rollout_kw,
+        )
+        for result in report.by_outcome(Outcome.UPDATED):
+            with contextlib.suppress(IllegalTransition):  # moved meanwhile: nothing to record
+                async with transaction(factory) as db:
+                    await update_fields(
+                        db, result.instance_id, status=InstanceStatus.RUNNING, image=image
+                    )
+        print(format_report(report))
+        if report.ok:
+            print(f"set QUOROOM_CP_RUNTIME_IMAGE={image} so new Rooms start on it too")
+        return 0 if report.ok else 1
+    finally:
+        await engine.dispose()
