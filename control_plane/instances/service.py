@@ -177,8 +177,8 @@ async def create_instance(
         async with db.begin_nested():
             db.add(instance)
     except IntegrityError:
-        # The same Idempotency-Key raced us (PostgreSQL); answer as its replay.
-        await db.rollback()
+        # The same Idempotency-Key raced us (PostgreSQL); answer as its replay. Only the
+        # savepoint was rolled back, so the user row lock and loaded objects stay valid.
         if idempotency_key is None:
             raise
         existing = await _by_key(db, user.id, idempotency_key)
@@ -237,7 +237,8 @@ async def _proceed(
 ) -> tuple[CloudInstance, str | None]:
     """Take a committed instance as far as it goes without the customer: checkout, or (billing
     disabled) straight to provisioning. Safe to repeat."""
-    status = S(instance.status)
+    # A rollback below expires loaded objects: keep what is needed after it.
+    instance_id, status = instance.id, S(instance.status)
     if not ctx.billing.enabled:
         if status == S.DRAFT:
             now = ctx.clock()
@@ -257,7 +258,7 @@ async def _proceed(
                 billing_.wake(ctx.wakeup())
             except IllegalTransition:
                 await db.rollback()
-        return await _reload(db, instance.id), None
+        return await _reload(db, instance_id), None
     if status not in (S.DRAFT, S.AWAITING_PAYMENT):
         return instance, None
     customer = await db.scalar(
@@ -296,7 +297,7 @@ async def _proceed(
     except IllegalTransition:
         # The other click (or the payment itself) moved it first: answer with what is there.
         await db.rollback()
-    instance = await _reload(db, instance.id)
+    instance = await _reload(db, instance_id)
     await db.commit()
     url = session.url if S(instance.status) == S.AWAITING_PAYMENT else None
     return instance, url

@@ -94,7 +94,9 @@ class Cloud:
         return (await self.instance(instance_id)).status
 
     async def events(self, instance_id: str, user: User) -> list[dict[str, Any]]:
-        r = await self.client.get(f"/api/cloud/instances/{instance_id}/status", headers=user.headers)
+        r = await self.client.get(
+            f"/api/cloud/instances/{instance_id}/status", headers=user.headers
+        )
         assert r.status_code == 200, r.text
         events: list[dict[str, Any]] = r.json()["events"]
         return events
@@ -104,12 +106,16 @@ class Cloud:
     ) -> None:
         """What the provisioning worker would do (the other engineer's code drives this)."""
         async with self.h.app.state.session_factory() as db:
-            await transition(db, instance_id, expected=(expected,), to=to, message=message, **fields)
+            await transition(
+                db, instance_id, expected=(expected,), to=to, message=message, **fields
+            )
             await db.commit()
 
     async def run(self, instance_id: str, url: str = RUNTIME_URL) -> None:
         """provisioning → running, as the worker does when the machine is healthy."""
-        await self.worker(instance_id, S.PROVISIONING, S.RUNNING, "healthy", url=url, run_after=None)
+        await self.worker(
+            instance_id, S.PROVISIONING, S.RUNNING, "healthy", url=url, run_after=None
+        )
 
     async def paid_and_running(self, user: User, url: str = RUNTIME_URL) -> str:
         """Create, pay (signed webhook) and let the 'worker' bring it up. Returns the id."""
@@ -134,6 +140,9 @@ class Cloud:
 
 def generous(make_settings: Callable[..., Settings], **overrides: Any) -> Settings:
     values: dict[str, Any] = {
+        # These tests stand in for the provisioning worker (``Cloud.worker``); the real one has
+        # its own tests.
+        "run_worker": False,
         "throttle_signup_address": _GENEROUS,
         "throttle_signup_account": _GENEROUS,
         "throttle_login_address": _GENEROUS,
