@@ -56,6 +56,10 @@ class Cloud:
 
     async def user(self, email: str) -> User:
         await signup_and_verify(self.h, email)
+        return await self.signin(email)
+
+    async def signin(self, email: str) -> User:
+        """A new session (after the clock moved past the access token's life)."""
         body = await login_body(self.h, email)
         return User(
             email=email,
