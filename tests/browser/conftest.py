@@ -81,6 +81,10 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         run_worker=True,
         worker_poll_seconds=1.0,
         runtime_health_timeout_seconds=60,
+        # One browser, one address (127.0.0.1) signing up several people within a minute.
+        throttle_signup_address="1000/minute",
+        throttle_email_address="1000/minute",
+        throttle_login_address="1000/minute",
     )
     (root / "var").mkdir()
     dev = DevServer(settings, sock, out=io.StringIO())

@@ -171,6 +171,7 @@ async def test_api_answers_get_no_store_and_the_security_headers(harness: Harnes
     r = await harness.client.get("/api/auth/me")
     assert r.status_code == 401
     assert r.headers["cache-control"] == "no-store"
-    assert r.headers["x-frame-options"] == "DENY"
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
     r = await harness.client.get("/.well-known/jwks.json")
     assert r.headers["cache-control"].startswith("public, max-age=")
