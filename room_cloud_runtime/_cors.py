@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._errors import ConfigError
+from ._headers import SecuredSend
 from ._responses import deny_websocket, send_error
 
 Header = tuple[bytes, bytes]
@@ -293,7 +294,15 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 def _vary_sender(send: Send, added: tuple[Header, ...]) -> Send:
-    """Wrap ``send`` to add ``added`` (``Vary: Origin`` first) at the response start."""
+    """A ``send`` that adds ``added`` (``Vary: Origin`` first) at the response start.
+
+    Behind :class:`~room_cloud_runtime._headers.SecurityHeaders` (its ``send`` arrives here
+    unwrapped on the usual body-less request), the headers are handed to it to add along with
+    its own: same result, one wrapper and one copy of the start message less.
+    """
+    owner = getattr(send, "__self__", None)
+    if type(owner) is SecuredSend and owner.defer(added, _MERGED, _with_cors):
+        return send
 
     # A plain function handing back send's awaitable: no coroutine frame per message.
     def send_with_cors(message: Message) -> Awaitable[None]:

@@ -4,37 +4,56 @@ The layer sits outermost (DESIGN.md "Runtime pipeline", step 1), so the 401/403/
 of the inner layers carry the same headers as the Room app's own responses. A refused WebSocket
 upgrade answered with the ASGI ``websocket.http.response`` extension gets them too.
 
-What is added, and why:
+Which headers, and why (docs/runtime.md "Security headers" has the table):
 
-- ``Strict-Transport-Security: max-age=…; includeSubDomains`` — the runtime is only ever reached
-  over HTTPS behind Fly's proxy; browsers ignore the header on plain HTTP, so it is harmless in
-  local development.
-- ``X-Content-Type-Options: nosniff``, ``X-Frame-Options: DENY`` and
-  ``Content-Security-Policy: frame-ancestors 'none'`` — no MIME sniffing, no framing
-  (clickjacking). The CSP is only added when the app sent none: its own policy wins.
-- ``Referrer-Policy: no-referrer`` — not ``strict-origin-when-cross-origin``: launch links may carry
-  a token in the URL, and even the origin of an instance is nobody else's business.
-- ``Cross-Origin-Opener-Policy: same-origin`` — no cross-origin window can script the UI's window.
-- ``Cache-Control: no-store`` on ``/api/`` paths, replacing whatever the app sent: API answers
-  carry tokens, profiles and room data that no shared or browser cache may keep.
+- every response: ``Strict-Transport-Security: max-age=…; includeSubDomains`` (the runtime is only
+  ever reached over HTTPS behind Fly's proxy; browsers ignore the header on plain HTTP, so it is
+  harmless in local development), ``X-Content-Type-Options: nosniff`` (no MIME sniffing),
+  ``Content-Security-Policy: frame-ancestors 'none'`` (no framing, i.e. no clickjacking; only
+  added when the app sent no CSP of its own: its policy wins) and ``Referrer-Policy:
+  no-referrer`` (not ``strict-origin-when-cross-origin``: launch links may carry a token in the
+  URL, and even the origin of an instance is nobody else's business);
+- API responses (``/api/`` paths) also get ``Cache-Control: no-store``, replacing whatever the app
+  sent: API answers carry tokens, profiles and room data that no shared or browser cache may keep;
+- everything else (the UI's HTML documents and static assets) also gets ``X-Frame-Options: DENY``
+  and ``Cross-Origin-Opener-Policy: same-origin``. Both only mean something for a document a
+  browser renders: ``frame-ancestors`` supersedes ``X-Frame-Options`` in every browser that
+  implements CSP level 2 (X-Frame-Options is the fallback for older ones), and the opener policy
+  governs browsing-context groups, which a JSON answer never creates. Left off the API, they save
+  two header validations per response in the server (uvicorn checks each header with two regular
+  expressions).
 
 A header the app already set is never duplicated (its value wins), except ``Cache-Control`` on
 API paths. Everything is prebuilt at construction; per response the layer scans the app's
-(usually few) header names once.
+(usually few) header names once and concatenates two lists.
+
+Inner layers that add response headers of their own (CORS's ``Vary`` and
+``Access-Control-Allow-*``) can hand them to this layer's ``send`` through
+:meth:`SecuredSend.defer` instead of wrapping ``send`` a second time; used alone they wrap it
+themselves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._errors import ConfigError
 
 Header = tuple[bytes, bytes]
+HeaderMerge = Callable[[Sequence[Header], tuple[Header, ...]], list[Header]]
 
 _CACHE_CONTROL = b"cache-control"
 _NO_STORE: Header = (_CACHE_CONTROL, b"no-store")
+_NOSNIFF: Header = (b"x-content-type-options", b"nosniff")
+_FRAME_ANCESTORS: Header = (b"content-security-policy", b"frame-ancestors 'none'")
+_NO_REFERRER: Header = (b"referrer-policy", b"no-referrer")
+# For documents only (see the module docstring).
+_DOCUMENT_ONLY: tuple[Header, ...] = (
+    (b"x-frame-options", b"DENY"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+)
 
 
 class SecurityHeaders:
@@ -44,10 +63,11 @@ class SecurityHeaders:
     :param hsts_max_age: ``max-age`` of ``Strict-Transport-Security`` in seconds (0 tells browsers
         to forget the policy); ``None`` leaves the header out.
     :param api_prefix: path prefix of the JSON API, whose responses get ``Cache-Control:
-        no-store``. The prefix without its trailing slash (``/api``) counts too.
+        no-store`` (and not the document-only headers). The prefix without its trailing slash
+        (``/api``) counts too.
     """
 
-    __slots__ = ("_api_exact", "_api_headers", "_api_prefix", "_headers", "_names", "app")
+    __slots__ = ("_api", "_api_exact", "_api_prefix", "_document", "app")
 
     def __init__(
         self,
@@ -65,24 +85,19 @@ class SecurityHeaders:
         if not isinstance(api_prefix, str) or not api_prefix.startswith("/"):
             raise ConfigError("api_prefix", f"must be a path starting with '/', got {api_prefix!r}")
         self.app = app
-        headers: list[Header] = []
+        common: list[Header] = []
         if hsts_max_age is not None:
-            headers.append(
+            common.append(
                 (
                     b"strict-transport-security",
                     b"max-age=%d; includeSubDomains" % hsts_max_age,
                 )
             )
-        headers += [
-            (b"x-content-type-options", b"nosniff"),
-            (b"x-frame-options", b"DENY"),
-            (b"content-security-policy", b"frame-ancestors 'none'"),
-            (b"referrer-policy", b"no-referrer"),
-            (b"cross-origin-opener-policy", b"same-origin"),
-        ]
-        self._headers: tuple[Header, ...] = tuple(headers)
-        self._api_headers: tuple[Header, ...] = (*headers, _NO_STORE)
-        self._names = frozenset(name for name, _ in self._api_headers)
+        common += [_NOSNIFF, _FRAME_ANCESTORS, _NO_REFERRER]
+        # Per kind of response, everything the layer needs, prebuilt: (the headers it adds,
+        # their names, whether it is an API response).
+        self._api = _Profile((*common, _NO_STORE), on_api=True)
+        self._document = _Profile((*common, *_DOCUMENT_ONLY), on_api=False)
         self._api_prefix = api_prefix
         self._api_exact = api_prefix.rstrip("/") or "/"
 
@@ -97,49 +112,101 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        on_api = path.startswith(self._api_prefix) or path == self._api_exact
-        extra = self._api_headers if on_api else self._headers
-        names = self._names
+        secured = SecuredSend()
+        secured.downstream = send
+        secured.start = start
+        secured.profile = (
+            self._api
+            if path.startswith(self._api_prefix) or path == self._api_exact
+            else self._document
+        )
+        secured.deferred = None
+        await self.app(scope, receive, secured.send)
 
-        # A plain function handing back send's awaitable, not a coroutine: it saves a coroutine
+
+class _Profile:
+    """The headers added to one kind of response (API or document), prebuilt."""
+
+    __slots__ = ("headers", "names", "on_api")
+
+    def __init__(self, headers: tuple[Header, ...], *, on_api: bool) -> None:
+        self.headers = headers
+        self.names = frozenset(name for name, _ in headers)
+        self.on_api = on_api
+
+
+class SecuredSend:
+    """Per request, what :class:`SecurityHeaders` adds; its bound :meth:`send` is the ``send``
+    the layer hands inward.
+
+    An inner layer that wants headers added at the response start may recognise that ``send``
+    (``type(getattr(send, "__self__", None)) is SecuredSend``) and :meth:`defer` them to it
+    instead of wrapping ``send`` again, which would cost a second wrapper call and a second copy
+    of the start message. (A bound method rather than ``__call__``: calling an instance costs
+    more than calling a method, measured.)
+    """
+
+    __slots__ = ("deferred", "downstream", "profile", "start")
+
+    downstream: Send
+    start: str
+    profile: _Profile
+    # (headers, names that need merging, merge function) of the inner layer, or None.
+    deferred: tuple[tuple[Header, ...], frozenset[bytes], HeaderMerge] | None
+
+    def defer(
+        self, headers: tuple[Header, ...], names: frozenset[bytes], merge: HeaderMerge
+    ) -> bool:
+        """Add ``headers`` at the response start, before this layer's own.
+
+        When the app's response already has a header named in ``names``, the result is
+        ``merge(app_headers, headers)`` instead of a plain concatenation. One inner layer may
+        defer; a second gets ``False`` and must wrap ``send`` itself.
+        """
+        if self.deferred is not None:
+            return False
+        self.deferred = (headers, names, merge)
+        return True
+
+    def send(self, message: Message) -> Awaitable[None]:
+        # A plain method handing back send's awaitable, not a coroutine: it saves a coroutine
         # frame per message on the hot path (ASGI only asks that send's result be awaitable).
-        def send_secured(message: Message) -> Awaitable[None]:
-            if message["type"] == start:
-                headers = message.get("headers", ())
+        if message["type"] == self.start:
+            profile = self.profile
+            headers = message.get("headers", ())
+            names = profile.names
+            deferred = self.deferred
+            if deferred is None:
                 for name, _ in headers:
                     if name in names:  # the app set one of ours (ASGI: lowercase names)
-                        merged = _merge(headers, extra, names, on_api)
+                        merged = _merge(headers, profile)
                         break
                 else:
-                    merged = [*headers, *extra]
-                message = {**message, "headers": merged}
-            return send(message)
+                    merged = [*headers, *profile.headers]
+            else:
+                added, inner_names, merge = deferred
+                for name, _ in headers:
+                    if name in names or name in inner_names:
+                        merged = _merge(merge(headers, added), profile)
+                        break
+                else:
+                    merged = [*headers, *added, *profile.headers]
+            message = {**message, "headers": merged}
+        return self.downstream(message)
 
-        await self.app(scope, receive, send_secured)
 
-
-def _merge(
-    headers: list[Header] | tuple[Header, ...],
-    extra: tuple[Header, ...],
-    names: frozenset[bytes],
-    on_api: bool,
-) -> list[Header]:
+def _merge(headers: Sequence[Header], profile: _Profile) -> list[Header]:
     """The app's headers plus ours, ours skipped where the app set the same name.
 
-    The common case (the app set none of our headers) is one pass over the app's header names
-    and a list concatenation. Names are compared as sent: the ASGI spec requires response header
-    names to be lowercase (Starlette and FastAPI comply), and this runs on every response.
+    Names are compared as sent: the ASGI spec requires response header names to be lowercase
+    (Starlette and FastAPI comply), and this runs on every response the app set one of ours.
     """
-    present: set[bytes] | None = None
-    for name, _ in headers:
-        if name in names:
-            if present is None:
-                present = set()
-            present.add(name)
-    if present is None:
-        return [*headers, *extra]
-    if on_api and _CACHE_CONTROL in present:
+    names = profile.names
+    present = {name for name, _ in headers if name in names}
+    if not present:
+        return [*headers, *profile.headers]
+    if profile.on_api and _CACHE_CONTROL in present:
         # Ours replaces the app's: a cached API answer can leak one user's data to another.
         headers = [item for item in headers if item[0] != _CACHE_CONTROL]
         present.discard(_CACHE_CONTROL)
-    return [*headers, *(item for item in extra if item[0] not in present)]
+    return [*headers, *(item for item in profile.headers if item[0] not in present)]

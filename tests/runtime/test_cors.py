@@ -152,6 +152,76 @@ async def test_vary_is_merged_into_the_apps_vary() -> None:
         assert response.headers.get_list("vary") == ["Accept-Encoding, Origin"]
 
 
+class Rewrap:
+    """A pass-through layer that wraps ``send``, so CORS cannot hand its headers outward."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def wrapped(message: Any) -> None:
+            await send(message)
+
+        await self.app(scope, receive, wrapped if scope["type"] == "http" else send)
+
+
+async def app_with_headers(scope: Any, receive: Any, send: Any) -> None:
+    """Answers with the response headers named in the request's ``x-answer`` header."""
+    raw = dict(scope["headers"]).get(b"x-answer", b"")
+    headers = [
+        tuple(part.strip().encode().split(b"=", 1)) for part in raw.decode().split(";") if part
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+@pytest.mark.parametrize("path", ["/api/rooms", "/assets/app.css"])
+@pytest.mark.parametrize("origin", [None, APP_ORIGIN, "https://evil.com"])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "",
+        "vary=Accept-Encoding",
+        "vary=origin",
+        "access-control-allow-origin=*;access-control-allow-credentials=true",
+        "cache-control=public;x-frame-options=SAMEORIGIN;vary=Accept",
+        "content-security-policy=default-src 'self'",
+    ],
+)
+async def test_behind_security_headers_cors_gives_the_same_headers_as_when_alone(
+    path: str, origin: str | None, answer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from room_cloud_runtime._headers import SecuredSend, SecurityHeaders
+
+    deferred: list[bool] = []
+    real_defer = SecuredSend.defer
+
+    def spy(self: SecuredSend, *args: Any) -> bool:
+        deferred.append(True)
+        return real_defer(self, *args)
+
+    monkeypatch.setattr(SecuredSend, "defer", spy)
+
+    def build(between: bool) -> Any:
+        cors = CORSGuard(app_with_headers, allowed_origins=[APP_ORIGIN], allow_credentials=True)
+        return SecurityHeaders(Rewrap(cors) if between else cors)
+
+    headers = {"x-answer": answer} if origin is None else {"x-answer": answer, "origin": origin}
+    results = []
+    uses = []
+    for between in (False, True):
+        deferred.clear()
+        async with client(build(between)) as http:
+            response = await http.get(path, headers=headers)
+        results.append((response.status_code, sorted(response.headers.multi_items())))
+        uses.append(bool(deferred))
+    assert results[0] == results[1]
+    assert results[0][0] in (200, 403)
+    # Handed outward only when nothing sits in between.
+    adds_headers = results[0][0] == 200 and (path.startswith("/api/") or origin == APP_ORIGIN)
+    assert uses == [adds_headers, False]
+
+
 async def test_the_apps_own_wildcard_is_replaced_by_the_exact_origin() -> None:
     async with client(guarded()) as http:
         response = await http.get("/api/permissive", headers={"origin": APP_ORIGIN})

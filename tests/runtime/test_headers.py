@@ -50,14 +50,20 @@ def client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://room")
 
 
-EXPECTED = {
+# On every response (issue 2: HSTS, nosniff, frame-ancestors, Referrer-Policy).
+COMMON = {
     "strict-transport-security": "max-age=31536000; includeSubDomains",
     "x-content-type-options": "nosniff",
-    "x-frame-options": "DENY",
     "content-security-policy": "frame-ancestors 'none'",
     "referrer-policy": "no-referrer",
+}
+# Documents (the UI) also get the two headers that only mean something for a rendered page.
+EXPECTED = {
+    **COMMON,
+    "x-frame-options": "DENY",
     "cross-origin-opener-policy": "same-origin",
 }
+EXPECTED_API = {**COMMON, "cache-control": "no-store"}
 
 
 async def test_every_response_gets_the_security_headers_once() -> None:
@@ -66,6 +72,19 @@ async def test_every_response_gets_the_security_headers_once() -> None:
     for name, value in EXPECTED.items():
         assert response.headers.get_list(name) == [value]
     assert "cache-control" not in response.headers
+
+
+async def test_api_responses_get_the_api_set_without_the_document_only_headers() -> None:
+    async with client(SecurityHeaders(room())) as http:
+        nested = await http.get("/api/rooms")
+        bare = await http.get("/api")
+    for response in (nested, bare):
+        for name, value in EXPECTED_API.items():
+            assert response.headers.get_list(name) == [value]
+        # frame-ancestors 'none' is the framing protection here (CSP 2 supersedes
+        # X-Frame-Options); the opener policy only applies to documents.
+        assert "x-frame-options" not in response.headers
+        assert "cross-origin-opener-policy" not in response.headers
 
 
 async def test_api_responses_get_no_store_replacing_the_apps_cache_control() -> None:
@@ -95,8 +114,8 @@ async def test_refusals_from_inner_layers_carry_the_headers_too() -> None:
         response = await http.get("/api/rooms")
     assert response.status_code == 401
     assert response.json() == {"error": "token required", "code": "token_required"}
-    assert response.headers["x-frame-options"] == "DENY"
-    assert response.headers["cache-control"] == "no-store"
+    for name, value in EXPECTED_API.items():
+        assert response.headers.get_list(name) == [value]
 
 
 async def test_websocket_denials_get_the_headers() -> None:
