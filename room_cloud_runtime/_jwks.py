@@ -1,4 +1,4 @@
-"""An asyncio JWKS cache for the control plane's pinned key set.
+"""An asyncio JWKS cache for a pinned key set: the control plane's, or an identity provider's.
 
 Why not PyJWT's ``PyJWKClient``: it fetches with blocking ``urllib`` (stalls the event loop,
 pyjwt#1120), refetches on every unknown ``kid`` with no lock or cooldown, and on a failed fetch
@@ -15,8 +15,11 @@ stores ``None`` and so wipes the keys it had (pyjwt#1162). This cache instead:
 * keeps the last good keys when a fetch fails, up to ``max_staleness``; after that, and before the
   first good fetch, :meth:`JWKSCache.get_key` raises :class:`KeysUnavailableError` and auth fails
   closed;
-* binds every key to the one algorithm its type allows (OKP/Ed25519 ↔ EdDSA, EC/P-256 ↔ ES256),
-  which blocks algorithm-confusion attacks.
+* binds every key to the one algorithm its type allows (OKP/Ed25519 ↔ EdDSA, EC/P-256 ↔ ES256,
+  RSA ↔ RS256), which blocks algorithm-confusion attacks. RSA keys are accepted only when a
+  caller configures ``RS256`` (the control plane verifying Google ID tokens); the runtime's
+  default stays EdDSA/ES256 and its settings refuse RS256. An RSA modulus must be 2048..8192 bits
+  and the public exponent odd with 2^16 < e < 2^256 (RFC 7518 §3.3, NIST FIPS 186-5 §5.4).
 
 The URL is always configured (pinned), never derived from a token: Pomerium's SDK derived it from
 the unverified ``iss`` and let an attacker plant keys.
@@ -38,7 +41,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ._errors import ConfigError, KeysUnavailableError, UnknownKeyError
@@ -47,11 +50,15 @@ from ._settings import SUPPORTED_ALGORITHMS
 if TYPE_CHECKING:
     from ._settings import RuntimeSettings
 
-__all__ = ["JWKSCache", "PublicKey", "VerificationKey"]
+__all__ = ["KEY_ALGORITHMS", "JWKSCache", "PublicKey", "VerificationKey"]
 
 logger = logging.getLogger("room_cloud_runtime.jwks")
 
-PublicKey = Ed25519PublicKey | ec.EllipticCurvePublicKey
+PublicKey = Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+#: What a cache may be configured with: the runtime's algorithms plus RS256, which only a caller
+#: that asks for it gets (Google signs ID tokens with RS256; the runtime's settings refuse it).
+KEY_ALGORITHMS = SUPPORTED_ALGORITHMS | frozenset({"RS256"})
 
 #: Responses larger than this are refused before JSON parsing (a JWKS of a few keys is ~1 KiB).
 MAX_RESPONSE_BYTES = 64 * 1024
@@ -65,11 +72,16 @@ RETRY_BASE_SECONDS = 1.0
 #: Bound on the per-kid negative cache so random kids cannot grow memory without limit.
 MAX_NEGATIVE_KIDS = 4096
 
-# Which JWK shape each algorithm needs: (kty, crv, coordinate byte length).
-_KEY_SHAPES: dict[str, tuple[str, str, int]] = {
+# Which JWK shape each algorithm needs: (kty, crv, coordinate byte length); RSA has no curve.
+_KEY_SHAPES: dict[str, tuple[str, str | None, int]] = {
     "EdDSA": ("OKP", "Ed25519", 32),
     "ES256": ("EC", "P-256", 32),
+    "RS256": ("RSA", None, 0),
 }
+#: RSA modulus bounds in bits: below 2048 is breakable in practice (RFC 7518 §3.3 requires
+#: 2048); above 8192 only makes each verification slow (a cheap DoS for a hostile key set).
+RSA_MIN_BITS = 2048
+RSA_MAX_BITS = 8192
 # Members that only a private JWK has (RFC 7518 §6.2.2 / §6.3.2, RFC 8037 §2).
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _B64URL_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
@@ -113,10 +125,10 @@ class JWKSCache:
         if not isinstance(url, str) or not url.startswith(("https://", "http://")):
             raise ConfigError("url", f"must be an absolute http(s) URL, got {url!r}")
         algs = tuple(algorithms)
-        bad = [a for a in algs if a not in SUPPORTED_ALGORITHMS]
+        bad = [a for a in algs if a not in KEY_ALGORITHMS]
         if bad or not algs:
             raise ConfigError(
-                "algorithms", f"allowed values are {sorted(SUPPORTED_ALGORITHMS)}, got {list(algs)}"
+                "algorithms", f"allowed values are {sorted(KEY_ALGORITHMS)}, got {list(algs)}"
             )
         for name, value in (
             ("timeout", timeout),
@@ -495,11 +507,16 @@ class JWKSCache:
         alg = jwk.get("alg")
         if alg is not None and alg != algorithm:
             # The key-type ↔ alg binding is what stops algorithm confusion: a key is used with
-            # exactly one algorithm, whatever a token's header claims.
-            raise ValueError(f"alg {alg!r} does not match key type {kty}/{crv}")
+            # exactly one algorithm, whatever a token's header claims (an RSA key is RS256 only,
+            # never PS256 or HS256 keyed with its public bytes).
+            shape = kty if crv is None else f"{kty}/{crv}"
+            raise ValueError(f"alg {alg!r} does not match key type {shape}")
+        key: PublicKey
+        if algorithm == "RS256":
+            key = _rsa_public_key(jwk.get("n"), jwk.get("e"))
+            return VerificationKey(kid=kid, algorithm=algorithm, key=key)
         size = _KEY_SHAPES[algorithm][2]
         x = _b64url_coordinate(jwk.get("x"), size, "x")
-        key: PublicKey
         if algorithm == "EdDSA":
             key = Ed25519PublicKey.from_public_bytes(x)
         else:
@@ -512,15 +529,42 @@ class JWKSCache:
 
 
 def _b64url_coordinate(value: object, size: int, name: str) -> bytes:
-    if not isinstance(value, str) or not value or not _B64URL_ALPHABET.issuperset(value):
-        raise ValueError(f"{name} is not base64url")
-    try:
-        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"{name} is not base64url") from exc
+    raw = _b64url_decode(value, name)
     if len(raw) != size:
         raise ValueError(f"{name} must be {size} bytes")
     return raw
+
+
+def _b64url_decode(value: object, name: str, max_chars: int = 4096) -> bytes:
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= max_chars
+        or not _B64URL_ALPHABET.issuperset(value)
+    ):
+        raise ValueError(f"{name} is not base64url")
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"{name} is not base64url") from exc
+
+
+def _rsa_public_key(n_value: object, e_value: object) -> rsa.RSAPublicKey:
+    """An RSA public key from JWK ``n``/``e`` (RFC 7518 §6.3.1), or ``ValueError``."""
+    # 8192 bits is 1024 bytes, 1366 base64url characters; a leading zero octet is tolerated.
+    n = int.from_bytes(_b64url_decode(n_value, "n", max_chars=1368), "big")
+    e = int.from_bytes(_b64url_decode(e_value, "e", max_chars=44), "big")
+    bits = n.bit_length()
+    if bits < RSA_MIN_BITS:
+        raise ValueError(f"RSA modulus is {bits} bits, less than {RSA_MIN_BITS}")
+    if bits > RSA_MAX_BITS:
+        raise ValueError(f"RSA modulus is {bits} bits, more than {RSA_MAX_BITS}")
+    if n % 2 == 0:
+        raise ValueError("RSA modulus is even")
+    # FIPS 186-5 §5.4: e odd and 2^16 < e < 2^256. Rules out e = 1 (signature = message) and
+    # e = 3 (Bleichenbacher's 2006 forgery against lax PKCS#1 v1.5 parsers).
+    if e % 2 == 0 or not 2**16 < e < 2**256:
+        raise ValueError("RSA public exponent is not an odd value between 2^16 and 2^256")
+    return rsa.RSAPublicNumbers(e, n).public_key()
 
 
 def _max_age(values: Iterable[str]) -> float | None:

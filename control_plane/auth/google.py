@@ -3,16 +3,15 @@
 * ``state`` is bound to the browser by a signed, short-lived, HttpOnly cookie that also carries
   the nonce and the PKCE verifier (fastapi-users CVE-2025-68481: state not bound to the browser
   let an attacker log a victim into the attacker's account).
-* The ID token is verified against the provider's JWKS: signature (RS256/ES256, algorithms fixed
-  here, key picked by ``kid``), ``iss``, ``aud``, ``exp``/``iat``, ``nonce``; the caller then
-  requires ``email_verified``.
+* The ID token is verified against the provider's JWKS: signature (RS256 only, fixed here; the
+  key is picked by ``kid`` and bound to its one algorithm), ``iss``, ``aud``, ``exp``/``iat``,
+  ``nonce``; the caller then requires ``email_verified``.
 * All endpoints come from the discovery document at ``GOOGLE_DISCOVERY_URL`` (configurable so
-  tests use a fake provider on loopback).
-
-The runtime's ``JWKSCache`` (room_cloud_runtime._jwks) only binds OKP/EC keys (EdDSA, ES256) and
-Google signs with RS256, so this module carries its own small async JWKS cache with the same
-rules: one fetch in flight, last good keys kept, unknown ``kid`` refetched at most once per
-cooldown.
+  tests use a fake provider on loopback). The JWKS URL is the discovery document's ``jwks_uri``,
+  never anything a token says.
+* The keys live in the runtime's :class:`room_cloud_runtime.JWKSCache` configured for RS256: one
+  fetch in flight, last good keys kept when a fetch fails, an unknown ``kid`` (Google rotated)
+  refetched at most once per cooldown, background refresh at the JWKS ``max-age``.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 import jwt
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from control_plane.errors import (
     InvalidIdToken,
@@ -41,14 +39,14 @@ from control_plane.errors import (
     OAuthStateMismatch,
 )
 from control_plane.settings import TOKEN_LEEWAY_SECONDS, Settings
+from room_cloud_runtime import ConfigError, JWKSCache, KeysUnavailableError, UnknownKeyError
 
 STATE_COOKIE = "qr_oauth"
 STATE_COOKIE_PATH = "/api/auth/google"
 STATE_MAX_AGE = 600
-ID_TOKEN_ALGORITHMS = ("RS256", "ES256")
+ID_TOKEN_ALGORITHMS = ("RS256",)  # what Google signs ID tokens with
 MAX_RESPONSE_BYTES = 256 * 1024
 DISCOVERY_TTL = 3600.0
-JWKS_TTL = 3600.0
 UNKNOWN_KID_COOLDOWN = 30.0
 _GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
 
@@ -150,14 +148,21 @@ class GoogleClient:
         )
         self._owns_http = client is None
         self._clock = clock
+        self._http_timeout = settings.google_http_timeout_seconds
         self._lock = asyncio.Lock()
         self._discovery: dict[str, Any] | None = None
         self._discovery_at = 0.0
-        self._keys: dict[str, Any] = {}
-        self._keys_at = 0.0
-        self._last_miss_fetch = -UNKNOWN_KID_COOLDOWN
+        # Made and started with the first discovery document (the JWKS URL comes from it);
+        # closed by aclose().
+        self._jwks: JWKSCache | None = None
+        self._closed = False
 
     async def aclose(self) -> None:
+        async with self._lock:
+            self._closed = True
+            if self._jwks is not None:
+                await self._jwks.aclose()
+                self._jwks = None
         if self._owns_http:
             await self._http.aclose()
 
@@ -198,8 +203,34 @@ class GoogleClient:
                 value = doc.get(name)
                 if not isinstance(value, str) or urlsplit(value).scheme not in ("https", "http"):
                     raise OAuthProviderUnavailable(f"discovery document has no valid {name}")
+            await self._pin_jwks(doc["jwks_uri"])
             self._discovery, self._discovery_at = doc, self._clock()
             return doc
+
+    async def _pin_jwks(self, jwks_uri: str) -> None:
+        """Start the JWKS cache for ``jwks_uri`` (under ``_lock``), replacing one for another URL.
+
+        Its first fetch failing is not an error here: the cache retries in the background and
+        verification answers "provider unavailable" until keys arrive.
+        """
+        if self._closed:  # shutting down: start no new background task
+            raise OAuthProviderUnavailable()
+        if self._jwks is not None and self._jwks.url == jwks_uri:
+            return
+        try:
+            cache = JWKSCache(
+                jwks_uri,
+                algorithms=ID_TOKEN_ALGORITHMS,
+                timeout=self._http_timeout,
+                unknown_kid_cooldown=UNKNOWN_KID_COOLDOWN,
+                client=self._http,
+            )
+        except ConfigError as exc:
+            raise OAuthProviderUnavailable("discovery document has no valid jwks_uri") from exc
+        await cache.start()
+        old, self._jwks = self._jwks, cache
+        if old is not None:
+            await old.aclose()
 
     # -- the flow --------------------------------------------------------------------------------
 
@@ -255,15 +286,23 @@ class GoogleClient:
         alg, kid = header.get("alg"), header.get("kid")
         if alg not in ID_TOKEN_ALGORITHMS or not isinstance(kid, str):
             raise InvalidIdToken()
-        key, key_alg = await self._key(kid, doc["jwks_uri"])
-        if key_alg != alg:  # a key is used with exactly one algorithm (algorithm confusion)
+        jwks = self._jwks
+        if jwks is None:  # discovery() pins it; None only once aclose() ran
+            raise OAuthProviderUnavailable()
+        try:
+            key = await jwks.resolve(kid)
+        except UnknownKeyError as exc:
+            raise InvalidIdToken("the ID token was signed by an unknown key") from exc
+        except KeysUnavailableError as exc:
+            raise OAuthProviderUnavailable() from exc
+        if key.algorithm != alg:  # a key is used with exactly one algorithm (algorithm confusion)
             raise InvalidIdToken()
         issuer = doc["issuer"]
         try:
             claims = jwt.decode(
                 id_token,
-                key,
-                algorithms=[key_alg],
+                key.key,
+                algorithms=[key.algorithm],
                 audience=self.client_id,
                 leeway=TOKEN_LEEWAY_SECONDS,
                 options={"require": ["iss", "aud", "exp", "iat", "sub"], "verify_iss": False},
@@ -294,49 +333,3 @@ class GoogleClient:
             email_verified=verified is True or verified == "true",
             name=name[:100] if isinstance(name, str) and name else None,
         )
-
-    # -- JWKS ------------------------------------------------------------------------------------
-
-    async def _key(self, kid: str, jwks_uri: str) -> tuple[Any, str]:
-        now = self._clock()
-        stale = now - self._keys_at >= JWKS_TTL
-        if kid not in self._keys or stale:
-            may_refetch = stale or now - self._last_miss_fetch >= UNKNOWN_KID_COOLDOWN
-            if may_refetch:
-                async with self._lock:
-                    if kid not in self._keys or self._clock() - self._keys_at >= JWKS_TTL:
-                        self._last_miss_fetch = self._clock()
-                        await self._fetch_keys(jwks_uri)
-        entry = self._keys.get(kid)
-        if entry is None:
-            raise InvalidIdToken("the ID token was signed by an unknown key")
-        key, alg = entry
-        return key, alg
-
-    async def _fetch_keys(self, jwks_uri: str) -> None:
-        try:
-            doc = await self._get_json(jwks_uri)
-        except OAuthProviderUnavailable:
-            if self._keys:
-                return  # keep the last good keys
-            raise
-        entries = doc.get("keys")
-        if not isinstance(entries, list):
-            if self._keys:
-                return
-            raise OAuthProviderUnavailable("the identity provider's JWKS is invalid")
-        keys: dict[str, Any] = {}
-        for jwk in entries[:64]:
-            if not isinstance(jwk, dict) or not isinstance(jwk.get("kid"), str):
-                continue
-            if jwk.get("use", "sig") != "sig":
-                continue
-            try:
-                if jwk.get("kty") == "RSA":
-                    keys[jwk["kid"]] = (RSAAlgorithm.from_jwk(jwk), "RS256")
-                elif jwk.get("kty") == "EC" and jwk.get("crv") == "P-256":
-                    keys[jwk["kid"]] = (ECAlgorithm.from_jwk(jwk), "ES256")
-            except (jwt.InvalidKeyError, ValueError, KeyError, TypeError):
-                continue
-        if keys:
-            self._keys, self._keys_at = keys, self._clock()

@@ -205,3 +205,16 @@ async def test_an_unreachable_provider_answers_502(make_harness: Any, make_setti
         r = await h.client.get("/api/auth/google")
         assert r.status_code == 502
         assert r.json()["code"] == "oauth_provider_unavailable"
+
+
+async def test_a_google_key_rotation_is_picked_up_without_a_restart(
+    gh: Harness, fake_google: FakeGoogle
+):
+    assert (await _sign_in(gh)).status_code == 303
+    assert fake_google.jwks_requests == 1
+    gh.client.cookies.clear()
+    fake_google.rotate()  # the next ID token carries a kid the cache has not seen
+    assert (await _sign_in(gh)).status_code == 303
+    # The unknown kid cost exactly one refetch of the JWKS.
+    assert fake_google.jwks_requests == 2
+    assert (await gh.client.get("/api/auth/me")).json()["email"] == "gina@example.com"

@@ -2,7 +2,8 @@
 
 Endpoints: discovery, ``/authorize`` (auto-approves and redirects back with a code), ``/token``
 (checks client credentials, redirect URI and the PKCE S256 verifier, returns an RS256 ID token),
-``/jwks``. Tests steer it through ``next_identity`` and ``claim_overrides``.
+``/jwks``. Tests steer it through ``next_identity`` and ``claim_overrides``; :meth:`rotate` signs
+with a new key (new ``kid``) while the JWKS keeps publishing the old one, as Google does.
 """
 
 from __future__ import annotations
@@ -53,10 +54,14 @@ class FakeGoogle:
     #: Applied to the ID token's claims (``None`` removes a claim).
     claim_overrides: dict[str, Any] = field(default_factory=dict)
     token_requests: list[dict[str, str]] = field(default_factory=list)
+    #: GET count on ``/jwks``.
+    jwks_requests: int = 0
 
     def __post_init__(self) -> None:
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.kid = "fake-rsa-1"
+        self._initial = (self.kid, self._key)
+        self._published: list[tuple[str, rsa.RSAPrivateKey]] = [self._initial]
         self._grants: dict[str, _Grant] = {}
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -108,6 +113,9 @@ class FakeGoogle:
         self.claim_overrides = {}
         self.token_requests.clear()
         self._grants.clear()
+        self.kid, self._key = self._initial
+        self._published = [self._initial]
+        self.jwks_requests = 0
         self.next_identity = {
             "sub": "google-sub-1",
             "email": "gina@example.com",
@@ -116,6 +124,13 @@ class FakeGoogle:
         }
 
     # -- token helpers ---------------------------------------------------------------------------
+
+    def rotate(self) -> str:
+        """Sign from now on with a new key under a new kid; the JWKS publishes old and new."""
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.kid = f"fake-rsa-{len(self._published) + 1}"
+        self._published.append((self.kid, self._key))
+        return self.kid
 
     def sign(self, claims: dict[str, Any], *, kid: str | None = None) -> str:
         return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": kid or self.kid})
@@ -137,9 +152,13 @@ class FakeGoogle:
         )
 
     async def _jwks(self, request: Request) -> Response:
-        jwk = RSAAlgorithm.to_jwk(self._key.public_key(), as_dict=True)
-        jwk.update({"kid": self.kid, "alg": "RS256", "use": "sig"})
-        return JSONResponse({"keys": [jwk]}, headers={"Cache-Control": "public, max-age=3600"})
+        self.jwks_requests += 1
+        keys = []
+        for kid, key in self._published:
+            jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+            jwk.update({"kid": kid, "alg": "RS256", "use": "sig"})
+            keys.append(jwk)
+        return JSONResponse({"keys": keys}, headers={"Cache-Control": "public, max-age=3600"})
 
     async def _authorize(self, request: Request) -> Response:
         q = request.query_params

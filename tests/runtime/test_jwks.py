@@ -8,13 +8,16 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
 
 from room_cloud_runtime._errors import ConfigError, KeysUnavailableError, UnknownKeyError
 from room_cloud_runtime._jwks import JWKSCache
 from room_cloud_runtime._settings import RuntimeSettings
 from tests.helpers.jwks_server import JWKSServer
-from tests.helpers.tokens import SigningKey, TokenFactory
+from tests.helpers.tokens import SigningKey, TokenFactory, b64url
 
 
 class FakeClock:
@@ -68,9 +71,9 @@ async def test_start_fetches_the_keys_once_and_get_key_serves_them_from_memory(
     cache: JWKSCache, server: JWKSServer, factory: TokenFactory
 ) -> None:
     await cache.start()
-    for _ in range(20):
-        key = cache.get_key(factory.key.kid)
-        assert key is not None
+    keys = [cache.get_key(factory.key.kid) for _ in range(20)]
+    key = keys[0]
+    assert key is not None and all(k is key for k in keys)
     assert key.algorithm == "EdDSA"
     assert key.kid == factory.key.kid
     assert server.requests == 1
@@ -417,6 +420,111 @@ async def test_an_oversize_response_is_refused_before_parsing(
         assert cache.get_key(factory.keys[0].kid) is not None
 
 
+# -- RSA keys (RS256, only when a caller asks for it: the control plane's Google sign-in) ----------
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def rsa_jwk(key: rsa.RSAPrivateKey | rsa.RSAPublicKey, kid: str = "rsa-1") -> dict[str, object]:
+    jwk: dict[str, object] = RSAAlgorithm.to_jwk(key, as_dict=True)
+    jwk.update(kid=kid, alg="RS256", use="sig")
+    return jwk
+
+
+async def test_an_rsa_key_is_used_only_when_rs256_is_configured(
+    server: JWKSServer, clock: FakeClock, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    ed = SigningKey("EdDSA")
+    server.jwks = {"keys": [rsa_jwk(rsa_key.public_key()), ed.public_jwk()]}
+    async with JWKSCache(server.url, clock=clock) as default:
+        assert default.algorithms == {"EdDSA", "ES256"}  # the runtime's default is unchanged
+        assert default.get_key("rsa-1") is None
+        assert default.get_key(ed.kid) is not None
+    async with JWKSCache(server.url, clock=clock, algorithms=("RS256",)) as google:
+        key = google.get_key("rsa-1")
+        assert google.get_key(ed.kid) is None
+    assert key is not None
+    assert key.algorithm == "RS256"
+    assert isinstance(key.key, rsa.RSAPublicKey)
+    assert key.key.public_numbers() == rsa_key.public_key().public_numbers()
+
+
+async def test_an_rsa_key_shorter_than_2048_bits_is_refused(
+    server: JWKSServer, clock: FakeClock, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    server.jwks = {"keys": [rsa_jwk(weak.public_key(), "weak"), rsa_jwk(rsa_key.public_key())]}
+    async with JWKSCache(server.url, clock=clock, algorithms=("RS256",)) as cache:
+        assert cache.get_key("weak") is None
+        assert cache.get_key("rsa-1") is not None
+
+
+async def test_an_rsa_jwk_with_private_members_is_ignored(
+    server: JWKSServer,
+    clock: FakeClock,
+    rsa_key: rsa.RSAPrivateKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    leaked = rsa_jwk(rsa_key, "leaked")
+    assert "d" in leaked and "p" in leaked
+    good = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    server.jwks = {"keys": [leaked, rsa_jwk(good.public_key(), "good")]}
+    with caplog.at_level(logging.INFO, logger="room_cloud_runtime.jwks"):
+        async with JWKSCache(server.url, clock=clock, algorithms=("RS256",)) as cache:
+            assert cache.get_key("leaked") is None
+            assert cache.get_key("good") is not None
+    assert "private" in caplog.text
+    assert str(leaked["d"]) not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda j: j.update(alg="PS256"), "alg other than the RSA key's RS256"),
+        (lambda j: j.update(alg="ES256"), "alg of another key type"),
+        (lambda j: j.update(e=b64url((3).to_bytes(1, "big"))), "exponent 3"),
+        (lambda j: j.update(e=b64url((1).to_bytes(1, "big"))), "exponent 1"),
+        (lambda j: j.update(e=b64url((65536).to_bytes(3, "big"))), "even exponent"),
+        (lambda j: j.update(n=b64url((2**2048 - 2).to_bytes(256, "big"))), "even modulus"),
+        (lambda j: j.update(n=b64url((2**8200 - 1).to_bytes(1025, "big"))), "modulus too large"),
+        (lambda j: j.pop("n"), "no modulus"),
+        (lambda j: j.update(n="***"), "modulus not base64url"),
+        (lambda j: j.update(crv="P-256"), "a curve on an RSA key"),
+    ],
+)
+async def test_an_unusable_rsa_jwk_is_ignored(
+    server: JWKSServer, clock: FakeClock, rsa_key: rsa.RSAPrivateKey, mutate, reason: str
+) -> None:
+    jwk = rsa_jwk(rsa_key.public_key(), "bad")
+    mutate(jwk)
+    good = SigningKey("ES256", kid="good")
+    server.jwks = {"keys": [jwk, good.public_jwk()]}
+    async with JWKSCache(server.url, clock=clock, algorithms=("RS256", "ES256")) as cache:
+        assert cache.get_key("bad") is None, reason
+        assert cache.get_key("good") is not None
+
+
+async def test_a_token_whose_header_alg_differs_from_the_keys_bound_alg_is_refused(
+    server: JWKSServer, clock: FakeClock, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    """Verifying with ``algorithms=[key.algorithm]`` (as the verifiers do) pins the key's one
+    algorithm: even a genuine signature by the same RSA key under PS256 does not pass."""
+    server.jwks = {"keys": [rsa_jwk(rsa_key.public_key())]}
+    claims = {"sub": "user-1"}
+    async with JWKSCache(server.url, clock=clock, algorithms=("RS256",)) as cache:
+        key = await cache.resolve("rsa-1")
+    assert key.algorithm == "RS256"
+    good = jwt.encode(claims, rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
+    assert jwt.decode(good, key.key, algorithms=[key.algorithm]) == claims
+    confused = jwt.encode(claims, rsa_key, algorithm="PS256", headers={"kid": "rsa-1"})
+    assert jwt.get_unverified_header(confused)["alg"] != key.algorithm
+    with pytest.raises(jwt.InvalidAlgorithmError):
+        jwt.decode(confused, key.key, algorithms=[key.algorithm])
+
+
 # -- status and configuration ------------------------------------------------------------------
 
 
@@ -452,6 +560,7 @@ async def test_from_settings_pins_the_configured_jwks_url() -> None:
     [
         ({"url": "file:///etc/passwd"}, "url"),
         ({"algorithms": ("HS256",)}, "algorithms"),
+        ({"algorithms": ("PS256",)}, "algorithms"),
         ({"algorithms": ()}, "algorithms"),
         ({"min_refresh": 100, "max_refresh": 10}, "min_refresh"),
         ({"timeout": 0}, "timeout"),
