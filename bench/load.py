@@ -593,6 +593,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results[scenario.name] = read_categories(run_locust(scenario, port, env))
                 loads[scenario.name] = os.getloadavg()[0]
                 cpu[scenario.name] = (CPU.get("server", 0.0), CPU.get("generator", 0.0))
+    shared = contention_note(loads)
+    if shared:
+        notes.insert(0, shared)
     notes += scaling_notes(results, wrk, loads, cpu, args.seconds)
     notes += let_through(results)
     command = "python -m bench.load" + (" " + " ".join(argv) if argv else "")
@@ -610,6 +613,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
     return 0 if all(v.ok is not False for v in verdicts) else 1
+
+
+def contention_note(loads: dict[str, float]) -> str | None:
+    """Say so when the machine was shared: then latency and throughput are not the stack's."""
+    if not loads or max(loads.values()) <= 2.5:
+        return None
+    return (
+        f"the machine was shared during this run (1-min load average "
+        f"{min(loads.values()):.1f}–{max(loads.values()):.1f} on 2 cores, while the bench "
+        "itself needs at most 2): other processes took most of both cores, so the latency "
+        "targets and wrk's absolute figures cannot be judged from this run; ratios measured "
+        "side by side (interleaved wrk rounds, abuse vs no abuse) suffer least. Rerun "
+        "`python -m bench.load` on a quiet machine for the figures."
+    )
 
 
 def let_through(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
