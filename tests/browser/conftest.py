@@ -89,25 +89,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     (root / "var").mkdir()
     dev = DevServer(settings, sock, out=io.StringIO())
 
-    async def main() -> None:
-        # Until the app factory starts the in-process worker itself, start one here.
-        serving = asyncio.create_task(dev.serve())
-        while not dev.server.started and not serving.done():
-            await asyncio.sleep(0.02)
-        runner = None
-        if dev.server.started and getattr(dev.app.state, "worker_wakeup", None) is None:
-            from control_plane.provisioning.runner import WorkerRunner
-
-            runner = WorkerRunner(settings.with_dev_secrets(), dev.app.state.session_factory)
-            runner.start()
-            dev.app.state.worker_wakeup = runner.wakeup
-        try:
-            await serving
-        finally:
-            if runner is not None:
-                await runner.aclose()
-
-    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
+    thread = threading.Thread(target=lambda: asyncio.run(dev.serve()), daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not dev.server.started:
