@@ -357,5 +357,9 @@ async def test_an_unknown_account_takes_as_long_as_a_wrong_password(make_setting
             await hasher.verify(h, "wrong")
         return time.perf_counter() - start
 
-    known, unknown = await timed(encoded), await timed(None)
+    # Interleaved, best of five each: other processes on a 2-core box only ever add time.
+    known, unknown = float("inf"), float("inf")
+    for _ in range(5):
+        known = min(known, await timed(encoded))
+        unknown = min(unknown, await timed(None))
     assert 0.5 < unknown / known < 2.0
