@@ -62,11 +62,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _DropSpuriousHandshakeError(logging.Filter):
+    """uvicorn's websockets-sansio protocol logs "ASGI callable returned without completing
+    handshake." after every upgrade refused through the ``websocket.http.response`` extension
+    (Kludex/uvicorn#3138), although the client got its 401/403: an abuser could flood the error
+    log with it. Every refusal of this stack goes through that extension, so the line is noise.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.name == "uvicorn.error"
+            and record.msg == "ASGI callable returned without completing handshake."
+        )
+
+
 def configure_logging(level: str | int = "INFO", stream: Any = None) -> None:
     """Send ``room_cloud_runtime`` and uvicorn's error logs as JSON lines to ``stream``."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(RedactingFilter())
+    handler.addFilter(_DropSpuriousHandshakeError())
     for name in ("room_cloud_runtime", "uvicorn.error", "quoroom"):
         log = logging.getLogger(name)
         log.handlers[:] = [handler]

@@ -273,3 +273,62 @@ def test_the_cli_refuses_to_start_in_cloud_mode_without_its_settings() -> None:
     )
     assert result.returncode == 2
     assert "QUOROOM_CLOUD_INSTANCE_ID" in result.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_the_served_runtime_never_logs_a_token(jwks_and_tokens, tmp_path) -> None:
+    server, factory = jwks_and_tokens
+    port = _free_port()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "QUOROOM_DEPLOYMENT_MODE": "cloud",
+        "QUOROOM_CLOUD_INSTANCE_ID": INSTANCE,
+        "QUOROOM_CLOUD_ISSUER": server.issuer,
+        "QUOROOM_ALLOWED_ORIGINS": ORIGIN,
+        "QUOROOM_DATA_DIR": str(tmp_path),
+        "QUOROOM_LOG_LEVEL": "debug",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "room_cloud_runtime.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    good, forged = factory.mint(), factory.mint()[:-4] + "AAAA"
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base) as client:
+            for _ in range(100):
+                try:
+                    if (await client.get("/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+            assert (await client.get("/api/rooms", headers=bearer(good))).status_code == 200
+            assert (await client.get("/api/rooms", headers=bearer(forged))).status_code == 401
+        ws = base.replace("http://", "ws://")
+        async with connect(f"{ws}/ws?token={good}", origin=ORIGIN):
+            pass
+        with pytest.raises(websockets.InvalidStatus):
+            async with connect(f"{ws}/ws?token={forged}", origin=ORIGIN):
+                pass
+        with pytest.raises(websockets.InvalidStatus):
+            async with connect(f"{ws}/ws", subprotocols=["quoroom", f"quoroom.bearer.{forged}"]):
+                pass
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=30)
+    assert stderr.strip(), "the runtime logs as JSON lines on stderr"
+    for line in stderr.strip().splitlines():
+        json.loads(line)
+    for secret in (good, forged, good.split(".")[2], forged.split(".")[1]):
+        assert secret not in stderr
+    assert "without completing handshake" not in stderr
