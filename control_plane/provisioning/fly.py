@@ -265,14 +265,14 @@ class FlyProvider:
                 try:
                     known = await self._client.get_machine(app, machine_id)
                     if known.state not in _GONE:
-                        return self._info(app, known)
+                        return await self._launched(app, known)
                 except FlyNotFound:
                     pass
             found = await self._find_machines(app, spec.instance_id)
             if found:
                 if len(found) > 1:
                     logger.warning("app %s has %d machines for one instance", app, len(found))
-                return self._info(app, found[0])
+                return await self._launched(app, found[0])
             config = build_machine_config(
                 instance_id=spec.instance_id,
                 owner_id=spec.owner_id,
@@ -298,6 +298,13 @@ class FlyProvider:
                     return self._info(app, again[0])
                 raise
             return self._info(app, created)
+
+    async def _launched(self, app: str, machine: FlyMachine) -> MachineInfo:
+        """An adopted machine that is stopped (crashed past its restart policy, or stopped
+        before a retry) is started: waiting for health would otherwise never end."""
+        if machine.state in _STOPPED:
+            await self._client.start_machine(app, machine.id)
+        return self._info(app, machine)
 
     def _info(self, app: str, machine: FlyMachine) -> MachineInfo:
         return MachineInfo(machine.id, machine.state, url=self.url_of(app), image=machine.image)

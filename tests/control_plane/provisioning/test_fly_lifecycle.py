@@ -376,3 +376,20 @@ async def test_work_with_nothing_scheduled_is_redriven_and_then_provisioned(
 
     assert inst.status == "running"
     assert (await event_kinds(factory, iid))[0][0] == "reconcile"
+
+
+async def test_a_retry_that_adopts_a_stopped_machine_starts_it_instead_of_waiting_forever(
+    make_worker, fly_provider, fly_machines_fake: FlyMachinesFake, factory, clock
+):
+    iid = await make_instance(factory, clock)
+    fly_machines_fake.fail_next("Machines_wait", 503)
+    worker = make_worker(fly_provider)
+    await worker.run_until_idle()  # machine created, the wait failed: a retry is scheduled
+    inst = await get_instance(factory, iid)
+    await fly_provider.stop(inst.fly_app, inst.machine_id)  # it crashed meanwhile
+
+    inst = await drive(worker, clock, factory, iid)
+
+    assert inst.status == "running"
+    assert fly_machines_fake.live_machines()[0].state == "started"
+    assert len(fly_machines_fake.calls_to("Machines_create")) == 1

@@ -191,6 +191,7 @@ async def test_an_unhealthy_machine_is_retried_then_failed_and_a_retry_reuses_it
     make_worker, fly_provider, fly_machines_fake: FlyMachinesFake, factory, clock
 ):
     fly_machines_fake.mark_image_unhealthy(IMAGE)
+    fly_provider._health_timeout = 0.3  # checks never pass: don't wait 5 s per attempt
     worker = make_worker(fly_provider)
     iid = await make_instance(factory, clock)
 
