@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._errors import KeysUnavailableError, TokenError
 from ._responses import deny_websocket, send_error
 from ._scope import CLIENT_ADDRESS, PRINCIPAL, Principal, state_of
+from ._verify import TokenVerifier
 
 logger = logging.getLogger("room_cloud_runtime.auth")
 
@@ -42,7 +43,12 @@ _RETRY_SOON = (b"retry-after", b"5")
 
 
 class Verifier(Protocol):
-    """What the auth layer needs from a token verifier (see ``_verify.TokenVerifier``)."""
+    """What the auth layer needs from a token verifier (see ``_verify.TokenVerifier``).
+
+    With the runtime's own :class:`~room_cloud_runtime._verify.TokenVerifier` the layer first
+    tries its synchronous ``cached`` look-up, so a warm request costs no coroutine; any other
+    verifier is only ever asked through :meth:`verify`.
+    """
 
     async def verify(self, token: str) -> Principal: ...
 
@@ -66,6 +72,9 @@ class Authenticate:
     ) -> None:
         self.app = app
         self.verifier = verifier
+        self._cached: Callable[[str], Principal | None] | None = (
+            verifier.cached if isinstance(verifier, TokenVerifier) else None
+        )
         self.protected_prefixes = tuple(protected_prefixes)
         self.websocket_paths = frozenset(websocket_paths)
         self.public_paths = frozenset(public_paths)
@@ -95,8 +104,11 @@ class Authenticate:
                 send, 401, "authentication required", "missing_token", (_WWW_AUTHENTICATE,)
             )
             return
+        cached = self._cached
         try:
-            principal = await self.verifier.verify(token)
+            principal = cached(token) if cached is not None else None
+            if principal is None:
+                principal = await self.verifier.verify(token)
         except TokenError as exc:
             _log_refusal(scope, exc.code)
             await send_error(send, exc.status, exc.message, exc.code, (_WWW_AUTHENTICATE_INVALID,))
@@ -111,7 +123,10 @@ class Authenticate:
                 (_RETRY_SOON,),
             )
             return
-        state_of(scope)[PRINCIPAL] = principal
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state[PRINCIPAL] = principal
         await self.app(scope, receive, send)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -129,10 +129,11 @@ class TokenVerifier:
         self._cache_size = cache_size
         self._negative_size = negative_cache_size
         self._clock = clock
-        # token -> (principal, key it was verified with). Insertion-ordered dict: the oldest
-        # entry is evicted first when full. The key is kept so that a token stops working as
-        # soon as its key leaves the JWKS (revocation by rotation) or the keys go stale.
-        self._cache: dict[str, tuple[Principal, VerificationKey]] = {}
+        # token -> (expiry + leeway, principal, key it was verified with). Insertion-ordered
+        # dict: the oldest entry is evicted first when full. The key is kept so that a token
+        # stops working as soon as its key leaves the JWKS (revocation by rotation) or the keys
+        # go stale.
+        self._cache: dict[str, tuple[float, Principal, VerificationKey]] = {}
         self._refused: dict[str, _Refusal] = {}
         # Time claims are checked below on our clock (strict types, one clock for cache and
         # fresh verification); PyJWT checks the signature, iss, aud and presence.
@@ -181,16 +182,13 @@ class TokenVerifier:
             raise _malformed("token must be a string")
         entry = self._cache.get(token)
         if entry is not None:
-            principal, key = entry
+            deadline, principal, key = entry
             # get_key raises KeysUnavailableError when the keys went stale: fail closed even for
             # tokens verified earlier.
-            if (
-                self._clock() < principal.expires_at + self._leeway
-                and self._jwks.get_key(key.kid) is key
-            ):
+            if self._clock() < deadline and self._jwks.get_key(key.kid) is key:
                 return principal
             del self._cache[token]
-            if self._clock() >= principal.expires_at + self._leeway:
+            if self._clock() >= deadline:
                 raise TokenError("token_expired", "token has expired")
             # The key was rotated out (or replaced): verify again from scratch below.
 
@@ -223,6 +221,21 @@ class TokenVerifier:
             raise
         self._store(token, principal, key)
         return principal
+
+    def cached(self, token: str) -> Principal | None:
+        """The principal of a token verified earlier and still good, without a coroutine;
+        ``None`` when :meth:`verify` has to decide (not cached, expired, key rotated out).
+
+        The same checks as :meth:`verify`'s cache hit: within ``exp`` + leeway on the verifier's
+        clock, and the key it was verified with still the JWKS's key for its ``kid``. Raises
+        :class:`KeysUnavailableError` when the keys went stale (fail closed).
+        """
+        entry = self._cache.get(token)
+        if entry is not None:
+            key = entry[2]
+            if self._clock() < entry[0] and self._jwks.get_key(key.kid) is key:
+                return entry[1]
+        return None
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -317,7 +330,7 @@ class TokenVerifier:
         cache = self._cache
         while len(cache) >= self._cache_size:
             del cache[next(iter(cache))]
-        cache[token] = (principal, key)
+        cache[token] = (principal.expires_at + self._leeway, principal, key)
 
     def _remember_refusal(self, token: str, exc: TokenError) -> None:
         if self._negative_size == 0 or exc.code in _NOT_REMEMBERED:

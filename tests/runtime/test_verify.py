@@ -526,6 +526,40 @@ async def test_a_cached_token_stops_working_when_its_key_is_retired(env: Env) ->
     assert error.kid == old.kid
 
 
+async def test_the_synchronous_cache_look_up_answers_only_what_verify_would_accept(
+    env: Env,
+) -> None:
+    now = int(time.time())
+    token = env.factory.mint(now=now, ttl=60)
+    assert env.verifier.cached(token) is None  # never verified: verify() decides
+    first = await env.verifier.verify(token)
+    assert env.verifier.cached(token) is first
+    env.clock.now = now + 60 + 29  # within the leeway
+    assert env.verifier.cached(token) is first
+    env.clock.now = now + 60 + 30  # expired: not answered from the cache
+    assert env.verifier.cached(token) is None
+    await refused(env, token, "token_expired")
+
+    env.clock.now = None
+    fresh = env.factory.mint()
+    await env.verifier.verify(fresh)
+    env.monotonic.now += 6 * 3600 + 1  # keys too stale: fail closed, cached or not
+    with pytest.raises(KeysUnavailableError):
+        env.verifier.cached(fresh)
+
+
+async def test_the_synchronous_cache_look_up_drops_a_token_whose_key_was_retired(
+    env: Env,
+) -> None:
+    token = env.factory.mint()
+    await env.verifier.verify(token)
+    new = env.factory.rotate()
+    env.server.jwks = {"keys": [new.public_jwk()]}
+    assert await env.jwks.refresh()
+    assert env.verifier.cached(token) is None
+    await refused(env, token, "unknown_key")
+
+
 async def test_the_cache_is_bounded_and_evicts_the_oldest_token(
     env: Env, decode_calls: list[str]
 ) -> None:
