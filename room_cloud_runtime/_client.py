@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._errors import ConfigError
-from ._scope import CLIENT_ADDRESS, state_of
+from ._scope import CLIENT_ADDRESS
 
 UNKNOWN = "unknown"
 
@@ -158,7 +158,23 @@ class ClientAddress:
                     break
         if dirty:
             scope = {**scope, "headers": [item for item in headers if item[0] not in strip]}
-        state_of(scope)[CLIENT_ADDRESS] = self._key(scope, fly)
+        if fly is None:
+            # _key's socket-address path, inlined: the usual case costs two dict look-ups.
+            client = scope.get("client")
+            if client:
+                host = client[0]
+                key = self._cache.get(host, False)
+                if key is False:
+                    key = self._remember(host, host)
+                key = key if key is not None else host
+            else:
+                key = UNKNOWN
+        else:
+            key = self._key(scope, fly)
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state[CLIENT_ADDRESS] = key
         await self.app(scope, receive, send)
 
     def _key(self, scope: Scope, fly: bytes | None) -> str:

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._errors import ConfigError
-from ._headers import SecuredSend
+from ._headers import Deferral, SecuredSend
 from ._responses import deny_websocket, send_error
 
 Header = tuple[bytes, bytes]
@@ -199,11 +199,12 @@ class CORSGuard:
         expose: tuple[Header, ...] = (
             ((b"access-control-expose-headers", ", ".join(exposed).encode()),) if exposed else ()
         )
-        self._simple: dict[bytes, tuple[Header, ...]] = {}
+        self._simple: dict[bytes, Deferral] = {}
         self._preflight: dict[bytes, list[Header]] = {}
         for origin in origins:
             raw = origin.encode("ascii")
-            self._simple[raw] = (_VARY_ORIGIN, (_ACAO, raw), *credentials, *expose)
+            simple = (_VARY_ORIGIN, (_ACAO, raw), *credentials, *expose)
+            self._simple[raw] = (simple, _MERGED, _with_cors)
             self._preflight[raw] = [
                 (_ACAO, raw),
                 *credentials,
@@ -216,23 +217,25 @@ class CORSGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "websocket":
-            origin = _header(scope, _ORIGIN)
-            if origin is not None and origin not in self._allowed:
-                await deny_websocket(scope, send, 403, "origin not allowed", "origin_not_allowed")
-                return
+        if kind != "http":  # HTTP inline below: one coroutine frame less per request
+            if kind == "websocket":
+                origin = _header(scope, _ORIGIN)
+                if origin is not None and origin not in self._allowed:
+                    await deny_websocket(
+                        scope, send, 403, "origin not allowed", "origin_not_allowed"
+                    )
+                    return
             await self.app(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        origin = _header(scope, _ORIGIN)
+            return
+        origin = None
+        for name, value in scope["headers"]:  # _header, inlined: this runs on every request
+            if name == _ORIGIN:
+                origin = value
+                break
         guarded = scope["path"].startswith(self._guarded)
         if origin is None:
             if guarded:
-                await self.app(scope, receive, _vary_sender(send, _ONLY_VARY))
+                await self.app(scope, receive, _vary_sender(send, _VARY_ONLY))
             else:
                 await self.app(scope, receive, send)
             return
@@ -293,16 +296,17 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-def _vary_sender(send: Send, added: tuple[Header, ...]) -> Send:
-    """A ``send`` that adds ``added`` (``Vary: Origin`` first) at the response start.
+def _vary_sender(send: Send, deferral: Deferral) -> Send:
+    """A ``send`` that adds ``deferral``'s headers (``Vary: Origin`` first) at the response start.
 
     Behind :class:`~room_cloud_runtime._headers.SecurityHeaders` (its ``send`` arrives here
     unwrapped on the usual body-less request), the headers are handed to it to add along with
     its own: same result, one wrapper and one copy of the start message less.
     """
     owner = getattr(send, "__self__", None)
-    if type(owner) is SecuredSend and owner.defer(added, _MERGED, _with_cors):
+    if type(owner) is SecuredSend and owner.defer(deferral):
         return send
+    added = deferral[0]
 
     # A plain function handing back send's awaitable: no coroutine frame per message.
     def send_with_cors(message: Message) -> Awaitable[None]:
@@ -351,3 +355,6 @@ def _with_cors(headers: Iterable[Header], added: tuple[Header, ...]) -> list[Hea
             out[vary_at] = (name, value + b", Origin" if value.strip() else b"Origin")
     out.extend(extra)
     return out
+
+
+_VARY_ONLY: Deferral = (_ONLY_VARY, _MERGED, _with_cors)

@@ -43,6 +43,9 @@ from ._errors import ConfigError
 
 Header = tuple[bytes, bytes]
 HeaderMerge = Callable[[Sequence[Header], tuple[Header, ...]], list[Header]]
+#: What an inner layer defers to :class:`SecuredSend`: (headers to add, names that need merging,
+#: merge function). Prebuilt by that layer, so deferring costs one attribute store.
+Deferral = tuple[tuple[Header, ...], frozenset[bytes], HeaderMerge]
 
 _CACHE_CONTROL = b"cache-control"
 _NO_STORE: Header = (_CACHE_CONTROL, b"no-store")
@@ -151,21 +154,19 @@ class SecuredSend:
     downstream: Send
     start: str
     profile: _Profile
-    # (headers, names that need merging, merge function) of the inner layer, or None.
-    deferred: tuple[tuple[Header, ...], frozenset[bytes], HeaderMerge] | None
+    deferred: Deferral | None
 
-    def defer(
-        self, headers: tuple[Header, ...], names: frozenset[bytes], merge: HeaderMerge
-    ) -> bool:
-        """Add ``headers`` at the response start, before this layer's own.
+    def defer(self, deferral: Deferral) -> bool:
+        """Add ``deferral``'s headers at the response start, before this layer's own.
 
-        When the app's response already has a header named in ``names``, the result is
-        ``merge(app_headers, headers)`` instead of a plain concatenation. One inner layer may
-        defer; a second gets ``False`` and must wrap ``send`` itself.
+        ``deferral`` is ``(headers, names, merge)``: when the app's response already has a
+        header named in ``names``, the result is ``merge(app_headers, headers)`` instead of a
+        plain concatenation. One inner layer may defer; a second gets ``False`` and must wrap
+        ``send`` itself.
         """
         if self.deferred is not None:
             return False
-        self.deferred = (headers, names, merge)
+        self.deferred = deferral
         return True
 
     def send(self, message: Message) -> Awaitable[None]:
