@@ -479,7 +479,7 @@ class Worker:
         if done < 1:
             secrets = credential_env(self._credentials(job.inst))
             await self.provider.set_secrets(spec, app, secrets)
-            # Names only ever go into the log: never a value.
+            # The event records how many, never a name or a value.
             await self._step(job, "secrets", f"{len(secrets)} secret(s) set", None)
 
         volume = await self.provider.ensure_volume(spec, app, job.inst.volume_id)
