@@ -22,6 +22,7 @@ from control_plane.db import create_engine, create_session_factory, utcnow
 from control_plane.errors import install_error_handlers, json_dumps
 from control_plane.instances.routes import router as instances_router
 from control_plane.instances.setup import start_instances
+from control_plane.keys.fastpath import JWKSFastPath
 from control_plane.keys.routes import router as keys_router
 from control_plane.keys.service import KeyRing
 from control_plane.mail import Mailer, Transport
@@ -189,6 +190,7 @@ def create_app(
     async def healthz() -> dict[str, bool]:
         return {"ok": True}
 
+    app.add_middleware(JWKSFastPath)
     max_body = (settings.max_body_bytes if settings else None) or 64 * 1024
     app.add_middleware(BodyLimit, max_bytes=max_body)
     # Outermost, so refusals carry them too; pages set their own CSP (theirs wins).
