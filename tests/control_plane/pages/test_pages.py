@@ -175,3 +175,15 @@ async def test_api_answers_get_no_store_and_the_security_headers(harness: Harnes
     assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
     r = await harness.client.get("/.well-known/jwks.json")
     assert r.headers["cache-control"].startswith("public, max-age=")
+
+
+async def test_the_google_button_appears_only_when_google_is_configured(
+    make_harness, make_settings, harness: Harness
+):
+    r = await harness.client.get("/signin?next=/cloud/new")
+    assert "Continue with Google" not in r.text
+    settings = make_settings(google_client_id="client-id", google_client_secret="g" * 24)
+    async with make_harness(settings) as h:
+        for path in ("/signin?next=/cloud/new", "/signup?next=/cloud/new", "/cloud/new"):
+            r = await h.client.get(path)
+            assert 'href="/api/auth/google?next=/cloud/new"' in r.text, path
