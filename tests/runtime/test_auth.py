@@ -224,5 +224,5 @@ async def test_lifespan_passes_through() -> None:
     async def app(scope, receive, send):
         seen.append(scope["type"])
 
-    await Authenticate(app, verifier=FakeVerifier())({"type": "lifespan"}, None, None)
+    await Authenticate(app, verifier=FakeVerifier())({"type": "lifespan"}, None, None)  # type: ignore[arg-type]
     assert seen == ["lifespan"]

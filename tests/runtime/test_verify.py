@@ -413,7 +413,8 @@ async def test_a_token_issued_in_the_future_is_refused(env: Env) -> None:
     "claim", ["exp", "iat", "nbf", "sub", "jti", "sid", "iss", "aud", "instanceId", "role"]
 )
 async def test_a_token_missing_a_required_claim_is_refused_naming_it(env: Env, claim: str) -> None:
-    error = await refused(env, env.factory.mint(**{claim: OMIT}), "invalid_claim")
+    omitted: dict[str, Any] = {claim: OMIT}
+    error = await refused(env, env.factory.mint(**omitted), "invalid_claim")
     assert isinstance(error, ClaimError)
     assert error.claim == claim
 
