@@ -10,7 +10,6 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control_plane.auth.csrf import CsrfProtector
 from control_plane.auth.google import GoogleClient, StateCookie
@@ -19,7 +18,7 @@ from control_plane.auth.routes import router as auth_router
 from control_plane.auth.service import AuthContext
 from control_plane.billing.routes import router as billing_router
 from control_plane.db import create_engine, create_session_factory, utcnow
-from control_plane.errors import install_error_handlers, json_dumps
+from control_plane.errors import install_error_handlers
 from control_plane.instances.routes import router as instances_router
 from control_plane.instances.setup import start_instances
 from control_plane.keys.fastpath import JWKSFastPath
@@ -30,69 +29,9 @@ from control_plane.migrations import upgrade
 from control_plane.pages import install_pages
 from control_plane.settings import Settings, get_settings
 from control_plane.throttle import Throttle
-from room_cloud_runtime import SecurityHeaders
+from room_cloud_runtime import RequestLimits, SecurityHeaders
 
 logger = logging.getLogger("control_plane")
-
-
-class BodyLimit:
-    """Refuse request bodies over ``max_bytes`` (413), counting bytes as they stream: a
-    ``Content-Length`` check alone is bypassed by chunked bodies (GHSA-933h-hp56-hf7m)."""
-
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self._body = json_dumps({"error": "request body too large", "code": "body_too_large"})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._refuse(send)
-                return
-        received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _TooLarge()
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
-
-    async def _refuse(self, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(self._body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": self._body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(
@@ -192,7 +131,9 @@ def create_app(
 
     app.add_middleware(JWKSFastPath)
     max_body = (settings.max_body_bytes if settings else None) or 64 * 1024
-    app.add_middleware(BodyLimit, max_bytes=max_body)
+    # The runtime's request limits: bodies counted as they stream (a Content-Length check alone
+    # is bypassed by chunked bodies, GHSA-933h-hp56-hf7m), header size, JSON depth.
+    app.add_middleware(RequestLimits, max_body_bytes=max_body)
     # Outermost, so refusals carry them too; pages set their own CSP (theirs wins).
     app.add_middleware(SecurityHeaders)
     return app
