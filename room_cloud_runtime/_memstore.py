@@ -191,6 +191,29 @@ class WindowTable:
         cur[key] = value + 1
         return None
 
+    def checker(self, limit: int, clock: Clock) -> Callable[[str], Decision | None]:
+        """:meth:`acquire` for one ``limit`` on ``clock``'s time, as a one-argument function.
+
+        Its common case (a key already counted in this window, under the limit, nothing to roll
+        or drain) is inlined, so a check is one Python call; anything else goes to
+        :meth:`acquire`, which gives the same answers.
+        """
+        acquire = self.acquire
+        expiry = self.expiry
+
+        def check(key: str) -> Decision | None:
+            now = clock()
+            if now - self._wstart < expiry and not self._dying:
+                cur = self._cur
+                value = cur.get(key)
+                # value < limit <= _MASK: no previous-window count, room for one more.
+                if value is not None and value < limit:
+                    cur[key] = value + 1
+                    return None
+            return acquire(key, limit, now)
+
+        return check
+
     def peek(self, key: str, now: float) -> tuple[int, int, float]:
         """``(previous_count, current_count, seconds_into_window)`` without counting."""
         elapsed = self.advance(now)

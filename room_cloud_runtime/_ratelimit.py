@@ -144,14 +144,7 @@ class MemoryLimiter(Limiter):
         if entry is None:
             entry = self._resolve(item)
         # Bound once here: the table is kept for good (only the id cache may be cleared).
-        acquire = entry[1].acquire
-        limit = entry[2]
-        clock = self._clock
-
-        def check(key: str) -> Decision | None:
-            return acquire(key, limit, clock())
-
-        return check
+        return entry[1].checker(entry[2], self._clock)
 
     def _resolve(self, item: RateLimitItem) -> tuple[RateLimitItem, WindowTable, int]:
         if item.amount > MAX_LIMIT:

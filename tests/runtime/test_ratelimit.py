@@ -240,19 +240,23 @@ def test_acquire_gives_the_same_answers_as_hit_and_allocates_nothing_when_allowe
     rng = random.Random(7)
     by_hit = WindowTable(60, now=clock(), max_keys=50)
     by_acquire = WindowTable(60, now=clock(), max_keys=50)
+    by_checker = WindowTable(60, now=clock(), max_keys=50)
+    check = by_checker.checker(7, clock)
     keys = [f"k{i}" for i in range(80)]  # more than max_keys: evictions happen too
     for _ in range(20_000):
         key = rng.choice(keys[:5] if rng.random() < 0.7 else keys)
         limit = 7
         clock.advance(rng.choice((0.0, 0.0, 0.01, 0.5, 3.0, 59.0, 130.0)) * rng.random())
         decision = by_hit.hit(key, limit, clock())
-        refusal = by_acquire.acquire(key, limit, clock())
-        if decision.allowed:
-            assert refusal is None
-        else:
-            assert refusal == decision
-        assert by_hit.peek(key, clock()) == by_acquire.peek(key, clock())
-        assert len(by_hit) == len(by_acquire)
+        refusals = (by_acquire.acquire(key, limit, clock()), check(key))
+        for refusal in refusals:
+            if decision.allowed:
+                assert refusal is None
+            else:
+                assert refusal == decision
+        for table in (by_acquire, by_checker):
+            assert by_hit.peek(key, clock()) == table.peek(key, clock())
+            assert len(by_hit) == len(table) and by_hit.pending == table.pending
 
 
 def test_the_memory_limiter_offers_a_synchronous_check_and_redis_does_not(
