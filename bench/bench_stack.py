@@ -274,6 +274,29 @@ def _wait_listening(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"bench server on port {port} did not start")
 
 
+def _start_server(
+    kind: str, env: dict[str, str], attempts: int = 3
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Serve ``kind`` pinned to core 0; retried on a fresh port (on a shared machine the port can
+    be taken between choosing and binding it, or a start can starve)."""
+    for attempt in range(attempts):
+        port = _free_port()
+        server = subprocess.Popen(
+            ["taskset", "-c", "0", sys.executable, "-m", "bench.serve", kind, "--port", str(port)],
+            env=env,
+        )
+        try:
+            _wait_listening(port)
+        except RuntimeError:
+            server.terminate()
+            server.wait(timeout=10)
+            if attempt == attempts - 1:
+                raise
+            continue
+        return server, port
+    raise AssertionError("unreachable")
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of ``pid`` so far (Linux ``/proc``)."""
     with open(f"/proc/{pid}/stat") as stat:
@@ -321,24 +344,9 @@ def loopback(rounds: int = 3, seconds: int = 5, connections: int = 32) -> dict[s
     cpu: dict[str, list[float]] = {"bare": [], "stack": []}
     for _ in range(rounds):
         for kind in ("bare", "stack"):
-            port = _free_port()
-            server = subprocess.Popen(
-                [
-                    "taskset",
-                    "-c",
-                    "0",
-                    sys.executable,
-                    "-m",
-                    "bench.serve",
-                    kind,
-                    "--port",
-                    str(port),
-                ],
-                env=env,
-            )
+            server, port = _start_server(kind, env)
             tok = apps.LOCAL_TOKEN if kind == "bare" else token
             try:
-                _wait_listening(port)
                 _wrk(port, tok, 1, connections)  # warm
                 before = _cpu_seconds(server.pid)
                 per_second, total = _wrk(port, tok, seconds, connections)
