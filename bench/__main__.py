@@ -77,13 +77,28 @@ def _limiter_section() -> str:
     return "\n".join(lines)
 
 
+def _control_plane_section() -> str:
+    from . import bench_control_plane
+
+    return bench_control_plane.markdown(bench_control_plane.run())
+
+
+ALL = {"stack", "limiter", "control-plane"}
+
+
 def main(argv: list[str]) -> int:
-    which = set(argv) or {"stack", "limiter"}
+    which = set(argv) or ALL
+    unknown = which - ALL
+    if unknown:
+        print(f"unknown part(s): {sorted(unknown)}; choose from {sorted(ALL)}", file=sys.stderr)
+        return 2
     sections = []
     if "stack" in which:
         sections.append(_stack_section())
     if "limiter" in which:
         sections.append(_limiter_section())
+    if "control-plane" in which:
+        sections.append(_control_plane_section())
     header = (
         f"# Benchmark results\n\nWritten by `scripts/bench {' '.join(argv)}`".rstrip()
         + f" on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; "
@@ -92,11 +107,7 @@ def main(argv: list[str]) -> int:
     )
     text = header + "\n" + "\n\n".join(s for s in sections if s) + "\n"
     print(text)
-    out = (
-        RESULTS
-        if which == {"stack", "limiter"}
-        else RESULTS.with_name(f"RESULTS-{'-'.join(sorted(which))}.md")
-    )
+    out = RESULTS if which == ALL else RESULTS.with_name(f"RESULTS-{'-'.join(sorted(which))}.md")
     out.write_text(text)
     print(f"written to {out}", file=sys.stderr)
     return 0
