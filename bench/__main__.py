@@ -1,8 +1,11 @@
 """``python -m bench`` (or ``scripts/bench``): run the benchmarks and write bench/RESULTS.md.
 
-python -m bench            # everything (stack in-process + loopback, limiter)
-python -m bench stack      # only the stack comparison
-python -m bench limiter    # only the limiter at 1, 100k and 1M keys
+python -m bench                 # everything below
+python -m bench stack           # the stack vs the bare Room (in-process and over loopback)
+python -m bench limiter         # the limiter at 1, 100k and 1M keys
+python -m bench control-plane   # runtime tokens/s, JWKS requests/s, payment → running
+
+The load tests (locust) have their own command: python -m bench.load (bench/README.md).
 """
 
 from __future__ import annotations
