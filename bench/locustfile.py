@@ -12,16 +12,18 @@ classes per scenario). Configuration comes from the environment:
 - ``BENCH_ORIGIN`` (the allowed origin), ``BENCH_FLOOD_RPS`` (per flooder user),
   ``BENCH_CATEGORIES_CSV`` (where the per-category summary is written at the end).
 - ``BENCH_CP_URL``, ``BENCH_CP_ORIGIN``, ``BENCH_INSTANCE_ID`` and a ``control_plane`` pool in
-  ``BENCH_TOKENS``: the optional token refresher.
+  ``BENCH_TOKENS``: the token refresher (the driver seeds a control plane for it, bench/cp_seed.py);
+  ``BENCH_RUNTIME_URL`` (optional): the runtime the tokens are for, shown each refreshed token;
+  ``BENCH_REFRESH_WAIT`` (``"min,max"`` seconds between a refresher's refreshes, default ``2,5``).
 
 Every simulated user has its own client address, sent as ``Fly-Client-IP`` (our stack is set up
 as behind Fly's proxy) and ``X-Forwarded-For`` (uvicorn rewrites the peer's client address from
 it, trusting 127.0.0.1): on loopback all sockets come from 127.0.0.1, and per-address budgets
 would otherwise lump 500 users into one.
 
-Requests carry a ``category`` in their context (``legit``, ``ws``, ``refresh``, ``flood``,
-``abuse``); a listener keeps response times and status codes per category and writes them to
-``BENCH_CATEGORIES_CSV`` so the driver judges legitimate traffic alone, apart from abuse.
+Requests carry a ``category`` in their context (``legit``, ``ws``, ``refresh``, ``runtime``,
+``flood``, ``abuse``); a listener keeps response times and status codes per category and writes
+them to ``BENCH_CATEGORIES_CSV`` so the driver judges legitimate traffic alone, apart from abuse.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ CATEGORIES_CSV = os.environ.get("BENCH_CATEGORIES_CSV", "")
 CP_URL = os.environ.get("BENCH_CP_URL", "")
 CP_ORIGIN = os.environ.get("BENCH_CP_ORIGIN", "")
 INSTANCE_ID = os.environ.get("BENCH_INSTANCE_ID", "bench-instance")
+RUNTIME_URL = os.environ.get("BENCH_RUNTIME_URL", "")
 ROOMS = ("r1", "r2")
 DECISIONS = ("d1", "d2", "d3")
 MESSAGES = (("r1", "m1"), ("r1", "m2"), ("r2", "m3"))
@@ -70,6 +73,12 @@ _addresses = itertools.count(1)
 def take_token(role: str) -> str:
     pool = TOKENS.get(role) or [""]
     return pool[next(_next[role]) % len(pool)]
+
+
+def refresh_wait() -> tuple[float, float]:
+    """``BENCH_REFRESH_WAIT`` (``"min,max"`` seconds), default 2-5 s."""
+    low, _, high = os.environ.get("BENCH_REFRESH_WAIT", "2,5").partition(",")
+    return float(low), float(high or low)
 
 
 def new_address() -> str:
@@ -405,14 +414,19 @@ class WebSocketUser(User):
 
 class TokenRefresherUser(FastHttpUser):
     """Refreshes its runtime token as the Room UI does (at 80 % of its life, compressed here):
-    ``POST {control}/api/cloud/instances/{id}/refresh-token {token}`` → ``{ok, token}``.
+    ``POST {control}/api/cloud/instances/{id}/refresh-token {token}`` → ``{ok, token}``, with the
+    runtime's origin as ``Origin`` (the Room UI runs there). Counted under ``refresh``.
+
+    With ``BENCH_RUNTIME_URL``, each new token is then used at the runtime it is for
+    (``GET /api/rooms``): counted under ``runtime``, so a refreshed token the runtime refuses is
+    an error, while the refresh latency stays the control plane's alone.
 
     Only runs when the driver gives a control plane (``BENCH_CP_URL`` and a ``control_plane``
     pool of runtime tokens the control plane itself issued): weight 0 otherwise.
     """
 
     weight = 1 if CP_URL and TOKENS.get("control_plane") else 0
-    wait_time = between(2.0, 5.0)
+    wait_time = between(*refresh_wait())
 
     def on_start(self) -> None:
         self.token = take_token("control_plane")
@@ -438,6 +452,22 @@ class TokenRefresherUser(FastHttpUser):
                 r.success()
             else:
                 r.failure(f"refresh failed: {r.status_code}")
+                return
+        if RUNTIME_URL:
+            self.use_at_runtime()
+
+    def use_at_runtime(self) -> None:
+        headers = {"authorization": f"Bearer {self.token}"}
+        if CP_ORIGIN:
+            headers["origin"] = CP_ORIGIN
+        with self.client.get(
+            f"{RUNTIME_URL.rstrip('/')}/api/rooms",
+            headers=headers,
+            name="runtime /api/rooms [refreshed token]",
+            context={"category": "runtime"},
+            catch_response=True,
+        ) as r:
+            expect(r, 200)
 
 
 # --- abusers ---------------------------------------------------------------------------------

@@ -137,3 +137,83 @@ def test_the_report_names_each_verdict(tmp_path: Path) -> None:
         results, WRK, load.judge(results, WRK), command="python -m bench.load", notes=["n"]
     )
     assert "| pass |" in text and "python -m bench.load" in text and "- n" in text
+
+
+# --- (d) the token refresh against the control plane ---------------------------------------------
+
+REFRESH_KEYS = (
+    "(d) token refresh at the control plane: no error",
+    "(d) token refresh p99 ≤ 50 ms",
+    "(d) every refreshed token accepted by the runtime it is for",
+)
+
+
+def refresh_verdicts(tmp_path: Path, rows: list[dict]) -> dict[str, Any]:
+    results = {load.REFRESH_SCENARIO: write(tmp_path, load.REFRESH_SCENARIO, rows)}
+    return {v.target: v.ok for v in load.judge(results, None)}
+
+
+def test_a_clean_refresh_run_passes(tmp_path: Path) -> None:
+    result = refresh_verdicts(
+        tmp_path, [row("refresh", 20.0, "200:600"), row("runtime", 3.0, "200:600")]
+    )
+    assert {k: result[k] for k in REFRESH_KEYS} == dict.fromkeys(REFRESH_KEYS, True)
+
+
+def test_refresh_p99_on_and_over_its_target(tmp_path: Path) -> None:
+    runtime = row("runtime", 3.0, "200:600")
+    on = refresh_verdicts(tmp_path, [row("refresh", 50.0, "200:600"), runtime])
+    over = refresh_verdicts(tmp_path, [row("refresh", 50.1, "200:600"), runtime])
+    assert on[REFRESH_KEYS[1]] is True and over[REFRESH_KEYS[1]] is False
+    assert over[REFRESH_KEYS[0]] is True  # slow is not wrong
+
+
+def test_any_refused_refresh_is_an_error_429_included(tmp_path: Path) -> None:
+    runtime = row("runtime", 3.0, "200:600")
+    for failed in ("401:1", "429:1", "error:1"):
+        rows = [row("refresh", 20.0, f"200:599 {failed}", failed=failed), runtime]
+        assert refresh_verdicts(tmp_path, rows)[REFRESH_KEYS[0]] is False, failed
+
+
+def test_a_refreshed_token_the_runtime_refuses_fails(tmp_path: Path) -> None:
+    rows = [row("refresh", 20.0, "200:600"), row("runtime", 3.0, "200:599 401:1", failed="401:1")]
+    result = refresh_verdicts(tmp_path, rows)
+    assert result[REFRESH_KEYS[2]] is False and result[REFRESH_KEYS[0]] is True
+
+
+def test_a_refresh_run_with_no_refreshes_fails_and_no_run_gives_no_verdict(
+    tmp_path: Path,
+) -> None:
+    result = refresh_verdicts(tmp_path, [row("other", 1.0, "200:1")])
+    assert result[REFRESH_KEYS[0]] is False and result[REFRESH_KEYS[1]] is False
+    assert REFRESH_KEYS[2] not in result  # the runtime was not used: nothing to judge
+    assert load.judge_refresh(None) == []
+    # And the refresh verdicts stay out of a run without the scenario.
+    assert not set(REFRESH_KEYS) & set(verdicts(tmp_path, GOOD_MIXED, GOOD_ABUSE, WRK))
+
+
+def test_the_refresh_scenario_is_in_the_default_run_and_can_be_left_out() -> None:
+    import argparse
+
+    def args(**kw: Any) -> argparse.Namespace:
+        base = {
+            "no_control_plane": False,
+            "cp_url": None,
+            "cp_tokens": None,
+            "cp_instance": "i",
+            "cp_origin": None,
+            "refresh_users": load.REFRESH_USERS,
+            "seconds": 30,
+        }
+        return argparse.Namespace(**{**base, **kw})
+
+    scenario, note = load.refresher_scenario(args())
+    assert scenario is not None and note is None
+    assert (scenario.stack, scenario.users, scenario.seconds) == ("cp", 20, 30)
+    assert "BENCH_CP_URL" not in scenario.extra_env  # the driver starts and seeds one
+    scenario, note = load.refresher_scenario(args(no_control_plane=True))
+    assert scenario is None and note and "left out" in note
+    scenario, _ = load.refresher_scenario(args(cp_url="http://127.0.0.1:1", cp_tokens="t.json"))
+    assert scenario is not None and scenario.extra_env["BENCH_CP_URL"] == "http://127.0.0.1:1"
+    scenario, note = load.refresher_scenario(args(cp_url="http://127.0.0.1:1"))
+    assert scenario is None and note and "both" in note
