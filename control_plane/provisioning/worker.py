@@ -237,15 +237,28 @@ class Worker:
         return True
 
     async def next_due(self) -> datetime | None:
-        """When the earliest scheduled work comes due (for the idle wait)."""
+        """When this worker could next claim something (for the idle wait).
+
+        A due instance that another claim loop holds is not claimable before its lease ends:
+        counting its ``run_after`` would make every idle loop wake at once and spin for as long
+        as that instance is being provisioned (starving the runtime it is booting). The holder
+        releases the lease itself when done; the others only need to wake if it never does.
+        """
+        now = self.clock()
+        scheduled = (
+            CloudInstance.status.in_([str(s) for s in WORK_STATUSES]),
+            CloudInstance.run_after.is_not(None),
+        )
+        free = or_(CloudInstance.lease_until.is_(None), CloudInstance.lease_until < now)
         async with self.factory() as session:
-            due: datetime | None = await session.scalar(
-                select(func.min(CloudInstance.run_after)).where(
-                    CloudInstance.status.in_([str(s) for s in WORK_STATUSES]),
-                    CloudInstance.run_after.is_not(None),
-                )
+            due_free: datetime | None = await session.scalar(
+                select(func.min(CloudInstance.run_after)).where(*scheduled, free)
             )
-            return due
+            lease_end: datetime | None = await session.scalar(
+                select(func.min(CloudInstance.lease_until)).where(*scheduled, ~free)
+            )
+        candidates = [t for t in (due_free, lease_end) if t is not None]
+        return min(candidates) if candidates else None
 
     # ------------------------------------------------------------------ claim and lease
 
