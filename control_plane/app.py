@@ -72,6 +72,7 @@ def create_app(
             app.state.settings = cfg
             app.state.engine = engine
             app.state.session_factory = factory
+            app.state.read_session_factory = create_session_factory(engine, readonly=True)
             app.state.key_ring = ring
             app.state.mailer = mailer
             app.state.throttle = throttle

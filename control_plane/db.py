@@ -71,6 +71,10 @@ def id_column_type() -> String:
     return String(36)
 
 
+#: Execution option marking a read-only session's connections (see create_session_factory).
+READONLY = "quoroom_readonly"
+
+
 def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     """An async engine; SQLite gets foreign keys, WAL and a busy timeout on every connection."""
     if url.startswith("sqlite"):
@@ -92,12 +96,26 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         def _sqlite_begin(connection: Any) -> None:
             # IMMEDIATE takes the write lock up front: a deferred transaction that reads and then
             # writes fails with SQLITE_BUSY (no busy wait) when another writer got in between.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # Read-only sessions (create_session_factory(readonly=True)) take no write lock, so
+            # concurrent reads (token refreshes, say) do not queue behind one another.
+            if connection.get_execution_options().get(READONLY):
+                connection.exec_driver_sql("BEGIN")
+            else:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
 
-def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+def create_session_factory(
+    engine: AsyncEngine, *, readonly: bool = False
+) -> async_sessionmaker[AsyncSession]:
+    """Sessions on ``engine``; ``readonly`` ones are for requests that only read.
+
+    On PostgreSQL a read-only session's transactions are ``READ ONLY`` (a write fails); on SQLite
+    they begin deferred instead of taking the write lock.
+    """
+    if readonly:
+        engine = engine.execution_options(**{READONLY: True, "postgresql_readonly": True})
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 

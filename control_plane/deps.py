@@ -41,6 +41,12 @@ async def _session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+async def _read_session(request: Request) -> AsyncIterator[AsyncSession]:
+    factory: async_sessionmaker[AsyncSession] = request.app.state.read_session_factory
+    async with factory() as session:
+        yield session
+
+
 def _auth_context(request: Request) -> AuthContext:
     ctx: AuthContext = request.app.state.auth
     return ctx
@@ -57,6 +63,8 @@ def _address(request: Request) -> str:
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 SessionDep = Annotated[AsyncSession, Depends(_session)]
+#: For requests that only read: no write lock on SQLite, READ ONLY on PostgreSQL.
+ReadSessionDep = Annotated[AsyncSession, Depends(_read_session)]
 AuthDep = Annotated[AuthContext, Depends(_auth_context)]
 Now = Annotated[datetime, Depends(_now)]
 ClientAddress = Annotated[str, Depends(_address)]

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from control_plane.auth.schemas import ErrorOut
-from control_plane.deps import CurrentUser, Now, SessionDep
+from control_plane.deps import CurrentUser, Now, ReadSessionDep, SessionDep
 from control_plane.errors import (
     ControlPlaneError,
     InvalidIdempotencyKey,
@@ -257,7 +257,7 @@ def _cors(response: Response, origin: str | None) -> Response:
     openapi_extra=_REFRESH_BODY,
 )
 async def refresh_token(
-    instance_id: InstanceId, request: Request, db: SessionDep, ctx: Ctx, now: Now
+    instance_id: InstanceId, request: Request, db: ReadSessionDep, ctx: Ctx, now: Now
 ) -> Response:
     # No cookie: the runtime token in the body is the proof. Errors carry the CORS headers too,
     # so the Room UI on the runtime's origin can read why it was refused.
@@ -293,7 +293,7 @@ def _parse_refresh(raw: bytes) -> RefreshTokenIn | None:
 
 @router.options("/instances/{instance_id}/refresh-token", include_in_schema=False)
 async def refresh_token_preflight(
-    instance_id: InstanceId, request: Request, db: SessionDep
+    instance_id: InstanceId, request: Request, db: ReadSessionDep
 ) -> Response:
     """CORS preflight for the refresh call, answered for the instance's runtime origin only."""
     try:
