@@ -102,11 +102,6 @@ def cp_env(var_dir: Path, port: int) -> dict[str, str]:
         "QUOROOM_CP_AUTO_MIGRATE": "true",
         "QUOROOM_CP_PROVIDER": "local",
         "QUOROOM_CP_RUN_WORKER": "true",
-        # One claim loop: while an instance is leased and due, the worker's other idle loops
-        # spin (``Worker.next_due`` ignores the lease, so their wait is 0) and starve the runtime
-        # booting on the same core: ~30-60 s to running instead of ~2 s. One instance to
-        # provision needs one loop.
-        "QUOROOM_CP_WORKER_CONCURRENCY": "1",
         "QUOROOM_CP_TRUST_FLY_CLIENT_IP": "true",
         "QUOROOM_CP_KEY_ENCRYPTION_KEY": kek,
         "QUOROOM_CP_SECRET_KEY": secrets.token_urlsafe(48),
