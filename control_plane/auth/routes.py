@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
 from control_plane.auth import service
@@ -44,6 +45,7 @@ from control_plane.deps import (
     authenticate_request,
 )
 from control_plane.errors import (
+    ControlPlaneError,
     InvalidRefreshToken,
     NotAuthenticated,
     OAuthNotConfigured,
@@ -51,6 +53,7 @@ from control_plane.errors import (
     OAuthStateMismatch,
     RefreshTokenReused,
     SessionNotFound,
+    status_and_code,
 )
 
 REFRESH_COOKIE_PATH = "/api/auth"
@@ -435,6 +438,35 @@ async def google_callback(
     code: Annotated[str | None, Query(max_length=2048)] = None,
     state: Annotated[str | None, Query(max_length=256)] = None,
     error: Annotated[str | None, Query(max_length=256)] = None,
+) -> RedirectResponse:
+    try:
+        return await _google_sign_in(request, google, db, ctx, now, address, code, state, error)
+    except ControlPlaneError as exc:
+        if "text/html" not in request.headers.get("accept", ""):
+            raise  # an API client: the JSON error
+        # A person's browser landed here from Google: back to the sign-in page, which says what
+        # went wrong (the code only; the page maps known codes to text, never echoing input).
+        await db.rollback()
+        _, code_ = status_and_code(exc)
+        response = RedirectResponse(
+            f"{ctx.settings.public_url}/signin?error={code_}", status_code=303
+        )
+        response.delete_cookie(
+            STATE_COOKIE, path=STATE_COOKIE_PATH, secure=ctx.settings.secure_cookies, httponly=True
+        )
+        return response
+
+
+async def _google_sign_in(
+    request: Request,
+    google: GoogleClient,
+    db: AsyncSession,
+    ctx: AuthContext,
+    now: datetime,
+    address: str,
+    code: str | None,
+    state: str | None,
+    error: str | None,
 ) -> RedirectResponse:
     pending = ctx.google_state.open(request.cookies.get(STATE_COOKIE), state)
     if error is not None:

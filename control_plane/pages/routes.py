@@ -172,10 +172,34 @@ async def landing(request: Request, viewer: Viewer) -> Response:
 NextParam = Annotated[str | None, Query(alias="next", max_length=MAX_NEXT_LENGTH * 2)]
 
 
+#: What the sign-in page says when Google's callback sends a person back with ``?error=code``.
+#: Only these codes are shown; anything else in the parameter is ignored (never echoed).
+SIGNIN_ERRORS = {
+    "oauth_state_mismatch": "The Google sign-in expired or was started in another browser. "
+    "Please try again.",
+    "oauth_provider_error": "Google did not complete the sign-in. Please try again.",
+    "oauth_provider_unavailable": "Google could not be reached. Please try again in a moment.",
+    "invalid_id_token": "Google's answer could not be verified. Please try again.",
+    "oauth_email_not_verified": "Your Google account's email address is not verified.",
+    "oauth_not_configured": "Google sign-in is not available here.",
+    "account_link_refused": "An account with this email exists but its email is not verified: "
+    "sign in with your password and verify it first.",
+    "throttled": "Too many attempts. Please wait a moment and try again.",
+}
+
+
 @router.get("/signin", response_class=HTMLResponse)
-async def signin(request: Request, viewer: Viewer, next_path: NextParam = None) -> Response:
+async def signin(
+    request: Request,
+    viewer: Viewer,
+    next_path: NextParam = None,
+    error: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
     target = safe_next(next_path)
-    return _page(request, "signin.html", viewer, private=False, next_path=target)
+    message = SIGNIN_ERRORS.get(error or "")
+    return _page(
+        request, "signin.html", viewer, private=False, next_path=target, error_message=message
+    )
 
 
 @router.get("/signup", response_class=HTMLResponse)
