@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     stripe_api_base: str | None = None  # another Stripe API base (tests: the loopback fake)
     grace_period_hours: int = Field(default=72, ge=1, le=60 * 24)
     retention_days: int = Field(default=7, ge=0, le=365)
+    # An instance still awaiting payment this long after it was created is canceled by the
+    # reconciler: Stripe Checkout Sessions expire after 24 h, so no payment can come any more,
+    # and the abandoned instance would otherwise hold a quota slot forever.
+    checkout_abandon_hours: int = Field(default=25, ge=1, le=24 * 30)
     instance_quota: int = Field(default=3, ge=0, le=1000)
     max_members_per_instance: int = Field(default=50, ge=1, le=1000)
     runtime_token_ttl_seconds: int = Field(default=600, ge=60, le=MAX_TOKEN_TTL_SECONDS)

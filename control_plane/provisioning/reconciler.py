@@ -46,6 +46,7 @@ S = InstanceStatus
 @dataclass
 class ReconcileReport:
     redriven: list[str] = field(default_factory=list)
+    abandoned: list[str] = field(default_factory=list)  # unpaid checkouts canceled
     orphans_destroyed: list[str] = field(default_factory=list)  # app names
     reprovisioned: list[str] = field(default_factory=list)
     restarted: list[str] = field(default_factory=list)
@@ -53,7 +54,7 @@ class ReconcileReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.redriven or self.reprovisioned)
+        return bool(self.redriven or self.reprovisioned or self.abandoned)
 
 
 class Reconciler:
@@ -72,6 +73,7 @@ class Reconciler:
 
     async def run_once(self) -> ReconcileReport:
         report = ReconcileReport()
+        await self.expire_checkouts(report)
         await self.redrive(report)
         try:
             await self.sweep_provider(report)
@@ -80,6 +82,47 @@ class Reconciler:
             logger.warning("reconciler: listing the provider failed: %s", exc)
         await self.check_running(report)
         return report
+
+    # ------------------------------------------------------------------ 0. abandoned checkouts
+
+    async def expire_checkouts(self, report: ReconcileReport) -> None:
+        """Cancel instances still unpaid ``CHECKOUT_ABANDON_HOURS`` after their creation.
+
+        Their Checkout Session has expired at Stripe (24 h), so no payment can arrive; left
+        alone they would count against the owner's quota forever. The guarded transition loses
+        to a payment that lands first (the instance is then no longer awaiting payment).
+        """
+        now = self.clock()
+        cutoff = now - timedelta(hours=self.settings.checkout_abandon_hours)
+        unpaid = [str(S.DRAFT), str(S.AWAITING_PAYMENT)]
+        async with self.factory() as session:
+            ids = (
+                await session.scalars(
+                    select(CloudInstance.id).where(
+                        CloudInstance.status.in_(unpaid), CloudInstance.created_at < cutoff
+                    )
+                )
+            ).all()
+        for instance_id in ids:
+            try:
+                async with transaction(self.factory) as session:
+                    await transition(
+                        session,
+                        instance_id,
+                        expected=(S.DRAFT, S.AWAITING_PAYMENT),
+                        to=S.CANCELED,
+                        message=(
+                            f"checkout abandoned: no payment within "
+                            f"{self.settings.checkout_abandon_hours} h"
+                        ),
+                        kind="billing",
+                        now=now,
+                        run_after=now,
+                        destroy_after=now,
+                    )
+            except IllegalTransition:
+                continue  # paid (or canceled) meanwhile
+            report.abandoned.append(instance_id)
 
     # ------------------------------------------------------------------ 1. re-drive
 

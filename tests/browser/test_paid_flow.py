@@ -296,11 +296,15 @@ async def test_canceling_on_stripe_returns_to_the_form_and_provisions_nothing(
         assert await page.locator("input[name=region]:checked").count() == 1
         await _shot(page, artifacts, "paid-cancel-1-back-on-the-form")
 
-        # Nothing paid, nothing provisioned, no runtime started.
+        # Nothing paid, nothing provisioned, no runtime started; the unpaid Room was removed, so
+        # an abandoned checkout holds no quota slot.
         await asyncio.sleep(2)  # a few worker polls
         state = await _instance(cp, bearer, instance_id)
-        assert state["status"] == "awaiting_payment", state
-        assert [e["to"] for e in state["events"] if e["to"]] == ["awaiting_payment"], state
+        assert state["status"] in ("canceled", "destroying", "destroyed"), state
+        assert [e["to"] for e in state["events"] if e["to"]][:2] == [
+            "awaiting_payment",
+            "canceled",
+        ], state
         assert stripe.session(session_id)["status"] == "open"
         assert stripe.subscriptions == [] and stripe.deliveries == []
         assert confirms == []

@@ -76,6 +76,23 @@
     }
   }
 
+  // Back from a canceled Stripe Checkout: remove the unpaid Room it was for, so an abandoned
+  // checkout does not hold one of the person's instance slots. Only an instance still waiting
+  // for payment is removed; one paid meanwhile (another tab) is left alone.
+  const canceled = document.getElementById("checkout-canceled");
+  const canceledId = canceled && canceled.dataset.instance;
+  if (canceledId) {
+    const path = `/api/cloud/instances/${encodeURIComponent(canceledId)}`;
+    Q.api("GET", path, undefined, { noRedirect: true })
+      .then((instance) => {
+        if (instance.status === "awaiting_payment" || instance.status === "draft") {
+          return Q.api("DELETE", path, undefined, { noRedirect: true });
+        }
+        return null;
+      })
+      .catch(() => {}); // best effort: the reconciler expires abandoned checkouts anyway
+  }
+
   Q.api("GET", "/api/cloud/catalog")
     .then((catalog) => {
       renderCatalog(catalog);
