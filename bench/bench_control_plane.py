@@ -40,6 +40,8 @@ from typing import Any
 
 import httpx
 
+from bench.cp_seed import control_plane_argv
+
 ROOT = Path(__file__).resolve().parent.parent
 WRK = shutil.which("wrk") or ("/usr/bin/wrk" if Path("/usr/bin/wrk").exists() else None)
 KEK = base64.urlsafe_b64encode(b"b" * 32).decode()
@@ -147,25 +149,7 @@ def _jwks(seconds: int = 5) -> dict[str, Any]:
         "QUOROOM_CP_KEY_ENCRYPTION_KEY": KEK,
         "QUOROOM_CP_SECRET_KEY": "s" * 48,
     }
-    argv = [
-        *_pin(0),
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "control_plane.app:create_app",
-        "--factory",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-access-log",
-        "--log-level",
-        "warning",
-        "--http",
-        "httptools",
-        "--loop",
-        "uvloop",
-    ]
+    argv = control_plane_argv(port, _pin(0))
     server = subprocess.Popen(argv, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/.well-known/jwks.json"
     try:

@@ -108,12 +108,9 @@ def cp_env(var_dir: Path, port: int) -> dict[str, str]:
     }
 
 
-@contextmanager
-def control_plane(var_dir: Path, pin: Sequence[str] = ()) -> Iterator[tuple[str, int]]:
-    """The control plane under uvicorn (1 worker, httptools + uvloop, no access log) on a free
-    loopback port; yields ``(url, pid)``; stops it, and the runtimes it started, on exit."""
-    port = _free_port()
-    argv = [
+def control_plane_argv(port: int, pin: Sequence[str] = ()) -> list[str]:
+    """The control plane under uvicorn (1 worker, httptools + uvloop, no access log) on loopback."""
+    return [
         *pin,
         sys.executable,
         "-m",
@@ -132,6 +129,14 @@ def control_plane(var_dir: Path, pin: Sequence[str] = ()) -> Iterator[tuple[str,
         "--loop",
         "uvloop",
     ]
+
+
+@contextmanager
+def control_plane(var_dir: Path, pin: Sequence[str] = ()) -> Iterator[tuple[str, int]]:
+    """The control plane under uvicorn (1 worker, httptools + uvloop, no access log) on a free
+    loopback port; yields ``(url, pid)``; stops it, and the runtimes it started, on exit."""
+    port = _free_port()
+    argv = control_plane_argv(port, pin)
     log = open(var_dir / "control_plane.log", "ab")  # closed below
     proc = subprocess.Popen(
         argv, env=cp_env(var_dir, port), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
