@@ -21,6 +21,8 @@ from limits import parse_many
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from control_plane.provisioning.provider import DEFAULT_RUNTIME_KIND, RUNTIME_KINDS, RuntimeKind
+
 ENV_PREFIX = "QUOROOM_CP_"
 #: Access tokens and runtime tokens live at most this long (DESIGN.md: TTL ≤ 15 min).
 MAX_TOKEN_TTL_SECONDS = 900
@@ -129,6 +131,12 @@ class Settings(BaseSettings):
     reconcile_seconds: float = Field(default=300.0, gt=0)
     runtime_health_timeout_seconds: float = Field(default=180.0, gt=0)
 
+    # Runtimes (issue 11): what NEW instances run — the reference Room, or the real (Node) Room
+    # behind the gateway — and where the real Room comes from for each provider.
+    runtime_kind: RuntimeKind = DEFAULT_RUNTIME_KIND
+    quoroom_room_cli: Path | None = None  # local provider: the real Room's cli.js
+    quoroom_runtime_image: str | None = None  # fly provider: the gateway image, pinned by digest
+
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, value: str) -> str:
@@ -138,6 +146,15 @@ class Settings(BaseSettings):
         if parts.query or parts.fragment:
             raise ValueError(f"{_var('public_url')} must not have a query or fragment")
         return value.rstrip("/")
+
+    @field_validator("runtime_kind", mode="before")
+    @classmethod
+    def _runtime_kind(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in RUNTIME_KINDS:
+            return value.strip().lower()
+        raise ValueError(
+            f"{_var('runtime_kind')} must be one of {', '.join(RUNTIME_KINDS)}, got {value!r}"
+        )
 
     @field_validator(
         "throttle_login_address",

@@ -23,6 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from control_plane.db import Base, UTCDateTime, new_id, utcnow
+from control_plane.provisioning.provider import DEFAULT_RUNTIME_KIND
 
 
 class InstanceStatus(StrEnum):
@@ -66,6 +67,14 @@ class CloudInstance(Base):
     snapshot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     url: Mapped[str | None] = mapped_column(String(255), nullable=True)
     image: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # What runs (``reference`` | ``quoroom``): chosen at creation from RUNTIME_KIND, never changed
+    # (the Room's data on the volume belongs to that kind).
+    runtime_kind: Mapped[str] = mapped_column(
+        String(16),
+        nullable=False,
+        default=DEFAULT_RUNTIME_KIND,
+        server_default=DEFAULT_RUNTIME_KIND,
+    )
     # Secrets for the runtime (provider API keys), encrypted at rest; never returned or logged.
     credentials_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     # Checkout.

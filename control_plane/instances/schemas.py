@@ -102,6 +102,7 @@ class InstanceOut(BaseModel):
     error: str | None
     url: str | None
     role: Literal["owner", "member"]
+    runtimeKind: Literal["reference", "quoroom"]
     createdAt: datetime
     updatedAt: datetime
 

@@ -85,6 +85,7 @@ def to_out(instance: CloudInstance, role: Role) -> InstanceOut:
         error=instance.error,
         url=instance.url,
         role=role,
+        runtimeKind="quoroom" if instance.runtime_kind == "quoroom" else "reference",
         createdAt=instance.created_at,
         updatedAt=instance.updated_at,
     )
@@ -164,6 +165,7 @@ async def create_instance(
         tier=body.tier,
         region=body.region,
         status=S.DRAFT,
+        runtime_kind=ctx.settings.runtime_kind,
         create_key=idempotency_key,
         created_at=now,
         updated_at=now,

@@ -21,15 +21,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 __all__ = [
     "APP_PREFIX",
+    "DEFAULT_RUNTIME_KIND",
+    "RUNTIME_KINDS",
     "InstanceSpec",
     "MachineInfo",
     "OwnedApp",
     "Provider",
     "ProviderError",
+    "RuntimeKind",
     "VolumeInfo",
     "app_name",
     "credential_env",
@@ -41,6 +44,12 @@ __all__ = [
 #: deployments sharing one Fly organization must use different prefixes, or each would sweep
 #: the other's apps as orphans.
 APP_PREFIX = "qr"
+#: What runs in an instance (DESIGN.md "Gateway mode"): ``reference`` is the Python reference
+#: Room behind ``quoroom-runtime serve``; ``quoroom`` is the real (Node) Room behind
+#: ``quoroom-runtime gateway``. Fixed when the instance is created (``cloud_instances``).
+RuntimeKind = Literal["reference", "quoroom"]
+RUNTIME_KINDS: tuple[RuntimeKind, ...] = ("reference", "quoroom")
+DEFAULT_RUNTIME_KIND: RuntimeKind = "reference"
 _APP_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -102,6 +111,7 @@ class InstanceSpec:
     cpus: int
     memory_mb: int
     volume_gb: int
+    runtime_kind: RuntimeKind = DEFAULT_RUNTIME_KIND
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,7 @@ from control_plane.instances.lifecycle import IllegalTransition, record_event, t
 from control_plane.instances.lifecycle import update_fields as lifecycle_update_fields
 from control_plane.instances.models import CloudInstance, InstanceStatus, InstanceSubscription
 from control_plane.provisioning.provider import (
+    RUNTIME_KINDS,
     InstanceSpec,
     MachineInfo,
     Provider,
@@ -445,6 +446,11 @@ class Worker:
             raise ProviderError(
                 f"tier {inst.tier!r} is not in the catalog", retryable=False, step="spec"
             ) from exc
+        kind = next((k for k in RUNTIME_KINDS if k == inst.runtime_kind), None)
+        if kind is None:
+            raise ProviderError(
+                f"runtime kind {inst.runtime_kind!r} is unknown", retryable=False, step="spec"
+            )
         return InstanceSpec(
             instance_id=inst.id,
             owner_id=inst.owner_id,
@@ -453,6 +459,7 @@ class Worker:
             cpus=tier.cpus,
             memory_mb=tier.memory_mb,
             volume_gb=tier.volume_gb,
+            runtime_kind=kind,
         )
 
     def _app(self, inst: CloudInstance) -> str:

@@ -79,6 +79,32 @@ def test_out_of_range_settings_are_refused(change: dict[str, Any]):
         Settings(**change)
 
 
+def test_the_runtime_kind_of_new_instances_is_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    assert Settings().runtime_kind == "reference"
+    monkeypatch.setenv("QUOROOM_CP_RUNTIME_KIND", "quoroom")
+    monkeypatch.setenv("QUOROOM_CP_QUOROOM_ROOM_CLI", "/opt/room/cli.js")
+    s = Settings()
+    assert s.runtime_kind == "quoroom" and s.quoroom_room_cli == Path("/opt/room/cli.js")
+
+
+@pytest.mark.parametrize("kind", ["node", "", "reference,quoroom", "QUOROOM_X"])
+def test_an_unknown_runtime_kind_is_refused_naming_the_variable(
+    kind: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    with pytest.raises(ValidationError) as info:
+        Settings(runtime_kind=kind)
+    assert "QUOROOM_CP_RUNTIME_KIND must be one of reference, quoroom" in str(info.value)
+    monkeypatch.setenv("QUOROOM_CP_RUNTIME_KIND", kind)
+    cli.get_settings.cache_clear()
+    try:
+        assert cli.main(["migrate"]) == 2
+    finally:
+        cli.get_settings.cache_clear()
+    assert "QUOROOM_CP_RUNTIME_KIND" in capsys.readouterr().err
+
+
 def test_development_secrets_are_generated_once_and_kept(tmp_path: Path):
     first = Settings(var_dir=tmp_path).with_dev_secrets()
     second = Settings(var_dir=tmp_path).with_dev_secrets()

@@ -65,8 +65,9 @@ async def test_creating_an_instance_opens_a_subscription_checkout_for_it(cloud: 
     assert instance["role"] == "owner"
     assert set(instance) == {
         "id", "name", "goal", "tier", "region", "status", "step", "error", "url", "role",
-        "createdAt", "updatedAt",
+        "runtimeKind", "createdAt", "updatedAt",
     }  # fmt: skip
+    assert instance["runtimeKind"] == "reference"  # the default RUNTIME_KIND
     assert cloud.stripe is not None
     [session] = cloud.stripe.sessions
     assert data["checkout_url"] == session["url"]
@@ -90,6 +91,25 @@ async def test_creating_an_instance_opens_a_subscription_checkout_for_it(cloud: 
         ("created", None, None),
         ("billing", "draft", "awaiting_payment"),
     ]
+
+
+async def test_new_instances_get_the_configured_runtime_kind_and_keep_it(make_cloud: Any) -> None:
+    async with make_cloud(runtime_kind="quoroom") as c:
+        owner = await c.user("owner@example.com")
+        created = (await c.created(owner))["instance"]
+        assert created["runtimeKind"] == "quoroom"
+        assert (await c.instance(created["id"])).runtime_kind == "quoroom"
+        read = await c.client.get(_path(created["id"]), headers=owner.headers)
+        assert read.json()["runtimeKind"] == "quoroom"
+        listed = await c.client.get("/api/cloud/instances", headers=owner.headers)
+        assert [i["runtimeKind"] for i in listed.json()["instances"]] == ["quoroom"]
+        async with c.h.app.state.session_factory() as db:  # an instance made before the switch
+            row = await db.get(CloudInstance, created["id"])
+            assert row is not None
+            row.runtime_kind = "reference"
+            await db.commit()
+        read = await c.client.get(_path(created["id"]), headers=owner.headers)
+        assert read.json()["runtimeKind"] == "reference"
 
 
 async def test_a_double_clicked_create_gives_one_instance_and_one_checkout(cloud: Cloud) -> None:
