@@ -3,7 +3,9 @@
 Where the token comes from:
 
 - HTTP: ``Authorization: Bearer <jwt>`` only. (A token in a URL ends up in logs and Referer
-  headers; only WebSockets, which browsers cannot give headers, may use the URL.)
+  headers; only WebSockets, which browsers cannot give headers, may use the URL.) In gateway
+  mode, ``query_token_route`` names the few routes of the Room that a browser navigates to with
+  ``?token=``; there the query token is taken (and removed) as on a WebSocket.
 - WebSocket: a ``Sec-WebSocket-Protocol`` entry ``quoroom.bearer.<jwt>`` (offered next to
   ``quoroom``, which the stack then selects), or ``?token=<jwt>``. Either is removed from the
   scope before the Room app sees it, so the app can neither log nor echo it.
@@ -69,9 +71,13 @@ class Authenticate:
         websocket_paths: Iterable[str] = ("/ws",),
         public_paths: Iterable[str] = ("/api/status", "/api/auth/handshake"),
         clock: Callable[[], float] = time.time,
+        query_token_route: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.app = app
         self.verifier = verifier
+        # Gateway mode: the Room's routes a browser navigates to take ``?token=`` (there is no
+        # way to send a header with a navigation). Everywhere else HTTP takes the header only.
+        self.query_token_route = query_token_route
         self._cached: Callable[[str], Principal | None] | None = (
             verifier.cached if isinstance(verifier, TokenVerifier) else None
         )
@@ -93,6 +99,12 @@ class Authenticate:
             await self.app(scope, receive, send)
             return
         token = _bearer(scope)
+        if (
+            token is None
+            and self.query_token_route is not None
+            and self.query_token_route(scope["method"], path)
+        ):
+            scope, token, _ = _take_websocket_token(scope)
         if token is None:
             if path in self.public_paths:
                 await self.app(scope, receive, send)

@@ -1,6 +1,7 @@
 """The few routes the stack answers itself, and the mode report merged into ``/api/status``.
 
-- ``GET /healthz`` — 200 for Fly's checks (the address limiter skips it).
+- ``GET /healthz`` — 200 for Fly's checks (the address limiter skips it). With ``health`` (gateway
+  mode) its status and body come from there: 503 while the Room behind the gateway is down.
 - ``GET /api/auth/verify`` — the Room UI's check of its token: ``{ok, role, profile}``.
 - ``/api/auth/handshake`` — the Room's localhost handshake, refused in cloud mode.
 - ``GET /api/status`` — without a token only the mode and the auth capabilities (no secrets);
@@ -34,9 +35,11 @@ class CloudEndpoints:
         *,
         capabilities: Callable[[], dict[str, Any]],
         healthz_path: str = "/healthz",
+        health: Callable[[], tuple[int, bytes]] | None = None,
     ) -> None:
         self.app = app
         self.capabilities = capabilities
+        self.health = health
         self.healthz_path = healthz_path
         self._answered = frozenset(
             {healthz_path, "/api/auth/handshake", "/api/auth/verify", STATUS_PATH}
@@ -49,7 +52,10 @@ class CloudEndpoints:
             return
         path = scope["path"]
         if path == self.healthz_path:
-            await send_json(send, 200, b'{"ok":true}')
+            if self.health is None:
+                await send_json(send, 200, b'{"ok":true}')
+            else:
+                await send_json(send, *self.health())
         elif path == "/api/auth/handshake":
             await send_error(
                 send, 403, "the local handshake is disabled in cloud mode", "handshake_disabled"

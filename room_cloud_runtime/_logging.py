@@ -22,6 +22,8 @@ from ._scope import CLIENT_ADDRESS, PRINCIPAL, state_of
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
 _QUERY_TOKEN = re.compile(r"((?:^|[?&\s])(?:token|access_token|refresh_token)=)[^&\s\"']+", re.I)
 _BEARER = re.compile(r"(bearer\s+)[^\s\"']+", re.I)
+# "Auth token: 189321c7..." and the like: the Room prints a prefix of its token at start-up.
+_LABELLED = re.compile(r"\b((?:token|secret|password)s?\s*[:=]\s*)[^\s\"',&]+", re.I)
 _REDACTED = "[redacted]"
 
 # LogRecord attributes that are not "extra" fields.
@@ -31,6 +33,7 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 def redact(text: str) -> str:
     text = _JWT.sub(_REDACTED, text)
     text = _QUERY_TOKEN.sub(lambda m: m.group(1) + _REDACTED, text)
+    text = _LABELLED.sub(lambda m: m.group(1) + _REDACTED, text)
     return _BEARER.sub(lambda m: m.group(1) + _REDACTED, text)
 
 

@@ -15,9 +15,9 @@ the rate-limit storage; they start and stop with the ASGI ``lifespan`` (or expli
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,6 +38,14 @@ from ._verify import TokenVerifier
 logger = logging.getLogger("room_cloud_runtime")
 
 
+class Resource(Protocol):
+    """Something with a life of its own started and stopped with the stack (the gateway)."""
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 class RuntimeStack:
     """An ASGI app: ``app`` wrapped by the layers its settings call for.
 
@@ -53,8 +61,12 @@ class RuntimeStack:
         policy: Policy = DEFAULT_POLICY,
         jwks: JWKSCache | None = None,
         limiter: Limiter | None = None,
+        health: Callable[[], tuple[int, bytes]] | None = None,
+        query_token_route: Callable[[str, str], bool] | None = None,
+        resources: Sequence[Resource] = (),
     ) -> None:
         self.settings = settings
+        self.resources = tuple(resources)
         self.inner = app
         self.jwks: JWKSCache | None = None
         self.verifier: TokenVerifier | None = None
@@ -93,8 +105,8 @@ class RuntimeStack:
             read_limit=settings.read_limit,
             write_limit=settings.write_limit,
         )
-        inner = CloudEndpoints(inner, capabilities=self.capabilities)
-        inner = Authenticate(inner, verifier=self.verifier)
+        inner = CloudEndpoints(inner, capabilities=self.capabilities, health=health)
+        inner = Authenticate(inner, verifier=self.verifier, query_token_route=query_token_route)
         inner = AddressRateLimit(inner, limiter=self.limiter, limit=settings.address_limit)
         inner = ClientAddress(inner, trust_fly_client_ip=settings.behind_fly_proxy)
         inner = CORSGuard(
@@ -136,6 +148,8 @@ class RuntimeStack:
         self._started = True
         if self.jwks is not None:
             await self.jwks.start()
+        for resource in self.resources:
+            await resource.start()
         logger.info(
             "runtime stack started",
             extra={"mode": self.settings.mode, "instance": self.settings.instance_id},
@@ -145,6 +159,8 @@ class RuntimeStack:
         if not self._started:
             return
         self._started = False
+        for resource in reversed(self.resources):
+            await resource.aclose()
         if self.jwks is not None:
             await self.jwks.aclose()
         if self.limiter is not None:

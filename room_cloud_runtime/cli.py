@@ -74,12 +74,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--app", help="an ASGI app to wrap instead of the reference Room, 'mod:attr'"
     )
     serve.add_argument("--log-level", default=os.environ.get("QUOROOM_LOG_LEVEL", "info"))
+    gateway = sub.add_parser(
+        "gateway",
+        help="the stack in front of a Room on loopback (the Node quoroom server), proxying to it",
+        usage="quoroom-runtime gateway [--host H] [--port P] --upstream http://127.0.0.1:U "
+        "[-- COMMAND ARGS...]",
+    )
+    gateway.add_argument("--host", help="default: 0.0.0.0")
+    gateway.add_argument("--port", type=_port, help="default: $PORT, else 8080")
+    gateway.add_argument(
+        "--upstream", help="the Room's URL on loopback (default: $QUOROOM_GATEWAY_UPSTREAM)"
+    )
+    gateway.add_argument("--log-level", default=os.environ.get("QUOROOM_LOG_LEVEL", "info"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" is the Room's command line (gateway mode), never our options.
+    command: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level.upper())
+    if args.command == "gateway":
+        return _gateway(args, command)
+    if command:
+        print("quoroom-runtime: serve takes no command after --", file=sys.stderr)
+        return 2
     try:
         settings = load_settings()
         app = _load_app(args.app, settings)
@@ -108,6 +131,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=args.log_level.lower(),
         **server_options(settings),  # type: ignore[arg-type]
     )
+    return 0
+
+
+def _gateway(args: argparse.Namespace, command: list[str]) -> int:
+    from ._gateway import build_gateway, load_gateway_settings
+
+    try:
+        settings = load_settings()
+        gateway_settings = load_gateway_settings(args.upstream, command)
+        stack, gateway = build_gateway(settings, gateway_settings)
+        port = args.port or (_port(os.environ["PORT"]) if os.environ.get("PORT") else 8080)
+    except ConfigError as exc:
+        print(f"quoroom-runtime: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except argparse.ArgumentTypeError as exc:
+        print(f"quoroom-runtime: configuration error: PORT: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    host = args.host or "0.0.0.0"
+    config = uvicorn.Config(
+        stack,
+        host=host,
+        port=port,
+        log_config=None,
+        log_level=args.log_level.lower(),
+        **server_options(settings),  # type: ignore[arg-type]
+    )
+    server = uvicorn.Server(config)
+
+    def stop_on_fatal() -> None:
+        server.should_exit = True
+
+    gateway.on_fatal.append(stop_on_fatal)
+    log.info(
+        "gateway serving",
+        extra={"host": host, "port": port, "upstream": gateway_settings.upstream},
+    )
+    server.run()
+    if gateway.failed:
+        print("quoroom-runtime: the Room could not be kept up", file=sys.stderr)
+        return 1
     return 0
 
 

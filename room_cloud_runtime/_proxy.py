@@ -1,0 +1,462 @@
+"""The innermost app of gateway mode: forward what the stack let through to a Room on loopback.
+
+HTTP and WebSocket go through aiohttp's client. It was chosen by measurement
+(``bench/bench_gateway_clients.py``, bench/RESULTS.md "Gateway"): per forwarded request it costs a
+fraction of httpx's CPU. No HTTP is parsed here by hand.
+
+What the Room receives:
+
+- the request line, with any ``token`` query parameter removed (launch links, WebSocket URLs: the
+  client's token never reaches the Room), and the body streamed as it arrives (never buffered
+  whole; ``RequestLimits`` outside still counts it);
+- the client's headers less the hop-by-hop ones (RFC 9110 section 7.6.1, plus those the
+  ``Connection`` header names), less ``Authorization``, ``Expect`` and every
+  ``Forwarded``/``X-Forwarded-*``/``X-Real-IP``/``Fly-Client-IP`` the client sent; then the
+  gateway's own ``X-Forwarded-For``/``-Proto``/``-Host`` and ``Forwarded``;
+- for a request with a principal, ``Authorization: Bearer <the Room's own HS256 token>``
+  (``/ws``: ``?token=`` instead, the only place the Room reads it);
+- from the principal's own loopback source address (``_upstream_identity``): the Room's
+  per-address rate limit stays per user, and no request looks local to it.
+
+What the client receives: the Room's status, headers and body (streamed, bytes untouched:
+aiohttp's decompression is off), less hop-by-hop headers and less the headers the stack owns
+(CORS, HSTS, Referrer-Policy: the launch URL carries a token, so ``no-referrer`` must win).
+
+Failures, as JSON in the Room's error shape: Room not running or refusing connections → 503
+``upstream_unavailable`` with ``Retry-After``; no answer in time → 504 ``upstream_timeout``; a
+broken answer (garbage, oversized headers, a connection reset) → 502 ``upstream_error``. Once the
+response has started, a broken upstream aborts the client connection instead (a truncated body
+must never look complete). A client that goes away mid-stream cancels the upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import aiohttp
+
+from ._responses import deny_websocket, send_error
+from ._scope import Principal, principal_of
+from ._upstream_identity import SourceAddresses, UpstreamTokens
+
+logger = logging.getLogger("room_cloud_runtime.gateway")
+
+Header = tuple[bytes, bytes]
+
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Request headers the client may not pass on: credentials the gateway replaces, proxy facts only
+# the gateway may state, and ``Expect`` (the server in front already answered it).
+_DROP_REQUEST = _HOP_BY_HOP | {
+    b"authorization",
+    b"expect",
+    b"forwarded",
+    b"x-real-ip",
+    b"fly-client-ip",
+    b"host",
+}
+# Response headers the stack sets itself (CORSGuard, SecurityHeaders).
+_DROP_RESPONSE = _HOP_BY_HOP | {
+    b"strict-transport-security",
+    b"referrer-policy",
+    b"access-control-allow-origin",
+    b"access-control-allow-credentials",
+    b"access-control-allow-methods",
+    b"access-control-allow-headers",
+    b"access-control-expose-headers",
+    b"access-control-max-age",
+}
+# WebSocket handshakes: aiohttp writes its own Sec-WebSocket-* and Upgrade headers.
+_WS_PASS = frozenset({b"origin", b"user-agent", b"cookie", b"accept-language"})
+_RETRY_AFTER = (b"retry-after", b"2")
+# Closing codes an endpoint may not send (RFC 6455 section 7.4.1) and what goes out instead.
+_WS_UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
+_INLINE_BODY = 64 * 1024  # answers up to this size are read whole and sent in one message
+
+
+class _ClientGone(Exception):
+    """The client disconnected (or ``RequestLimits`` cut the body off) while we forwarded."""
+
+
+class RoomUnavailable(Exception):
+    """The supervisor says the Room is not up: answer 503 at once instead of trying."""
+
+
+class UpstreamProxy:
+    """Forwards HTTP and WebSocket scopes to ``upstream`` (``http://127.x.y.z:port``).
+
+    :param upstream: the Room's base URL (loopback IPv4, checked by the gateway settings).
+    :param tokens: mints the Room's HS256 token for a principal.
+    :param sources: the loopback source address of each user.
+    :param ready: returns ``None`` when requests may be forwarded, else the reason code of a 503
+        (the Room is starting or down). Called per request: a cheap look-up.
+    :param trust_fly_client_ip: take ``X-Forwarded-For`` from ``Fly-Client-IP`` (behind Fly's
+        proxy) rather than the socket.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        tokens: UpstreamTokens,
+        sources: SourceAddresses,
+        ready: Callable[[], str | None] = lambda: None,
+        trust_fly_client_ip: bool = False,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        max_ws_message_bytes: int = 16 * 1024 * 1024,
+        pool_size: int = 32,
+    ) -> None:
+        parts = urlsplit(upstream)
+        self.upstream = f"{parts.scheme}://{parts.netloc}"
+        self.ws_upstream = f"ws://{parts.netloc}"
+        self.tokens = tokens
+        self.sources = sources
+        self.ready = ready
+        self.trust_fly_client_ip = trust_fly_client_ip
+        self.max_ws_message_bytes = max_ws_message_bytes
+        self.pool_size = pool_size
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=connect_timeout,
+            sock_connect=connect_timeout,
+            sock_read=read_timeout,
+        )
+        self._ws_timeout = aiohttp.ClientWSTimeout(ws_close=5.0)
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    # -- sessions: one connection pool per source address ----------------------------------------
+
+    def _session(self, source: str) -> aiohttp.ClientSession:
+        session = self._sessions.get(source)
+        if session is None:
+            connector = aiohttp.TCPConnector(
+                local_addr=(source, 0),
+                limit=self.pool_size,
+                # Node's http server drops idle keep-alive sockets after 5 s; reusing one it is
+                # closing loses the request, so let ours go first.
+                keepalive_timeout=4.0,
+            )
+            session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                auto_decompress=False,  # bytes pass through untouched, Content-Encoding and all
+                # Add nothing the client did not send.
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                max_field_size=16 * 1024,
+            )
+            self._sessions[source] = session
+        return session
+
+    async def aclose(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
+
+    # -- ASGI -------------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+
+    async def _http(self, scope: Any, receive: Any, send: Any) -> None:
+        reason = self.ready()
+        if reason is not None:
+            await send_error(send, 503, "the Room is not running yet", reason, (_RETRY_AFTER,))
+            return
+        principal = principal_of(scope)
+        headers = self._request_headers(scope, principal)
+        has_body = any(
+            (k == b"content-length" and v.strip() not in (b"", b"0")) or k == b"transfer-encoding"
+            for k, v in scope["headers"]
+        )
+        body_done = not has_body
+        session = self._session(self.sources.for_subject(principal.subject if principal else None))
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal body_done
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _ClientGone
+                chunk = message.get("body", b"")
+                if chunk:
+                    yield chunk
+                if not message.get("more_body", False):
+                    body_done = True
+                    return
+
+        started = False
+        try:
+            async with session.request(
+                scope["method"],
+                self.upstream + _target(scope),
+                headers=headers,
+                data=body() if has_body else None,
+                allow_redirects=False,
+                compress=None,
+            ) as response:
+                start = {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": _response_headers(response.raw_headers),
+                }
+                length = response.content_length
+                if length is not None and length <= _INLINE_BODY:
+                    payload = await response.read()
+                    started = True
+                    await send(start)
+                    await send({"type": "http.response.body", "body": payload})
+                    return
+                started = True
+                await send(start)
+                await self._stream(response, receive, send, watch=body_done)
+        except _ClientGone:
+            logger.info("client went away, upstream request cancelled")
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            await self._fail(send, started, 504, "the Room did not answer in time", exc)
+        except aiohttp.ClientConnectorError as exc:
+            await self._fail(send, started, 503, "the Room is not reachable", exc)
+        except (aiohttp.ClientError, ValueError) as exc:
+            await self._fail(send, started, 502, "the Room gave a broken answer", exc)
+
+    async def _stream(
+        self, response: aiohttp.ClientResponse, receive: Any, send: Any, *, watch: bool
+    ) -> None:
+        """Stream the body; with ``watch``, a client disconnect cancels it (uvicorn drops sends
+        to a gone client silently, so without the watch a large download would run on)."""
+        task = asyncio.current_task()
+        gone = False
+
+        async def watch_disconnect() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            if task is not None:
+                task.cancel()
+
+        watcher = asyncio.create_task(watch_disconnect()) if watch else None
+        try:
+            async for chunk in response.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except asyncio.CancelledError:
+            if not gone or task is None:
+                raise
+            task.uncancel()
+            raise _ClientGone from None
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+
+    async def _fail(
+        self, send: Any, started: bool, status: int, message: str, exc: BaseException
+    ) -> None:
+        code = {503: "upstream_unavailable", 504: "upstream_timeout"}.get(status, "upstream_error")
+        logger.warning("upstream failed", extra={"code": code, "error": type(exc).__name__})
+        if started:
+            # Headers are out: the only honest signal left is to break the connection.
+            raise _UpstreamAborted(code) from exc
+        extra = (_RETRY_AFTER,) if status == 503 else ()
+        await send_error(send, status, message, code, extra)
+
+    def _request_headers(self, scope: Any, principal: Principal | None) -> list[tuple[str, str]]:
+        raw: list[Header] = scope["headers"]
+        drop = set(_DROP_REQUEST)
+        host = b""
+        fly_ip = b""
+        for name, value in raw:
+            if name == b"connection":
+                drop.update(t.strip().lower() for t in value.split(b","))
+            elif name == b"host":
+                host = value
+            elif name == b"fly-client-ip":
+                fly_ip = value.strip()
+        out = [
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in raw
+            if name not in drop and not name.startswith(b"x-forwarded-")
+        ]
+        client = (
+            fly_ip.decode("latin-1")
+            if self.trust_fly_client_ip and fly_ip
+            else (scope.get("client") or ("unknown", 0))[0]
+        )
+        proto = "https" if self.trust_fly_client_ip else scope.get("scheme", "http")
+        proto = {"ws": "http", "wss": "https"}.get(proto, proto)
+        host_s = host.decode("latin-1")
+        node = f'"[{client}]"' if ":" in client else client
+        out += [
+            ("Host", host_s or self.upstream.split("://", 1)[1]),
+            ("X-Forwarded-For", client),
+            ("X-Forwarded-Proto", proto),
+            ("Forwarded", f"for={node};proto={proto}" + (f';host="{host_s}"' if host_s else "")),
+        ]
+        if host_s:
+            out.append(("X-Forwarded-Host", host_s))
+        if principal is not None and scope["type"] == "http":
+            out.append(("Authorization", "Bearer " + self.tokens.token_for(principal)))
+        return out
+
+    # -- WebSocket --------------------------------------------------------------------------------
+
+    async def _websocket(self, scope: Any, receive: Any, send: Any) -> None:
+        first = await receive()
+        if first["type"] != "websocket.connect":
+            return
+        reason = self.ready()
+        if reason is not None:
+            await deny_websocket(scope, send, 503, "the Room is not running yet", reason)
+            return
+        principal = principal_of(scope)
+        query = _strip_token(scope.get("query_string", b""))
+        if principal is not None:
+            token = self.tokens.token_for(principal)
+            query = f"{query}&token={token}" if query else f"token={token}"
+        url = self.ws_upstream + scope["path"] + (f"?{query}" if query else "")
+        headers = [
+            (k, v)
+            for k, v in self._request_headers(scope, None)
+            if k.lower().encode() in _WS_PASS or k.startswith(("X-Forwarded", "Forwarded", "Host"))
+        ]
+        session = self._session(self.sources.for_subject(principal.subject if principal else None))
+        try:
+            upstream = await session.ws_connect(
+                url,
+                headers=headers,
+                protocols=tuple(scope.get("subprotocols") or ()),
+                autoping=True,
+                max_msg_size=self.max_ws_message_bytes,
+                timeout=self._ws_timeout,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            code = "upstream_refused" if exc.status in (401, 403) else "upstream_error"
+            await deny_websocket(scope, send, 502, "the Room refused the socket", code)
+            return
+        except (TimeoutError, aiohttp.ClientConnectorError):
+            await deny_websocket(
+                scope, send, 503, "the Room is not reachable", "upstream_unavailable"
+            )
+            return
+        except aiohttp.ClientError:
+            await deny_websocket(
+                scope, send, 502, "the Room gave a broken answer", "upstream_error"
+            )
+            return
+        async with upstream:
+            await send({"type": "websocket.accept", "subprotocol": upstream.protocol})
+            await _pump(upstream, receive, send)
+
+
+async def _pump(upstream: aiohttp.ClientWebSocketResponse, receive: Any, send: Any) -> None:
+    """Both directions at once; the first side to close closes the other with its code."""
+
+    async def client_to_room() -> None:
+        while True:
+            message = await receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                text = message.get("text")
+                if text is not None:
+                    await upstream.send_str(text)
+                else:
+                    await upstream.send_bytes(message.get("bytes") or b"")
+            elif kind == "websocket.disconnect":
+                code = _sendable(message.get("code", 1000))
+                await upstream.close(code=code, message=(message.get("reason") or "").encode())
+                return
+
+    async def room_to_client() -> None:
+        while True:
+            message = await upstream.receive()
+            if message.type is aiohttp.WSMsgType.TEXT:
+                await send({"type": "websocket.send", "text": message.data})
+            elif message.type is aiohttp.WSMsgType.BINARY:
+                await send({"type": "websocket.send", "bytes": message.data})
+            elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING):
+                code = _sendable(upstream.close_code or message.data or 1000)
+                reason = message.extra if isinstance(message.extra, str) else ""
+                await send({"type": "websocket.close", "code": code, "reason": reason})
+                return
+            else:  # CLOSED, ERROR (e.g. a message over max_msg_size): end the session
+                code = 1009 if upstream.close_code == 1009 else 1011
+                await send({"type": "websocket.close", "code": code, "reason": "upstream_error"})
+                return
+
+    tasks = [asyncio.create_task(client_to_room()), asyncio.create_task(room_to_client())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    for result in results:
+        if isinstance(result, Exception) and not isinstance(result, ConnectionError):
+            logger.info("websocket relay ended", extra={"error": type(result).__name__})
+
+
+def _sendable(code: Any) -> int:
+    code = int(code) if isinstance(code, int) else 1000
+    return _WS_UNSENDABLE.get(code, code)
+
+
+class _UpstreamAborted(Exception):
+    """Raised after the response started: the server closes the connection mid-body."""
+
+
+def _target(scope: Any) -> str:
+    path = scope.get("raw_path") or scope["path"].encode()
+    target = path.decode("latin-1")
+    query = _strip_token(scope.get("query_string", b""))
+    return f"{target}?{query}" if query else target
+
+
+def _strip_token(query: bytes) -> str:
+    text = query.decode("latin-1")
+    if "token" not in text:
+        return text
+    pairs = parse_qsl(text, keep_blank_values=True)
+    return urlencode([(k, v) for k, v in pairs if k != "token"])
+
+
+def _response_headers(raw: Any) -> list[Header]:
+    drop = set(_DROP_RESPONSE)
+    for name, value in raw:
+        if name.lower() == b"connection":
+            drop.update(t.strip().lower() for t in value.split(b","))
+    return [(name.lower(), value) for name, value in raw if name.lower() not in drop]
+
+
+async def _lifespan(receive: Any, send: Any) -> None:
+    """Answer the lifespan protocol; the stack starts and stops the gateway's resources."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
