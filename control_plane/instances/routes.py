@@ -216,7 +216,10 @@ async def runtime_token(
     )
     await db.commit()
     return RuntimeTokenOut(
-        token=issued.token, expires_at=issued.expires_at, runtime_url=issued.runtime_url
+        token=issued.token,
+        expires_at=issued.expires_at,
+        runtime_url=issued.runtime_url,
+        launch_url=issued.launch_url,
     )
 
 

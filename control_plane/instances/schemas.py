@@ -151,6 +151,9 @@ class RuntimeTokenOut(BaseModel):
     token: str
     expires_at: datetime
     runtime_url: str
+    #: Open this to enter the Room: ``{runtime_url}/#launch=<token>`` for the reference Room,
+    #: ``{runtime_url}/?token=<token>`` for the real one (its UI reads the query).
+    launch_url: str
 
 
 class RefreshTokenOut(BaseModel):

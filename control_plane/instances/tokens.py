@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import jwt
 from sqlalchemy import select
@@ -43,6 +43,7 @@ class IssuedToken:
     token: str
     expires_at: datetime
     runtime_url: str
+    launch_url: str
 
 
 def runtime_origin(url: str | None) -> str | None:
@@ -58,6 +59,20 @@ def runtime_origin(url: str | None) -> str | None:
     default = 443 if parts.scheme == "https" else 80
     port = f":{parts.port}" if parts.port not in (None, default) else ""
     return f"{parts.scheme}://{host}{port}"
+
+
+def launch_url(runtime_url: str, token: str, runtime_kind: str) -> str:
+    """Where the browser opens the Room with ``token``, in the style its UI reads.
+
+    The reference Room takes it from the fragment (``#launch=``: never sent to any server). The
+    real Room's UI reads ``?token=`` and removes it from the address bar; the query reaches the
+    runtime, whose access log never records query strings. Either way no page of ours sends it
+    as a Referer (``Referrer-Policy: no-referrer``).
+    """
+    base, quoted = runtime_url.rstrip("/"), quote(token, safe="")
+    if runtime_kind == "quoroom":
+        return f"{base}/?token={quoted}"
+    return f"{base}/#launch={quoted}"
 
 
 def ensure_openable(instance: CloudInstance) -> str:
@@ -97,7 +112,12 @@ def issue(
     if user.name:
         claims["name"] = user.name
     token = ring.sign(claims, audience=RUNTIME_AUDIENCE)
-    return IssuedToken(token, datetime.fromtimestamp(expires, tz=UTC), runtime_url)
+    return IssuedToken(
+        token,
+        datetime.fromtimestamp(expires, tz=UTC),
+        runtime_url,
+        launch_url(runtime_url, token, instance.runtime_kind),
+    )
 
 
 def verify_runtime_token(

@@ -274,7 +274,7 @@ async def members(request: Request, viewer: Viewer, instance_id: str) -> Respons
 
 @router.get("/app/instances/{instance_id}/open", response_class=HTMLResponse)
 async def open_instance(request: Request, viewer: Viewer, instance_id: str) -> Response:
-    """Asks for a runtime token and goes into the Room (``{runtime}/#launch=<token>``)."""
+    """Asks for a runtime token and goes into the Room at the grant's ``launch_url``."""
     if viewer is None:
         return _to_signin(request)
     if not _ID_RE.match(instance_id):

@@ -4,10 +4,12 @@ refreshed with the current token as proof — under the instance's runtime origi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 import jwt
@@ -86,7 +88,7 @@ async def test_the_token_carries_exactly_the_contracted_claims(cloud: Cloud) -> 
     r = await _token(cloud, owner, instance_id)
     assert r.status_code == 200
     body = r.json()
-    assert set(body) == {"token", "expires_at", "runtime_url"}
+    assert set(body) == {"token", "expires_at", "runtime_url", "launch_url"}
     assert body["runtime_url"] == RUNTIME_URL
     ring: KeyRing = cloud.h.app.state.key_ring
     header = jwt.get_unverified_header(body["token"])
@@ -108,6 +110,56 @@ async def test_the_token_carries_exactly_the_contracted_claims(cloud: Cloud) -> 
     assert member_claims["role"] == "member" and member_claims["sub"] == member.user_id
     again = _claims((await _token(cloud, owner, instance_id)).json()["token"])
     assert again["jti"] != claims["jti"]
+
+
+async def test_a_reference_room_is_launched_with_the_token_in_the_fragment(cloud: Cloud) -> None:
+    owner = await cloud.user("owner@example.com")
+    instance_id = await cloud.paid_and_running(owner, url=RUNTIME_URL + "/")
+    grant = (await _token(cloud, owner, instance_id)).json()
+    assert grant["launch_url"] == f"{RUNTIME_URL}/#launch={quote(grant['token'], safe='')}"
+
+
+async def test_a_quoroom_room_is_launched_with_the_token_in_the_query_its_ui_reads(
+    make_cloud: Any,
+) -> None:
+    async with make_cloud(runtime_kind="quoroom") as c:
+        owner = await c.user("owner@example.com")
+        instance_id = await c.paid_and_running(owner)
+        grant = (await _token(c, owner, instance_id)).json()
+    target = urlsplit(grant["launch_url"])
+    assert f"{target.scheme}://{target.netloc}{target.path}" == f"{RUNTIME_URL}/"
+    assert parse_qs(target.query, strict_parsing=True) == {"token": [grant["token"]]}
+    assert target.fragment == ""
+    assert grant["runtime_url"] == RUNTIME_URL
+
+
+async def test_the_control_plane_never_logs_a_runtime_token(
+    make_cloud: Any, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A quoroom launch end to end (grant, the open page, refreshes good and bad), every logger
+    at DEBUG: no token and no token signature in any record or on the console."""
+    caplog.set_level(logging.DEBUG)
+    async with make_cloud(runtime_kind="quoroom") as c:
+        owner = await c.user("owner@example.com")
+        instance_id = await c.paid_and_running(owner)
+        grant = (await _token(c, owner, instance_id)).json()
+        page = await c.client.get(f"/app/instances/{instance_id}/open")
+        assert page.headers["referrer-policy"] == "no-referrer"
+        refreshed = await _refresh(c, instance_id, grant["token"], Origin=RUNTIME_URL)
+        assert refreshed.status_code == 200
+        head, payload, signature = grant["token"].split(".")
+        tampered = f"{head}.{payload}.{signature[:-4]}AAAA"
+        assert (await _refresh(c, instance_id, tampered)).status_code == 401
+        foreign = await _refresh(c, instance_id, grant["token"], Origin="https://evil.example")
+        assert foreign.status_code == 403
+        c.h.clock.advance(601)
+        assert (await _refresh(c, instance_id, grant["token"])).status_code == 401
+    assert caplog.records, "nothing was logged: the check would prove nothing"
+    out, err = capfd.readouterr()
+    logged = "\n".join([caplog.text, out, err, *(str(r.args) for r in caplog.records)])
+    for secret in (grant["token"], signature, refreshed.json()["token"], tampered):
+        assert secret not in logged
+        assert quote(secret, safe="") not in logged
 
 
 async def test_the_name_claim_is_sent_when_the_user_has_a_name(cloud: Cloud) -> None:

@@ -295,16 +295,17 @@
     }
   };
 
-  // Into the Room: a short-lived runtime token in the URL fragment (never sent to a server,
-  // never in a Referer: every page here answers with Referrer-Policy: no-referrer).
+  // Into the Room: a short-lived runtime token in the launch URL the grant names, in the style
+  // the Room's UI reads (#launch=<token> for the reference Room, ?token=<token> for the real
+  // one). Never in a Referer: every page here answers with Referrer-Policy: no-referrer.
   Q.launch = async function (instanceId) {
     const grant = await Q.api(
       "POST",
       `/api/cloud/instances/${encodeURIComponent(instanceId)}/runtime-token`
     );
-    const base = String(grant.runtime_url || "").replace(/\/+$/, "");
-    if (!/^https?:\/\//.test(base)) throw new Error("the Room has no address yet");
-    location.replace(`${base}/#launch=${encodeURIComponent(grant.token)}`);
+    const target = String(grant.launch_url || "");
+    if (!/^https?:\/\/[^/?#]/.test(target)) throw new Error("the Room has no address yet");
+    location.replace(target);
   };
 
   // -- page-wide wiring --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-// /app/instances/{id}/open: a runtime token, then into the Room (#launch=<token>).
+// /app/instances/{id}/open: a runtime token, then into the Room at the grant's launch_url.
 "use strict";
 
 (function () {
