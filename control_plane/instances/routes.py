@@ -247,9 +247,14 @@ async def _allowed_origin(request: Request, db: SessionDep, instance_id: str) ->
 
 
 def _cors(response: Response, origin: str | None) -> Response:
+    """CORS for the refresh call. The real Room UI calls it with ``credentials: "include"``, so
+    the answer (preflight too) must name the exact origin and allow credentials, or the browser
+    hides it. Allowing credentials grants nothing here: the route reads no cookie, the token in
+    the body is the only proof."""
     response.headers["Vary"] = "Origin"
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
     return response
 
 
@@ -262,8 +267,10 @@ def _cors(response: Response, origin: str | None) -> Response:
 async def refresh_token(
     instance_id: InstanceId, request: Request, db: ReadSessionDep, ctx: Ctx, now: Now
 ) -> Response:
-    # No cookie: the runtime token in the body is the proof. Errors carry the CORS headers too,
-    # so the Room UI on the runtime's origin can read why it was refused.
+    # No cookie: the runtime token in the body is the proof. Cookies a credentialed call brings
+    # along are never read (no session, so no CSRF check either: nothing ambient is used).
+    # Errors carry the CORS headers too, so the Room UI on the runtime's origin can read why it
+    # was refused.
     origin: str | None = None
     try:
         origin = await _allowed_origin(request, db, instance_id)
@@ -313,7 +320,7 @@ async def refresh_token_preflight(
             status_code=204,
             headers={
                 "Access-Control-Allow-Methods": "POST",
-                "Access-Control-Allow-Headers": "Content-Type",
+                "Access-Control-Allow-Headers": "Content-Type, Authorization",
                 "Access-Control-Max-Age": "600",
             },
         ),

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from control_plane.keys.service import KeyRing
 from room_cloud_runtime import JWKSCache, RuntimeSettings, RuntimeStack, TokenVerifier
 from room_cloud_runtime.reference_room import create_room_app
-from tests.control_plane.conftest import PUBLIC_URL
+from tests.control_plane.conftest import PUBLIC_URL, login_cookie
 from tests.control_plane.instances.helpers import RUNTIME_URL, Cloud, S, User
 from tests.helpers.tokens import TokenFactory
 
@@ -420,20 +420,52 @@ async def test_the_runtime_origin_may_call_the_refresh_endpoint(cloud: Cloud) ->
     pre = await _preflight(cloud, instance_id, RUNTIME_URL)
     assert pre.status_code == 204
     assert pre.headers["access-control-allow-origin"] == RUNTIME_URL
+    # The real Room UI calls with credentials: "include"; without this the browser hides the
+    # answer (the preflight's too).
+    assert pre.headers["access-control-allow-credentials"] == "true"
     assert pre.headers["access-control-allow-methods"] == "POST"
-    assert "content-type" in pre.headers["access-control-allow-headers"].lower()
+    allowed = {h.strip() for h in pre.headers["access-control-allow-headers"].lower().split(",")}
+    assert allowed == {"content-type", "authorization"}
     assert pre.headers["vary"] == "Origin"
-    assert "access-control-allow-credentials" not in pre.headers
     old = (await _token(cloud, owner, instance_id)).json()["token"]
     r = await _refresh(cloud, instance_id, old, Origin=RUNTIME_URL)
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == RUNTIME_URL
+    assert r.headers["access-control-allow-credentials"] == "true"
     assert r.headers["vary"] == "Origin"
     # A refusal is readable by the Room UI too.
     cloud.h.clock.advance(601)
     refused = await _refresh(cloud, instance_id, old, Origin=RUNTIME_URL)
     assert refused.status_code == 401
     assert refused.headers["access-control-allow-origin"] == RUNTIME_URL
+    assert refused.headers["access-control-allow-credentials"] == "true"
+    assert refused.headers["vary"] == "Origin"
+
+
+async def test_a_credentialed_refresh_that_carries_session_cookies_needs_only_the_token(
+    cloud: Cloud,
+) -> None:
+    """The browser sends the control plane's cookies along (same-site in development): no CSRF
+    header is needed, and the cookies grant nothing — the token alone decides, for its holder."""
+    owner = await cloud.user("owner@example.com")
+    instance_id = await cloud.paid_and_running(owner)
+    old = (await _token(cloud, owner, instance_id)).json()["token"]
+    stranger = await cloud.user("stranger@example.com")
+    await login_cookie(cloud.h, stranger.email)  # the client's jar now holds a session
+    assert cloud.client.cookies.get("qr_access") and cloud.client.cookies.get("qr_csrf")
+    browser = {"Origin": RUNTIME_URL, "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"}
+    r = await _refresh(cloud, instance_id, old, **browser)
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-credentials"] == "true"
+    # The new token is for the old one's holder, not for whoever the cookies belong to.
+    assert _claims(r.json()["token"])["sub"] == owner.user_id
+    head, payload, signature = old.split(".")
+    for body in ({"token": f"{head}.{payload}.{signature[:-4]}AAAA"}, {}):
+        refused = await cloud.client.post(
+            _url(instance_id, "refresh-token"), json=body, headers=browser
+        )
+        assert refused.status_code in (401, 422), refused.text
+        assert refused.json()["code"] in ("invalid_token", "invalid_body")
 
 
 @pytest.mark.parametrize(
@@ -453,10 +485,14 @@ async def test_other_origins_are_refused(cloud: Cloud, origin: str) -> None:
     pre = await _preflight(cloud, instance_id, origin)
     assert pre.status_code == 403 and pre.json()["code"] == "origin_not_allowed"
     assert "access-control-allow-origin" not in pre.headers
+    assert "access-control-allow-credentials" not in pre.headers
+    assert pre.headers["vary"] == "Origin"
     old = (await _token(cloud, owner, instance_id)).json()["token"]
     r = await _refresh(cloud, instance_id, old, Origin=origin)
     assert r.status_code == 403 and r.json()["code"] == "origin_not_allowed"
     assert "access-control-allow-origin" not in r.headers
+    assert "access-control-allow-credentials" not in r.headers
+    assert r.headers["vary"] == "Origin"
 
 
 async def test_a_preflight_for_another_method_or_a_stopped_instance_is_refused(
@@ -491,3 +527,4 @@ async def test_the_dashboard_origin_may_refresh_without_cors_headers(cloud: Clou
     r = await _refresh(cloud, instance_id, old, Origin=PUBLIC_URL)
     assert r.status_code == 200
     assert "access-control-allow-origin" not in r.headers
+    assert "access-control-allow-credentials" not in r.headers
