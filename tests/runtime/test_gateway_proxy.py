@@ -372,7 +372,7 @@ def test_the_stack_owns_cors_and_referrer_policy_on_the_rooms_answers(through):
 
 
 def test_a_large_upload_streams_through_whole(through):
-    base, factory, app = through
+    base, factory, _ = through
     token = factory.mint()
     payload = bytes(range(256)) * (40 * 4096)  # 40 MiB
 
@@ -513,7 +513,7 @@ def test_a_slow_upstream_gives_504(tokens):
 
 
 def test_a_body_that_never_ends_is_cut_off_and_never_looks_complete(tokens):
-    server, factory = tokens
+    server, _ = tokens
 
     def stalls(conn: socket.socket) -> None:
         _read_request(conn)
