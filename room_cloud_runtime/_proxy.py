@@ -286,12 +286,12 @@ class UpstreamProxy:
 
     def _request_headers(self, scope: Any, principal: Principal | None) -> list[tuple[str, str]]:
         raw: list[Header] = scope["headers"]
-        drop = set(_DROP_REQUEST)
+        drop: frozenset[bytes] = _DROP_REQUEST
         host = b""
         fly_ip = b""
         for name, value in raw:
             if name == b"connection":
-                drop.update(t.strip().lower() for t in value.split(b","))
+                drop = drop | {t.strip().lower() for t in value.split(b",")}
             elif name == b"host":
                 host = value
             elif name == b"fly-client-ip":
@@ -444,11 +444,14 @@ def _strip_token(query: bytes) -> str:
 
 
 def _response_headers(raw: Any) -> list[Header]:
-    drop = set(_DROP_RESPONSE)
+    drop: frozenset[bytes] = _DROP_RESPONSE
+    out: list[Header] = []
     for name, value in raw:
-        if name.lower() == b"connection":
-            drop.update(t.strip().lower() for t in value.split(b","))
-    return [(name.lower(), value) for name, value in raw if name.lower() not in drop]
+        name = name.lower()
+        if name == b"connection":
+            drop = drop | {t.strip().lower() for t in value.split(b",")}
+        out.append((name, value))
+    return [(name, value) for name, value in out if name not in drop]
 
 
 async def _lifespan(receive: Any, send: Any) -> None:
