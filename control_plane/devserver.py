@@ -136,7 +136,10 @@ async def _migrate(settings: Settings) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from control_plane.provisioning.runner import check_provider_settings
+
     settings = dev_settings(args.host, args.port)
+    check_provider_settings(settings)  # a SettingsError names the variable (exit status 2)
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as exc:

@@ -5,6 +5,12 @@
 pointing at this control plane, so the whole flow (pay → provision → open the Room with a runtime
 token) runs on one machine with no account anywhere.
 
+An instance of runtime kind ``quoroom`` runs the real (Node) Room behind the gateway instead:
+``python -m room_cloud_runtime.cli gateway --host 127.0.0.1 --port P --upstream
+http://127.0.0.1:U -- node <QUOROOM_ROOM_CLI> serve --port U`` (U a second free loopback port),
+same cloud environment, and ``HOME``, ``npm_config_prefix`` and ``TMPDIR`` inside the instance's
+directory: the Room installs provider CLIs with ``npm install -g``, and nothing may land outside.
+
 Layout under ``VAR_DIR``::
 
     instances/<instance id>/app.json      the "app": marks the directory as ours
@@ -12,6 +18,7 @@ Layout under ``VAR_DIR``::
     instances/<instance id>/secrets.json  the owner's credentials, mode 0600
     instances/<instance id>/runtime.json  the "machine": pid, port, when it started
     instances/<instance id>/runtime.log   the runtime's output
+    instances/<instance id>/home/, npm/, tmp/   HOME, npm's global prefix, TMPDIR (kind quoroom)
     snapshots/<instance id>-<timestamp>/  copies of data/ taken on cancel
 
 The state files let a restarted control plane find the runtimes a previous one started (and the
@@ -28,12 +35,14 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +52,7 @@ import httpx
 from control_plane.provisioning.fly import check_secret_names
 from control_plane.provisioning.provider import (
     APP_PREFIX,
+    DEFAULT_RUNTIME_KIND,
     InstanceSpec,
     MachineInfo,
     OwnedApp,
@@ -51,10 +61,11 @@ from control_plane.provisioning.provider import (
     app_name,
     instance_id_from_app,
 )
+from control_plane.settings import SettingsError
 from room_cloud_runtime._errors import ConfigError
 from room_cloud_runtime._settings import load_settings
 
-__all__ = ["LocalProvider"]
+__all__ = ["MIN_NODE_MAJOR", "LocalProvider", "find_quoroom_room"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +74,49 @@ REGION = "local"
 #: Environment passed through to the runtime. Nothing else is: the control plane's own
 #: QUOROOM_CP_* secrets must never reach a Room.
 _PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "TZ")
+
+
+#: The real Room's engines field (quoroom-room/README.md: node ≥ 20).
+MIN_NODE_MAJOR = 20
+_ROOM_CLI_VAR = "QUOROOM_CP_QUOROOM_ROOM_CLI"
+
+
+def find_quoroom_room(
+    cli: str | Path | None, *, which: Callable[[str], str | None] = shutil.which
+) -> tuple[str, Path]:
+    """``(node, cli.js)`` to run the real Room with, or :class:`SettingsError` naming what is
+    missing: the ``QUOROOM_ROOM_CLI`` setting, its file, or ``node`` (≥ 20) on ``PATH``."""
+    if cli is None or not str(cli).strip():
+        raise SettingsError(
+            _ROOM_CLI_VAR,
+            "is required with RUNTIME_KIND=quoroom and PROVIDER=local: the path of the real "
+            "Room's cli.js (the path ../shared/quoroom-room/install prints)",
+        )
+    path = Path(cli).expanduser().resolve()
+    if not path.is_file():
+        raise SettingsError(_ROOM_CLI_VAR, f"{path} does not exist (or is not a file)")
+    node = which("node")
+    if not node:
+        raise SettingsError(
+            "PATH", f"node is not on PATH; the real Room needs node >= {MIN_NODE_MAJOR}"
+        )
+    try:
+        done = subprocess.run(  # noqa: S603 - node as found on PATH, a fixed argument
+            [node, "--version"], capture_output=True, text=True, timeout=15, check=False
+        )
+        version = done.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    match = re.fullmatch(r"v(\d+)\.\d+\.\d+\S*", version)
+    if match is None or int(match.group(1)) < MIN_NODE_MAJOR:
+        raise SettingsError(
+            "PATH",
+            f"{node} is node {version or '(unknown version)'}; "
+            f"the real Room needs node >= {MIN_NODE_MAJOR}",
+        )
+    # An absolute path: the Room's PATH starts with its own npm prefix, where a package could
+    # install another "node".
+    return os.path.abspath(node), path
 
 
 def _free_port(host: str) -> int:
@@ -116,6 +170,7 @@ class LocalProvider:
         stop_timeout: float = 10.0,
         python: str = sys.executable,
         extra_env: Mapping[str, str] | None = None,
+        quoroom_room_cli: str | Path | None = None,
     ) -> None:
         self.root = Path(var_dir) / "instances"
         self.snapshots = Path(var_dir) / "snapshots"
@@ -128,6 +183,8 @@ class LocalProvider:
         self._stop_timeout = stop_timeout
         self._python = python
         self._extra_env = dict(extra_env or {})
+        self._room_cli = quoroom_room_cli
+        self._room: tuple[str, Path] | None = None  # (node, cli.js), found on first use
         # Runtimes this object started: waited on (no zombies) and stopped by aclose().
         self._children: dict[str, asyncio.subprocess.Process] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -135,11 +192,17 @@ class LocalProvider:
 
     @classmethod
     def from_settings(cls, settings: Any, **kw: Any) -> LocalProvider:
+        """Build from the settings. With ``RUNTIME_KIND=quoroom`` a missing real Room (its
+        ``cli.js`` or ``node`` ≥ 20) stops start-up here, naming what is missing."""
+        cli = getattr(settings, "quoroom_room_cli", None)
+        if getattr(settings, "runtime_kind", DEFAULT_RUNTIME_KIND) == "quoroom":
+            find_quoroom_room(cli)
         return cls(
             var_dir=settings.var_dir,
             issuer=settings.issuer,
             allowed_origins=[settings.public_origin],
             prefix=getattr(settings, "app_prefix", APP_PREFIX),
+            quoroom_room_cli=cli,
             **kw,
         )
 
@@ -221,13 +284,51 @@ class LocalProvider:
             raise ProviderError(f"runtime settings: {exc}", retryable=False) from exc
         return env
 
-    async def _spawn(self, app: str, instance_id: str, port: int | None) -> dict[str, Any]:
+    def _real_room(self) -> tuple[str, Path]:
+        if self._room is None:
+            self._room = find_quoroom_room(self._room_cli)
+        return self._room
+
+    def command(
+        self, app: str, instance_id: str, kind: str, port: int, upstream: int | None
+    ) -> tuple[list[str], dict[str, str]]:
+        """The argv and environment of an instance's runtime (``upstream``: the real Room's
+        loopback port, kind ``quoroom`` only)."""
+        env = self._env(instance_id, app, port)
+        argv = [self._python, "-m", "room_cloud_runtime.cli"]
+        listen = ["--host", self._host, "--port", str(port)]
+        if kind != "quoroom":
+            return [*argv, "serve", *listen], env
+        try:
+            node, cli = self._real_room()
+        except SettingsError as exc:  # an instance made before RUNTIME_KIND changed, say
+            raise ProviderError(f"machine: {exc}", retryable=False, step="machine") from exc
+        assert upstream is not None
+        room = ["--", node, str(cli), "serve", "--port", str(upstream)]
+        argv = [*argv, "gateway", *listen, "--upstream", f"http://127.0.0.1:{upstream}", *room]
+        # The Room (which inherits this environment through the gateway) installs provider
+        # CLIs with `npm install -g` and writes dotfiles: keep all of it in the instance's
+        # directory, and put what it installs on its PATH.
+        base = self._dir(app).resolve()
+        home, prefix, tmp = base / "home", base / "npm", base / "tmp"
+        for folder in (home, prefix / "bin", tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+        env["HOME"] = str(home)
+        env["npm_config_prefix"] = str(prefix)
+        env["TMPDIR"] = str(tmp)
+        env["PATH"] = os.pathsep.join([str(prefix / "bin"), env.get("PATH") or os.defpath])
+        return argv, env
+
+    async def _spawn(
+        self, app: str, instance_id: str, port: int | None, kind: str = DEFAULT_RUNTIME_KIND
+    ) -> dict[str, Any]:
         if port is None or not _port_free(self._host, port):
             port = _free_port(self._host)
+        upstream = None  # the real Room's port: only the gateway uses it, any free one will do
+        while kind == "quoroom" and upstream in (None, port):
+            upstream = _free_port("127.0.0.1")
         path = self._dir(app)
-        env = self._env(instance_id, app, port)
-        argv = [self._python, "-m", "room_cloud_runtime.cli", "serve"]
-        argv += ["--host", self._host, "--port", str(port)]
+        argv, env = await asyncio.to_thread(self.command, app, instance_id, kind, port, upstream)
         log = await asyncio.to_thread(open, path / "runtime.log", "ab")
         try:
             process = await asyncio.create_subprocess_exec(
@@ -247,10 +348,14 @@ class LocalProvider:
             "port": port,
             "instance_id": instance_id,
             "app": app,
+            "runtime_kind": kind,
+            "upstream_port": upstream,
             "started_at": datetime.now(UTC).isoformat(),
         }
         _write_json(path / "runtime.json", state)
-        logger.info("started runtime for %s (pid %d, port %d)", instance_id, process.pid, port)
+        logger.info(
+            "started %s runtime for %s (pid %d, port %d)", kind, instance_id, process.pid, port
+        )
         return state
 
     async def find_machine(self, app: str, instance_id: str) -> MachineInfo | None:
@@ -263,7 +368,7 @@ class LocalProvider:
             state = self._state(app)
             if state is None or not self._alive(app, state):
                 port = state.get("port") if state else None
-                state = await self._spawn(app, spec.instance_id, port)
+                state = await self._spawn(app, spec.instance_id, port, spec.runtime_kind)
             return MachineInfo(
                 self._machine_id(spec.instance_id), "started", url=self.url_of(state["port"])
             )
@@ -365,7 +470,12 @@ class LocalProvider:
             if state is None:
                 raise ProviderError("start: no runtime recorded", retryable=False, step="start")
             if not self._alive(app, state):
-                await self._spawn(app, str(state["instance_id"]), state.get("port"))
+                await self._spawn(
+                    app,
+                    str(state["instance_id"]),
+                    state.get("port"),
+                    str(state.get("runtime_kind") or DEFAULT_RUNTIME_KIND),
+                )
 
     # ---------------------------------------------------------------- snapshots and teardown
 
@@ -437,7 +547,8 @@ def _pid_running(pid: int) -> bool:
 
 
 def _is_our_runtime(pid: int, instance_id: str, port: Any) -> bool:
-    """Is ``pid`` a live ``quoroom-runtime serve`` for this instance on this port?
+    """Is ``pid`` a live ``quoroom-runtime serve`` (or ``gateway``) for this instance on this
+    port?
 
     Pids are reused: after a reboot or a long stop the recorded pid may be anything. On Linux
     the command line and environment say for sure; elsewhere only liveness is checked.
@@ -453,7 +564,19 @@ def _is_our_runtime(pid: int, instance_id: str, port: Any) -> bool:
     except (FileNotFoundError, PermissionError, ProcessLookupError):
         return False
     return (
-        b"room_cloud_runtime.cli" in argv
-        and str(port).encode() in argv
+        _runtime_port(argv) == str(port).encode()
         and f"QUOROOM_CLOUD_INSTANCE_ID={instance_id}".encode() in environ
     )
+
+
+def _runtime_port(argv: list[bytes]) -> bytes | None:
+    """The ``--port`` of a ``room_cloud_runtime.cli serve|gateway`` command line (the runtime's
+    own, not the one of the Room command after ``--``), else ``None``."""
+    own = argv[: argv.index(b"--")] if b"--" in argv else argv
+    if b"room_cloud_runtime.cli" not in own:
+        return None
+    at = own.index(b"room_cloud_runtime.cli")
+    if own[at + 1 : at + 2] not in ([b"serve"], [b"gateway"]):
+        return None
+    ports = [own[i + 1] for i in range(at + 2, len(own) - 1) if own[i] == b"--port"]
+    return ports[0] if len(ports) == 1 else None

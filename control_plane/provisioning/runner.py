@@ -16,7 +16,7 @@ from control_plane.provisioning.provider import Provider
 from control_plane.provisioning.worker import Worker
 from control_plane.settings import Settings
 
-__all__ = ["WorkerRunner", "build_provider", "should_run_worker"]
+__all__ = ["WorkerRunner", "build_provider", "check_provider_settings", "should_run_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,17 @@ logger = logging.getLogger(__name__)
 def should_run_worker(settings: Settings) -> bool:
     """``QUOROOM_CP_RUN_WORKER``, defaulting to on in development (``quoroom-cloud dev``)."""
     return settings.development if settings.run_worker is None else settings.run_worker
+
+
+def check_provider_settings(settings: Settings) -> None:
+    """Raise :class:`~control_plane.settings.SettingsError` for what the configured provider
+    would refuse at its first Room: with ``RUNTIME_KIND=quoroom`` the local provider needs the
+    real Room (``QUOROOM_ROOM_CLI``) and ``node`` ≥ 20. The provider's constructor checks the
+    same; this lets ``quoroom-cloud dev`` stop before it starts anything."""
+    if settings.provider == "local" and settings.runtime_kind == "quoroom":
+        from control_plane.provisioning.local import find_quoroom_room
+
+        find_quoroom_room(settings.quoroom_room_cli)
 
 
 def build_provider(settings: Settings, **kw: Any) -> Provider:
