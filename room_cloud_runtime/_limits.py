@@ -13,11 +13,18 @@
   app ``http.disconnect`` from then on: a raw ASGI reader stops, and Starlette's
   ``Request.body()`` raises ``ClientDisconnect``, which is then swallowed here because the client
   already has its answer. If the response had started, the app just sees the disconnect.
+- **Lazily.** No body byte is read until the app asks for it: the layer sits outermost, but the
+  inner layers (CORS, rate limits, auth, the ACL) refuse a request without reading its body, so
+  an unauthenticated upload is never buffered and ``Expect: 100-continue`` gets no ``100`` before
+  auth (servers send it on the app's first ``receive()``).
+- **Deadline**: the whole body must arrive within ``body_timeout_seconds`` of the app's first
+  ``receive()``; a slower one is answered 408 ``body_timeout``.
 - **JSON depth**: for ``application/json`` and ``*/*+json`` bodies, the whole (capped) body is
-  read, its nesting measured, and a body deeper than ``max_json_depth`` answered 400
-  ``json_too_deep`` before the app sees it — ``json.loads`` would otherwise hit ``RecursionError``
-  and the client would get a 500. The accepted body is replayed to the app as one message.
-  Malformed JSON is left to the app. Bodies of other types are never buffered. (Starlette's
+  read when the app first asks for it, its nesting measured, and a body deeper than
+  ``max_json_depth`` answered 400 ``json_too_deep`` before the app sees it — ``json.loads``
+  would otherwise hit ``RecursionError`` and the client would get a 500. The accepted body is
+  replayed to the app as one message. Malformed JSON is left to the app. Bodies of other types are
+  never buffered. (Starlette's
   ``Request.json()`` parses whatever the Content-Type says; a Room that does so on non-JSON types
   must guard those itself.)
 - **WebSocket messages** larger than ``max_ws_message_bytes`` close the socket with 1009
@@ -31,6 +38,7 @@ Requests that cannot have a body (HTTP/1.x without ``Content-Length`` or
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -109,9 +117,11 @@ class RequestLimits:
     :param max_header_bytes: largest sum of request header name and value lengths (431 above).
     :param max_json_depth: deepest array/object nesting in a JSON body (400 above).
     :param max_ws_message_bytes: largest WebSocket message, text measured in UTF-8 (close 1009).
+    :param body_timeout_seconds: the whole request body must arrive within this, counted from
+        the app's first ``receive()`` (408 after).
     """
 
-    __slots__ = ("_max_body", "_max_depth", "_max_headers", "_max_ws", "app")
+    __slots__ = ("_body_timeout", "_max_body", "_max_depth", "_max_headers", "_max_ws", "app")
 
     def __init__(
         self,
@@ -121,8 +131,14 @@ class RequestLimits:
         max_header_bytes: int = 16 * 1024,
         max_json_depth: int = 32,
         max_ws_message_bytes: int = 1024 * 1024,
+        body_timeout_seconds: float = 30.0,
     ) -> None:
         self.app = app
+        if not isinstance(body_timeout_seconds, int | float) or body_timeout_seconds <= 0:
+            raise ConfigError(
+                "body_timeout_seconds", f"must be a positive number, got {body_timeout_seconds!r}"
+            )
+        self._body_timeout = float(body_timeout_seconds)
         self._max_body = _positive("max_body_bytes", max_body_bytes)
         self._max_headers = _positive("max_header_bytes", max_header_bytes)
         self._max_depth = _positive("max_json_depth", max_json_depth)
@@ -171,76 +187,81 @@ class RequestLimits:
             # HTTP/1 framing: no Content-Length and no Transfer-Encoding means no body.
             await self.app(scope, receive, send)
             return
-        if content_type and _is_json(content_type):
-            await self._json(scope, receive, send)
-        else:
-            await self._streamed(scope, receive, send)
+        await self._body(
+            scope, receive, send, is_json=bool(content_type) and _is_json(content_type)
+        )
 
-    async def _json(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Read the whole (capped) JSON body, check its depth, replay it to the app."""
-        chunks: list[bytes] = []
-        received = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left before sending its body: nobody to answer
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            if received > self._max_body:
-                await send_error(send, 413, "request body too large", "body_too_large", _CLOSE)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        if json_too_deep(body, self._max_depth):
-            await send_error(
-                send,
-                400,
-                f"JSON nested deeper than {self._max_depth} levels",
-                "json_too_deep",
-            )
-            return
-        pending = [{"type": "http.request", "body": body, "more_body": False}]
+    async def _body(self, scope: Scope, receive: Receive, send: Send, *, is_json: bool) -> None:
+        """Hand the app a ``receive`` that checks the body lazily, when the app first asks for it.
 
-        async def replay() -> Message:
-            if pending:
-                return pending.pop()
-            return await receive()  # after the body: wait for http.disconnect as usual
-
-        await self.app(scope, replay, send)
-
-    async def _streamed(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Pass the body through, counting; past the cap answer 413 (or just disconnect)."""
+        Nothing is read before the inner layers (CORS, the rate limits, auth, the ACL) have let
+        the request through: a refused request never has its body read (nor, with ``Expect:
+        100-continue``, a ``100`` sent: servers send it on the app's first ``receive()``). Then
+        the bytes are counted (413 past the cap), a JSON body is read whole and its depth checked
+        (400), and the whole body must arrive within ``body_timeout`` (408).
+        """
         cap = self._max_body
         received = 0
         started = False
         refused = False
         answered = False
+        complete = False
+        deadline: float | None = None
+
+        async def refuse(status: int, message: str, code: str) -> Message:
+            nonlocal refused, started, answered
+            refused = True
+            if not started:
+                # Claim the response before awaiting, so a concurrent send from the app is
+                # dropped rather than interleaved with our answer.
+                started = answered = True
+                await send_error(send, status, message, code, _CLOSE)
+            return {"type": "http.disconnect"}
+
+        async def next_chunk() -> Message:
+            nonlocal deadline
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + self._body_timeout
+            async with asyncio.timeout_at(deadline):
+                return await receive()
 
         async def counted_receive() -> Message:
-            nonlocal received, started, refused, answered
+            nonlocal received, complete
             if refused:
                 return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+            if complete:
+                return await receive()  # after the body: wait for http.disconnect as usual
+            chunks: list[bytes] = []
+            while True:
+                try:
+                    message = await next_chunk()
+                except TimeoutError:
+                    return await refuse(408, "request body too slow", "body_timeout")
+                if message["type"] != "http.request":
+                    return message
+                chunk = message.get("body", b"")
+                received += len(chunk)
                 if received > cap:
-                    refused = True
-                    if not started:
-                        # Claim the response before awaiting, so a concurrent send from the
-                        # app is dropped rather than interleaved with our 413.
-                        started = answered = True
-                        await send_error(
-                            send, 413, "request body too large", "body_too_large", _CLOSE
-                        )
-                    return {"type": "http.disconnect"}
-            return message
+                    return await refuse(413, "request body too large", "body_too_large")
+                more = message.get("more_body", False)
+                complete = not more
+                if not is_json:
+                    return message
+                chunks.append(chunk)
+                if complete:
+                    break
+            body = b"".join(chunks)
+            if json_too_deep(body, self._max_depth):
+                return await refuse(
+                    400, f"JSON nested deeper than {self._max_depth} levels", "json_too_deep"
+                )
+            return {"type": "http.request", "body": body, "more_body": False}
 
         async def tracked_send(message: Message) -> None:
             nonlocal started
             if answered:
-                return  # the client has its 413; whatever the app says now goes nowhere
+                return  # the client has its refusal; whatever the app says now goes nowhere
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
@@ -251,7 +272,7 @@ class RequestLimits:
             if not answered:
                 raise
             # The app failed on the disconnect we handed it (Starlette: ClientDisconnect).
-            logger.debug("app raised after the body cap was answered", exc_info=True)
+            logger.debug("app raised after the body was refused", exc_info=True)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         size = 0

@@ -61,6 +61,7 @@ class RuntimeSettings:
     max_header_bytes: int = 16 * 1024
     max_json_depth: int = 32
     max_ws_message_bytes: int = 1024 * 1024
+    body_timeout_seconds: float = 30.0
     # Response headers.
     hsts_max_age_seconds: int = 31_536_000
     # Misc.
@@ -268,6 +269,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> RuntimeSettings:
         max_json_depth=_int(env, "QUOROOM_MAX_JSON_DEPTH", defaults.max_json_depth),
         max_ws_message_bytes=_int(
             env, "QUOROOM_MAX_WS_MESSAGE_BYTES", defaults.max_ws_message_bytes
+        ),
+        body_timeout_seconds=_float(
+            env, "QUOROOM_BODY_TIMEOUT_SECONDS", defaults.body_timeout_seconds
         ),
         hsts_max_age_seconds=_int(
             env, "QUOROOM_HSTS_MAX_AGE_SECONDS", defaults.hsts_max_age_seconds

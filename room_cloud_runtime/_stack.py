@@ -118,6 +118,7 @@ class RuntimeStack:
             max_header_bytes=settings.max_header_bytes,
             max_json_depth=settings.max_json_depth,
             max_ws_message_bytes=settings.max_ws_message_bytes,
+            body_timeout_seconds=settings.body_timeout_seconds,
         )
         inner = SecurityHeaders(inner, hsts_max_age=settings.hsts_max_age_seconds)
         if settings.access_log:
