@@ -103,6 +103,10 @@ def normalize_path(path: str, raw_path: bytes | None = None) -> str:
         raise BadPathError("path must start with '/'")
     # isprintable() is False for NUL and every other control character (and for invisible
     # Unicode format characters, which no Room path needs either).
+    if ";" in path:
+        # Matrix parameters: some routers cut the path at ";", so "/api/x;/y" could be judged
+        # as one path and served as another. No Room path has one.
+        raise BadPathError("path has ';'")
     if "//" in path or "\\" in path or not path.isprintable():
         raise BadPathError("path has empty segments, backslashes or control characters")
     if "/." in path and _DOT_SEGMENT.search(path):
@@ -349,8 +353,9 @@ class ACLGuard:
     - 403 ``wrong_instance`` when the principal was issued for another instance;
     - 403 ``forbidden`` when no rule allows the principal's role.
 
-    ``public_paths`` are exact paths (case-insensitive) that ``GET``/``HEAD`` may read without a
-    principal, so the UI can learn the deployment mode; everything else is denied by default.
+    ``public_paths`` are exact paths (as spelled: ``/API/STATUS`` is not public) that
+    ``GET``/``HEAD`` may read without a principal, so the UI can learn the deployment mode;
+    everything else is denied by default.
     WebSocket refusals are sent before accept. ``lifespan`` passes through.
 
     The policy's verdict for a (method, path, raw path) is memoised in a bounded dict (the policy
@@ -384,6 +389,7 @@ class ACLGuard:
         # "/ws" protects "/ws" and "/ws/..." but not "/wsx": a prefix is a path, not a string.
         self._exact_protected = frozenset(bases)
         self._protected_starts = tuple(base + "/" for base in bases)
+        public_paths = tuple(public_paths)
         public: set[str] = set()
         for path in public_paths:
             try:
@@ -391,6 +397,9 @@ class ACLGuard:
             except BadPathError as exc:
                 raise ConfigError("public_paths", f"{path!r}: {exc.reason}") from exc
         self._public = frozenset(public)
+        # Only the exact configured spelling skips the principal check: Authenticate matches
+        # paths case-sensitively, so ``/API/STATUS`` reached here without a token verified.
+        self._public_exact = frozenset(public_paths)
         # The only state that changes after construction: a bounded memo of verdicts.
         self._memo: dict[tuple[str, str, bytes | None], _Verdict] = {}
 
@@ -466,7 +475,7 @@ class ACLGuard:
             self._protected_starts
         ):
             return _UNPROTECTED
-        return self.policy.least_rank(method, normalized), normalized in self._public
+        return self.policy.least_rank(method, normalized), path in self._public_exact
 
     @staticmethod
     async def _refuse(

@@ -282,7 +282,8 @@ async def test_a_request_without_a_principal_is_refused_with_unauthenticated(
 
 async def test_the_status_endpoint_is_public_for_reads_only(client: httpx.AsyncClient) -> None:
     assert (await client.get("/api/status")).status_code == 200
-    assert (await client.get("/API/Status/")).status_code == 200
+    # Only the exact spelling: Authenticate let a look-alike through without checking a token.
+    assert (await client.get("/API/Status/")).status_code == 401
     assert (await client.post("/api/status")).status_code == 401
 
 
@@ -628,3 +629,45 @@ async def test_the_guard_in_front_of_the_reference_room_enforces_the_default_pol
         assert (await c.get("/api/credentials/c1", headers=OWNER)).status_code == 200
         assert (await c.post("/api/rooms", headers=MEMBER, json={"name": "x"})).status_code == 403
         assert (await c.post("/api/rooms", headers=OWNER, json={"name": "x"})).status_code == 201
+
+
+# --- issue 12, item 3: only the exact public path skips the principal check ----------------------
+
+
+@pytest.mark.parametrize("path", ["/API/STATUS", "/Api/Status", "/api/STATUS", "/api/status/"])
+async def test_case_variants_of_the_public_status_path_need_a_principal(path: str) -> None:
+    seen: list[str] = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    guard = ACLGuard(app, instance_id="inst-1")
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "headers": [],
+    }
+    await guard(scope, receive, send)
+    assert sent[0]["status"] == 401 and seen == []
+    await guard({**scope, "path": "/api/status", "raw_path": b"/api/status"}, receive, send)
+    assert seen == ["/api/status"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/rooms;x=1", "/api/credentials;/1", "/ws;", "/index.html;jsessionid=1"]
+)
+def test_a_semicolon_in_a_path_is_refused(path: str) -> None:
+    with pytest.raises(BadPathError):
+        normalize_path(path)

@@ -332,3 +332,11 @@ async def test_the_served_runtime_never_logs_a_token(jwks_and_tokens, tmp_path) 
     for secret in (good, forged, good.split(".")[2], forged.split(".")[1]):
         assert secret not in stderr
     assert "without completing handshake" not in stderr
+
+
+@pytest.mark.parametrize("path", ["/API/STATUS", "/Api/Status", "/api/status/", "/API/ROOMS"])
+def test_case_variants_of_api_paths_never_reach_the_room_without_a_token(runtime, path):
+    base, _, _ = runtime
+    response = httpx.get(base + path)
+    assert response.status_code == 401
+    assert "deploymentMode" not in response.text
