@@ -88,6 +88,10 @@ _B64URL_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 _RANDOM = secrets.SystemRandom()
 
 
+# Accept-Encoding: identity, so that the size cap counts what is parsed (see _fetch).
+_FETCH_HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
+
+
 @dataclass(frozen=True, slots=True)
 class VerificationKey:
     """A public key from the JWKS, bound to the single algorithm it may verify."""
@@ -320,7 +324,8 @@ class JWKSCache:
         loaded_at = self._loaded_at
         age = None if loaded_at is None else max(0.0, self._clock() - loaded_at)
         return {
-            "keysLoaded": loaded_at is not None,
+            # Not "loaded" once past max_staleness: auth answers 503 then, and status must agree.
+            "keysLoaded": age is not None and age <= self._max_staleness,
             "keyCount": len(self._keys),
             "lastRefreshAgeSeconds": age,
             "stale": age is None or age > self._max_staleness,
@@ -413,16 +418,20 @@ class JWKSCache:
         # One total deadline: httpx's timeout is per read, so a server that drips a byte at a
         # time would otherwise hold the fetch (and every waiter) far longer.
         async with asyncio.timeout(self._timeout):
-            async with self._http().stream(
-                "GET", self.url, headers={"Accept": "application/json"}
-            ) as response:
+            async with self._http().stream("GET", self.url, headers=_FETCH_HEADERS) as response:
                 if response.status_code != 200:
                     raise _FetchError(f"HTTP {response.status_code}")
+                # The size cap counts bytes on the wire: a compressed body (a 60 KB gzip peaked
+                # at 137 MiB decoded) is refused, not decoded, even if the server ignored
+                # our Accept-Encoding: identity.
+                encoding = response.headers.get("content-encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise _FetchError(f"compressed response ({encoding}) refused")
                 declared = response.headers.get("content-length")
                 if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
                     raise _FetchError(f"response larger than {self._max_bytes} bytes")
                 body = bytearray()
-                async for chunk in response.aiter_bytes():
+                async for chunk in response.aiter_raw():
                     body += chunk
                     if len(body) > self._max_bytes:
                         raise _FetchError(f"response larger than {self._max_bytes} bytes")

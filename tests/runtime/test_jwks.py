@@ -296,7 +296,8 @@ async def test_jwks_down_later_keeps_the_last_keys_until_max_staleness(
         assert not cache.loaded
         status = cache.status()
         assert status["stale"] is True
-        assert status["keysLoaded"] is True
+        # Auth answers 503 now: /api/status must not say the keys are loaded (issue 12, item 4).
+        assert status["keysLoaded"] is False
         assert status["lastRefreshAgeSeconds"] == pytest.approx(3601)
 
 
@@ -573,3 +574,36 @@ def test_bad_options_raise_a_config_error_naming_the_option(kwargs, setting: str
     with pytest.raises(ConfigError) as info:
         JWKSCache(url, **options)
     assert info.value.setting == setting
+
+
+# --- issue 12, item 4: no decompression bombs ---------------------------------------------------
+
+
+async def test_a_compressed_jwks_is_refused_not_decoded_and_identity_is_asked_for(
+    factory: TokenFactory,
+) -> None:
+    import gzip
+
+    from tests.helpers.live_server import live_server
+
+    bomb = gzip.compress(b'{"keys": [' + b" " * (64 << 20) + b"]}", compresslevel=9)
+    seen: list[dict[bytes, bytes]] = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        seen.append(dict(scope["headers"]))
+        headers = [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")]
+        headers.append((b"content-length", str(len(bomb)).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": bomb})
+
+    with live_server(app, lifespan="off") as base:
+        cache = JWKSCache(base + "/.well-known/jwks.json", timeout=2.0)
+        try:
+            assert not await cache.refresh()
+        finally:
+            await cache.aclose()
+    assert len(bomb) < 200_000
+    assert seen and seen[0][b"accept-encoding"] == b"identity"
+    assert cache.status()["keysLoaded"] is False
