@@ -8,14 +8,19 @@ Fly provider sends for each instance; :func:`run_update_image` backs
 from .config import (
     DATA_DIR,
     ENTRYPOINT,
+    GATEWAY_ENTRYPOINT,
     HEALTH_PATH,
     INTERNAL_PORT,
+    ROOM_CLI,
+    ROOM_PORT,
+    RUNTIME_KINDS,
     Concurrency,
     MachineConfigError,
     Tier,
     TierLike,
     build_machine_config,
     check_image_reference,
+    runtime_command,
     runtime_env,
 )
 from .rollout import (
@@ -31,8 +36,12 @@ from .rollout import (
 __all__ = [
     "DATA_DIR",
     "ENTRYPOINT",
+    "GATEWAY_ENTRYPOINT",
     "HEALTH_PATH",
     "INTERNAL_PORT",
+    "ROOM_CLI",
+    "ROOM_PORT",
+    "RUNTIME_KINDS",
     "Concurrency",
     "InstanceResult",
     "MachineConfigError",
@@ -46,5 +55,6 @@ __all__ = [
     "format_report",
     "rolling_update",
     "run_update_image",
+    "runtime_command",
     "runtime_env",
 ]

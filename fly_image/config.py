@@ -8,6 +8,11 @@ against the ``fly.MachineConfig`` schema of the Machines API description.
 
 The constants below are shared with ``Dockerfile.runtime`` (port, health path, data dir, the
 entrypoint command); ``tests/fly_image/test_dockerfile.py`` keeps the two in step.
+
+Two runtime kinds (DESIGN.md "Gateway mode"): ``reference`` runs ``quoroom-runtime serve`` (the
+Dockerfile's default target), ``quoroom`` runs ``quoroom-runtime gateway`` in front of the real
+(Node) Room on loopback (its ``quoroom`` target). Same services, checks, mounts and environment;
+the image and the command differ.
 """
 
 from __future__ import annotations
@@ -25,18 +30,25 @@ from room_cloud_runtime._settings import load_settings
 __all__ = [
     "DATA_DIR",
     "ENTRYPOINT",
+    "GATEWAY_ENTRYPOINT",
     "HEALTH_PATH",
     "INTERNAL_PORT",
     "MANAGED_BY",
     "METADATA_INSTANCE_ID",
     "METADATA_MANAGED_BY",
     "METADATA_OWNER_ID",
+    "METADATA_RUNTIME_KIND",
+    "ROOM_CLI",
+    "ROOM_NODE",
+    "ROOM_PORT",
+    "RUNTIME_KINDS",
     "Concurrency",
     "MachineConfigError",
     "Tier",
     "TierLike",
     "build_machine_config",
     "check_image_reference",
+    "runtime_command",
     "runtime_env",
 ]
 
@@ -44,10 +56,19 @@ INTERNAL_PORT = 8080
 HEALTH_PATH = "/healthz"
 DATA_DIR = "/data"
 ENTRYPOINT = ("quoroom-runtime", "serve")
+#: The ``quoroom`` image: the gateway in front of the real Room, which listens on loopback only.
+GATEWAY_ENTRYPOINT = ("quoroom-runtime", "gateway")
+ROOM_PORT = 3700
+#: Where the ``quoroom`` target installs the npm package ``quoroom``, and Debian's node. Absolute:
+#: the Room's PATH starts with its npm prefix on the volume, where a package could add a "node".
+ROOM_CLI = "/opt/quoroom/node_modules/quoroom/out/mcp/cli.js"
+ROOM_NODE = "/usr/bin/node"
+RUNTIME_KINDS = ("reference", "quoroom")
 MANAGED_BY = "quoroom-cloud"
 METADATA_INSTANCE_ID = "quoroom_instance_id"
 METADATA_OWNER_ID = "quoroom_owner_id"
 METADATA_MANAGED_BY = "managed_by"
+METADATA_RUNTIME_KIND = "quoroom_runtime_kind"
 
 # registry[:port]/path[:tag]@sha256:<64 hex>. A tag alone is mutable (the image under a tag can
 # change between create and a later restart), so only a digest pins what runs.
@@ -168,6 +189,26 @@ def runtime_env(
     return env
 
 
+def runtime_command(
+    runtime_kind: str = "reference", internal_port: int = INTERNAL_PORT
+) -> list[str]:
+    """The arguments to the image's entrypoint (the machine's ``init.cmd``, the image's ``CMD``):
+    listen on every address at ``internal_port``; for ``quoroom``, proxy to the real Room, which
+    the gateway starts and supervises on ``127.0.0.1:ROOM_PORT``."""
+    listen = ["--host", "0.0.0.0", "--port", str(internal_port)]
+    if runtime_kind == "reference":
+        return listen
+    if runtime_kind != "quoroom":
+        raise MachineConfigError(
+            "runtime_kind", f"must be one of {', '.join(RUNTIME_KINDS)}, got {runtime_kind!r}"
+        )
+    if internal_port == ROOM_PORT:
+        raise MachineConfigError("internal_port", f"{ROOM_PORT} is the Room's own port")
+    upstream = f"http://127.0.0.1:{ROOM_PORT}"
+    room = [ROOM_NODE, ROOM_CLI, "serve", "--port", str(ROOM_PORT)]
+    return [*listen, "--upstream", upstream, "--", *room]
+
+
 def build_machine_config(
     *,
     instance_id: str,
@@ -187,13 +228,16 @@ def build_machine_config(
     stop_timeout: str = "30s",
     extra_env: Mapping[str, str] | None = None,
     extra_metadata: Mapping[str, str] | None = None,
+    runtime_kind: str = "reference",
 ) -> dict[str, Any]:
     """The ``fly.MachineConfig`` for one Room runtime.
 
+    ``image`` must be the image of ``runtime_kind`` (the ``quoroom`` target for ``quoroom``).
     The region is not part of a machine config: pass the *volume's* region to Create Machine
     (a volume pins its host: Kilo-Org/cloud#388).
     """
     check_image_reference(image)
+    command = runtime_command(runtime_kind, internal_port)
     _check_guest(tier)
     if not owner_id or not str(owner_id).strip():
         raise MachineConfigError("owner_id", "is required")
@@ -218,6 +262,7 @@ def build_machine_config(
         METADATA_INSTANCE_ID: instance_id,
         METADATA_OWNER_ID: str(owner_id),
         METADATA_MANAGED_BY: MANAGED_BY,
+        METADATA_RUNTIME_KIND: runtime_kind,
     }
     for key, value in (extra_metadata or {}).items():
         if key in metadata:
@@ -239,7 +284,7 @@ def build_machine_config(
         "env": env,
         # Override the image's CMD so the listening port always equals internal_port, even
         # when a non-default port is configured here.
-        "init": {"cmd": ["--host", "0.0.0.0", "--port", str(internal_port)]},
+        "init": {"cmd": command},
         "services": [
             {
                 "protocol": "tcp",

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
+from control_plane.provisioning.provider import DEFAULT_RUNTIME_KIND, RUNTIME_KINDS
 from control_plane.settings import Settings, get_settings
 
 __all__ = ["configure_ops", "configure_worker", "update_image", "worker_main"]
@@ -78,13 +79,20 @@ def configure_ops(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="ops_command", required=True, metavar="COMMAND")
     update = sub.add_parser(
         "update-image",
-        help="roll every running Room machine to IMAGE, one at a time, with rollback",
-        description="Roll every running Room machine to IMAGE (pinned by digest), one at a "
-        "time; a machine that does not become healthy is rolled back, and the rollout stops "
-        "after --max-failures failed machines.",
+        help="roll every running Room machine of one runtime kind to IMAGE, one at a time",
+        description="Roll every running Room machine of one runtime kind to IMAGE (pinned by "
+        "digest), one at a time; a machine that does not become healthy is rolled back, and "
+        "the rollout stops after --max-failures failed machines.",
     )
     update.add_argument("image", help="registry/repo@sha256:<64 hex>")
     update.add_argument("--max-failures", type=int, default=1, metavar="N")
+    update.add_argument(
+        "--kind",
+        choices=RUNTIME_KINDS,
+        default=DEFAULT_RUNTIME_KIND,
+        help="the runtime kind IMAGE is built for (the Dockerfile's default target: reference; "
+        "its quoroom target: quoroom); only instances of that kind are moved",
+    )
     update.set_defaults(handler=_update_image)
 
 
@@ -92,7 +100,9 @@ def _update_image(args: argparse.Namespace) -> int:
     if args.max_failures < 1:
         print("--max-failures must be at least 1", file=sys.stderr)
         return 2
-    return asyncio.run(update_image(get_settings(), args.image, max_failures=args.max_failures))
+    return asyncio.run(
+        update_image(get_settings(), args.image, max_failures=args.max_failures, kind=args.kind)
+    )
 
 
 async def update_image(
@@ -100,10 +110,12 @@ async def update_image(
     image: str,
     *,
     max_failures: int = 1,
+    kind: str = DEFAULT_RUNTIME_KIND,
     transport: httpx.AsyncBaseTransport | None = None,
     **rollout_kw: Any,
 ) -> int:
-    """Roll the running instances' machines to ``image``; every step is an instance event.
+    """Roll the running ``kind`` instances' machines to ``image``; every step is an instance
+    event. Instances of the other kind are left alone: an image runs one kind of Room only.
 
     Returns the exit status: 0 when every machine is updated (or skipped), 1 otherwise, 2 on a
     configuration error.
@@ -134,6 +146,7 @@ async def update_image(
                     select(CloudInstance)
                     .where(
                         CloudInstance.status == str(InstanceStatus.RUNNING),
+                        CloudInstance.runtime_kind == kind,
                         CloudInstance.fly_app.is_not(None),
                         CloudInstance.machine_id.is_not(None),
                     )
@@ -166,7 +179,8 @@ async def update_image(
                     )
         print(format_report(report))
         if report.ok:
-            print(f"set QUOROOM_CP_RUNTIME_IMAGE={image} so new Rooms start on it too")
+            variable = "QUOROOM_RUNTIME_IMAGE" if kind == "quoroom" else "RUNTIME_IMAGE"
+            print(f"set QUOROOM_CP_{variable}={image} so new {kind} Rooms start on it too")
         return 0 if report.ok else 1
     finally:
         await engine.dispose()

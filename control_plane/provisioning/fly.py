@@ -5,7 +5,9 @@ Per instance: app ``<prefix>-<instance id>`` (Create App with an ``idempotency_k
 app secrets (the owner's provider credentials), a volume named ``data`` created with the machine's
 guest as ``compute`` hints, and one machine in *the volume's* region mounting it (a volume pins its
 host: Kilo-Org/cloud#388) with the config from :func:`fly_image.config.build_machine_config` — the
-image pinned by digest, issuer and JWKS URL pointing at this control plane.
+image pinned by digest, issuer and JWKS URL pointing at this control plane. The image follows the
+instance's runtime kind: ``RUNTIME_IMAGE`` for ``reference``, ``QUOROOM_RUNTIME_IMAGE`` (the
+gateway in front of the real Room) for ``quoroom``.
 
 No create is ever repeated blindly (PITFALLS.md): before creating a volume the app's volumes are
 listed by name, before creating a machine the app's machines are listed by the instance's
@@ -119,7 +121,7 @@ class FlyProvider:
         self,
         client: FlyMachinesClient,
         *,
-        image: str,
+        image: str | None,
         issuer: str,
         allowed_origins: Sequence[str],
         jwks_url: str | None = None,
@@ -130,8 +132,13 @@ class FlyProvider:
         health_timeout: float = 120.0,
         poll_interval: float = 1.0,
         owns_client: bool = True,
+        quoroom_image: str | None = None,
     ) -> None:
-        self.image = check_image_reference(image)
+        # Each kind's image, pinned by digest; a kind without one cannot start new machines.
+        self.image = check_image_reference(image) if image is not None else None
+        self.quoroom_image = (
+            check_image_reference(quoroom_image) if quoroom_image is not None else None
+        )
         self._client = client
         self._issuer = issuer
         self._origins = list(allowed_origins)
@@ -158,12 +165,23 @@ class FlyProvider:
             raise SettingsError("QUOROOM_CP_FLY_API_TOKEN", "is required when PROVIDER=fly")
         if not settings.fly_org:
             raise SettingsError("QUOROOM_CP_FLY_ORG", "is required when PROVIDER=fly")
-        if not settings.runtime_image:
-            raise SettingsError("QUOROOM_CP_RUNTIME_IMAGE", "is required when PROVIDER=fly")
-        try:
-            check_image_reference(settings.runtime_image)
-        except MachineConfigError as exc:
-            raise SettingsError("QUOROOM_CP_RUNTIME_IMAGE", str(exc)) from exc
+        kind = getattr(settings, "runtime_kind", "reference")
+        images: dict[str, str | None] = {}
+        # The image of the kind new instances get is required; the other one only if set (for
+        # instances made before RUNTIME_KIND changed).
+        for variable, name, needed in (
+            ("QUOROOM_CP_RUNTIME_IMAGE", "runtime_image", kind == "reference"),
+            ("QUOROOM_CP_QUOROOM_RUNTIME_IMAGE", "quoroom_runtime_image", kind == "quoroom"),
+        ):
+            value = getattr(settings, name, None) or None
+            if value is None and needed:
+                raise SettingsError(
+                    variable, f"is required when PROVIDER=fly and RUNTIME_KIND={kind}"
+                )
+            try:
+                images[name] = check_image_reference(value) if value is not None else None
+            except MachineConfigError as exc:
+                raise SettingsError(variable, str(exc)) from exc
         client = FlyMachinesClient(
             settings.fly_api_token.get_secret_value(),
             org_slug=settings.fly_org,
@@ -172,7 +190,8 @@ class FlyProvider:
         )
         return cls(
             client,
-            image=settings.runtime_image,
+            image=images["runtime_image"],
+            quoroom_image=images["quoroom_runtime_image"],
             issuer=settings.issuer,
             allowed_origins=[settings.public_origin],
             prefix=getattr(settings, "app_prefix", APP_PREFIX),
@@ -184,6 +203,18 @@ class FlyProvider:
 
     def url_of(self, app: str) -> str:
         return f"https://{app}.{self._domain}"
+
+    def image_for(self, runtime_kind: str) -> str:
+        """The pinned image new machines of ``runtime_kind`` start from."""
+        image = self.quoroom_image if runtime_kind == "quoroom" else self.image
+        if image is None:
+            variable = "QUOROOM_RUNTIME_IMAGE" if runtime_kind == "quoroom" else "RUNTIME_IMAGE"
+            raise ProviderError(
+                f"machine: QUOROOM_CP_{variable} is not set: no image for {runtime_kind} Rooms",
+                retryable=False,
+                step="machine",
+            )
+        return image
 
     # ---------------------------------------------------------------- app
 
@@ -277,7 +308,8 @@ class FlyProvider:
                 instance_id=spec.instance_id,
                 owner_id=spec.owner_id,
                 tier=spec,
-                image=self.image,
+                image=self.image_for(spec.runtime_kind),
+                runtime_kind=spec.runtime_kind,
                 issuer=self._issuer,
                 allowed_origins=[*self._origins, self.url_of(app)],
                 jwks_url=self._jwks_url,

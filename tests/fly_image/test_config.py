@@ -6,16 +6,22 @@ import itertools
 
 import pytest
 
+from control_plane.provisioning.provider import RUNTIME_KINDS
 from fly_image.config import (
     DATA_DIR,
     HEALTH_PATH,
     INTERNAL_PORT,
+    ROOM_CLI,
+    ROOM_NODE,
+    ROOM_PORT,
     Concurrency,
     MachineConfigError,
     Tier,
     build_machine_config,
     check_image_reference,
+    runtime_command,
 )
+from fly_image.config import RUNTIME_KINDS as BUILDER_KINDS
 from room_cloud_runtime._settings import load_settings
 from tests.fakes.fly_machines import OpenAPISpec
 
@@ -111,8 +117,34 @@ def test_config_carries_guest_env_services_checks_mount_restart_and_metadata():
         "quoroom_instance_id": "inst_01HXYZ",
         "quoroom_owner_id": "user-42",
         "managed_by": "quoroom-cloud",
+        "quoroom_runtime_kind": "reference",
     }
     assert config["init"]["cmd"] == ["--host", "0.0.0.0", "--port", str(INTERNAL_PORT)]
+
+
+@pytest.mark.parametrize("tier", TIERS, ids=lambda t: t.id)
+def test_a_quoroom_config_runs_the_gateway_in_front_of_the_real_room(spec, tier):
+    quoroom = build(tier=tier, runtime_kind="quoroom")
+    reference = build(tier=tier)
+    assert spec.errors("fly.MachineConfig", quoroom) == []
+    assert quoroom["init"]["cmd"] == [
+        "--host", "0.0.0.0", "--port", str(INTERNAL_PORT),
+        "--upstream", f"http://127.0.0.1:{ROOM_PORT}",
+        "--", ROOM_NODE, ROOM_CLI, "serve", "--port", str(ROOM_PORT),
+    ]  # fmt: skip
+    assert quoroom["metadata"]["quoroom_runtime_kind"] == "quoroom"
+    # Only the command and the kind tag differ: same env, services, checks, mounts, guest.
+    for config in (quoroom, reference):
+        config.pop("init")
+        config["metadata"].pop("quoroom_runtime_kind")
+    assert quoroom == reference
+
+
+def test_the_command_follows_the_port_and_the_kinds_are_the_control_planes():
+    assert runtime_command("reference", 9000) == ["--host", "0.0.0.0", "--port", "9000"]
+    assert runtime_command("quoroom", 9000)[:4] == ["--host", "0.0.0.0", "--port", "9000"]
+    assert build(runtime_kind="quoroom", internal_port=9000)["services"][0]["internal_port"] == 9000
+    assert BUILDER_KINDS == RUNTIME_KINDS
 
 
 def test_the_runtime_settings_parser_accepts_the_env_the_builder_produces():
@@ -192,6 +224,9 @@ def test_digest_pinned_images_are_accepted_with_or_without_a_tag(image):
         ({"extra_env": {"lower-case": "x"}}, "extra_env"),
         ({"extra_metadata": {"quoroom_owner_id": "someone-else"}}, "extra_metadata"),
         ({"extra_env": {"QUOROOM_RATE_LIMIT_READ": "lots"}}, "env"),
+        ({"runtime_kind": "node"}, "runtime_kind"),
+        ({"runtime_kind": "Quoroom"}, "runtime_kind"),
+        ({"runtime_kind": "quoroom", "internal_port": ROOM_PORT}, "internal_port"),
     ],
 )
 def test_bad_builder_input_is_refused_with_the_field_named(overrides, field):

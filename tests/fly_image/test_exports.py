@@ -10,11 +10,15 @@ def test_fly_image_exports_exactly_its_public_names():
         "Concurrency",
         "DATA_DIR",
         "ENTRYPOINT",
+        "GATEWAY_ENTRYPOINT",
         "HEALTH_PATH",
         "INTERNAL_PORT",
         "InstanceResult",
         "MachineConfigError",
         "Outcome",
+        "ROOM_CLI",
+        "ROOM_PORT",
+        "RUNTIME_KINDS",
         "RolloutReport",
         "RolloutTarget",
         "Tier",
@@ -24,6 +28,7 @@ def test_fly_image_exports_exactly_its_public_names():
         "format_report",
         "rolling_update",
         "run_update_image",
+        "runtime_command",
         "runtime_env",
     ]
     for name in fly_image.__all__:
