@@ -145,6 +145,9 @@ class Authenticate:
             return
         scope, token, via_protocol = _take_websocket_token(scope)
         if token is None:
+            # Non-browser clients can send a header on the upgrade (advertised in /api/status).
+            token = _bearer(scope)
+        if token is None:
             _log_refusal(scope, "missing_token")
             await deny_websocket(scope, send, 401, "authentication required", "missing_token")
             return

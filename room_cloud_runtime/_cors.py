@@ -191,7 +191,8 @@ class CORSGuard:
 
         self.app = app
         self._guarded = guarded
-        self._methods = frozenset(methods)
+        # HEAD is CORS-safelisted (Fetch standard): a preflight asking for it is always fine.
+        self._methods = frozenset(methods) | {"HEAD"}
         self._request_headers = frozenset(request_headers)
         # Per allowed origin, the headers of an actual response and of a preflight answer, as
         # bytes, so a request only does a dict lookup. Keys are the exact bytes a browser sends.
@@ -234,10 +235,9 @@ class CORSGuard:
                 break
         guarded = scope["path"].startswith(self._guarded)
         if origin is None:
-            if guarded:
-                await self.app(scope, receive, _vary_sender(send, _VARY_ONLY))
-            else:
-                await self.app(scope, receive, send)
+            # Vary: Origin on every path: an allowed origin gets CORS headers here too, so a
+            # cache must not serve this answer to it (or the reverse).
+            await self.app(scope, receive, _vary_sender(send, _VARY_ONLY))
             return
         method = scope["method"]
         if method == "OPTIONS":
@@ -255,7 +255,7 @@ class CORSGuard:
         else:
             # A foreign page may embed the UI's static assets; it gets no CORS headers, so it
             # cannot read them from script.
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _vary_sender(send, _VARY_ONLY))
 
     async def _answer_preflight(
         self, scope: Scope, send: Send, origin: bytes, requested: bytes

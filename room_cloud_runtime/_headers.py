@@ -15,13 +15,18 @@ Which headers, and why (docs/runtime.md "Security headers" has the table):
   URL, and even the origin of an instance is nobody else's business);
 - API responses (``/api/`` paths) also get ``Cache-Control: no-store``, replacing whatever the app
   sent: API answers carry tokens, profiles and room data that no shared or browser cache may keep;
-- everything else (the UI's HTML documents and static assets) also gets ``X-Frame-Options: DENY``
-  and ``Cross-Origin-Opener-Policy: same-origin``. Both only mean something for a document a
-  browser renders: ``frame-ancestors`` supersedes ``X-Frame-Options`` in every browser that
-  implements CSP level 2 (X-Frame-Options is the fallback for older ones), and the opener policy
-  governs browsing-context groups, which a JSON answer never creates. Left off the API, they save
-  two header validations per response in the server (uvicorn checks each header with two regular
-  expressions).
+- every response also gets ``Cross-Origin-Resource-Policy: same-origin`` (no other site may load
+  it in no-cors mode; CORS reads by allowed origins are unaffected);
+- everything else (the UI's HTML documents and static assets) also gets ``X-Frame-Options: DENY``,
+  ``Cross-Origin-Opener-Policy: same-origin``, ``X-Permitted-Cross-Domain-Policies: none`` and a
+  ``Permissions-Policy`` turning off camera, microphone, geolocation, payment and USB;
+  ``Cross-Origin-Embedder-Policy: require-corp`` only with ``coep`` (it breaks a UI that loads
+  third-party resources without CORP, as the real Room's does). These only mean something for a
+  document a browser renders: ``frame-ancestors`` supersedes ``X-Frame-Options`` in every browser
+  that implements CSP level 2 (X-Frame-Options is the fallback for older ones), and the opener
+  policy governs browsing-context groups, which a JSON answer never creates. Left off the API,
+  they save header validations per response in the server (uvicorn checks each header with two
+  regular expressions).
 
 A header the app already set is never duplicated (its value wins), except ``Cache-Control`` on
 API paths. Everything is prebuilt at construction; per response the layer scans the app's
@@ -52,11 +57,22 @@ _NO_STORE: Header = (_CACHE_CONTROL, b"no-store")
 _NOSNIFF: Header = (b"x-content-type-options", b"nosniff")
 _FRAME_ANCESTORS: Header = (b"content-security-policy", b"frame-ancestors 'none'")
 _NO_REFERRER: Header = (b"referrer-policy", b"no-referrer")
+# No other site may load our responses in no-cors mode (<img>, <script>; Spectre-style reads).
+# CORS reads by the allowed origins are not affected: CORP applies to no-cors requests only.
+_CORP: Header = (b"cross-origin-resource-policy", b"same-origin")
 # For documents only (see the module docstring).
 _DOCUMENT_ONLY: tuple[Header, ...] = (
     (b"x-frame-options", b"DENY"),
     (b"cross-origin-opener-policy", b"same-origin"),
+    (b"x-permitted-cross-domain-policies", b"none"),
+    # Powerful features the Room UI never uses; a script injected into it gets none of them.
+    (
+        b"permissions-policy",
+        b"camera=(), microphone=(), geolocation=(), payment=(), usb=(), "
+        b"interest-cohort=(), browsing-topics=()",
+    ),
 )
+_COEP: Header = (b"cross-origin-embedder-policy", b"require-corp")
 
 
 class SecurityHeaders:
@@ -65,6 +81,7 @@ class SecurityHeaders:
     :param app: the ASGI app to wrap.
     :param hsts_max_age: ``max-age`` of ``Strict-Transport-Security`` in seconds (0 tells browsers
         to forget the policy); ``None`` leaves the header out.
+    :param coep: also send ``Cross-Origin-Embedder-Policy: require-corp`` on documents.
     :param api_prefix: path prefix of the JSON API, whose responses get ``Cache-Control:
         no-store`` (and not the document-only headers). The prefix without its trailing slash
         (``/api``) counts too.
@@ -78,6 +95,7 @@ class SecurityHeaders:
         *,
         hsts_max_age: int | None = 31_536_000,
         api_prefix: str = "/api/",
+        coep: bool = False,
     ) -> None:
         if hsts_max_age is not None and (
             not isinstance(hsts_max_age, int) or isinstance(hsts_max_age, bool) or hsts_max_age < 0
@@ -96,11 +114,14 @@ class SecurityHeaders:
                     b"max-age=%d; includeSubDomains" % hsts_max_age,
                 )
             )
-        common += [_NOSNIFF, _FRAME_ANCESTORS, _NO_REFERRER]
+        common += [_NOSNIFF, _FRAME_ANCESTORS, _NO_REFERRER, _CORP]
+        # COEP require-corp breaks a UI that loads cross-origin resources without CORP (the
+        # real Room's index.html loads third-party scripts): off unless the operator asks.
+        document = (*_DOCUMENT_ONLY, _COEP) if coep else _DOCUMENT_ONLY
         # Per kind of response, everything the layer needs, prebuilt: (the headers it adds,
         # their names, whether it is an API response).
         self._api = _Profile((*common, _NO_STORE), on_api=True)
-        self._document = _Profile((*common, *_DOCUMENT_ONLY), on_api=False)
+        self._document = _Profile((*common, *document), on_api=False)
         self._api_prefix = api_prefix
         self._api_exact = api_prefix.rstrip("/") or "/"
 

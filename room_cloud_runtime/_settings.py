@@ -64,6 +64,7 @@ class RuntimeSettings:
     body_timeout_seconds: float = 30.0
     # Response headers.
     hsts_max_age_seconds: int = 31_536_000
+    coep: bool = False
     # Misc.
     access_log: bool = True
     data_dir: str | None = None
@@ -276,6 +277,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> RuntimeSettings:
         hsts_max_age_seconds=_int(
             env, "QUOROOM_HSTS_MAX_AGE_SECONDS", defaults.hsts_max_age_seconds
         ),
+        coep=_bool(env, "QUOROOM_COEP", defaults.coep),
         access_log=_bool(env, "QUOROOM_ACCESS_LOG", defaults.access_log),
         data_dir=_str(env, "QUOROOM_DATA_DIR"),
     )

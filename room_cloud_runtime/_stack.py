@@ -2,7 +2,7 @@
 
 Cloud mode, outermost first (DESIGN.md "Runtime pipeline"):
 
-    AccessLog → SecurityHeaders → RequestLimits → CORSGuard → ClientAddress → AddressRateLimit
+    AccessLog → SecurityHeaders → CORSGuard → RequestLimits → ClientAddress → AddressRateLimit
     → Authenticate → CloudEndpoints → PrincipalRateLimit → ACLGuard → the Room app
 
 Local mode: ``LocalGuard`` only — the Room's own handshake and token flow stay as they are.
@@ -109,9 +109,9 @@ class RuntimeStack:
         inner = Authenticate(inner, verifier=self.verifier, query_token_route=query_token_route)
         inner = AddressRateLimit(inner, limiter=self.limiter, limit=settings.address_limit)
         inner = ClientAddress(inner, trust_fly_client_ip=settings.behind_fly_proxy)
-        inner = CORSGuard(
-            inner, allowed_origins=settings.allowed_origins, max_age=settings.cors_max_age_seconds
-        )
+        # Inside CORS (not outside, as DESIGN.md first had it): the limits' own refusals (413,
+        # 400, 408, 431) must carry the CORS headers, or a page sees a network error instead of
+        # the reason. Bodies are read lazily, so nothing is read before auth either way.
         inner = RequestLimits(
             inner,
             max_body_bytes=settings.max_body_bytes,
@@ -120,7 +120,12 @@ class RuntimeStack:
             max_ws_message_bytes=settings.max_ws_message_bytes,
             body_timeout_seconds=settings.body_timeout_seconds,
         )
-        inner = SecurityHeaders(inner, hsts_max_age=settings.hsts_max_age_seconds)
+        inner = CORSGuard(
+            inner, allowed_origins=settings.allowed_origins, max_age=settings.cors_max_age_seconds
+        )
+        inner = SecurityHeaders(
+            inner, hsts_max_age=settings.hsts_max_age_seconds, coep=settings.coep
+        )
         if settings.access_log:
             inner = AccessLog(inner)
         self.app = inner

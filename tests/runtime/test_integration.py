@@ -340,3 +340,73 @@ def test_case_variants_of_api_paths_never_reach_the_room_without_a_token(runtime
     response = httpx.get(base + path)
     assert response.status_code == 401
     assert "deploymentMode" not in response.text
+
+
+# --- issue 12, item 5: what the peer suites found ---------------------------------------------
+
+
+def test_a_head_preflight_is_answered_head_is_cors_safelisted(runtime):
+    base, _, _ = runtime
+    response = httpx.options(
+        base + "/api/rooms", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "HEAD"}
+    )
+    assert response.status_code == 204
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+
+
+def test_the_limits_refusals_carry_cors_headers_so_the_page_can_read_the_reason(runtime):
+    base, factory, _ = runtime
+    auth = {"Authorization": f"Bearer {factory.mint()}", "Origin": ORIGIN}
+    too_big = httpx.post(base + "/api/rooms", headers=auth, content=b"x" * (2 << 20))
+    too_deep = httpx.post(
+        base + "/api/rooms",
+        headers={**auth, "Content-Type": "application/json"},
+        content=b"[" * 40 + b"]" * 40,
+    )
+    big_headers = httpx.get(base + "/api/rooms", headers={**auth, "X-Pad": "a" * 20_000})
+    for response, status in ((too_big, 413), (too_deep, 400), (big_headers, 431)):
+        assert response.status_code == status
+        assert response.headers["access-control-allow-origin"] == ORIGIN
+        assert "Origin" in response.headers["vary"]
+
+
+def test_a_websocket_may_carry_its_token_in_an_authorization_header(runtime):
+    base, factory, _ = runtime
+
+    async def run() -> None:
+        url = base.replace("http", "ws") + "/ws"
+        headers = {"Authorization": f"Bearer {factory.mint()}"}
+        async with connect(url, additional_headers=headers) as ws:
+            await ws.ping()
+
+    asyncio.run(run())
+
+
+def test_owasp_headers_corp_everywhere_and_document_policies_on_pages(runtime):
+    base, factory, _ = runtime
+    api = httpx.get(base + "/api/rooms", headers={"Authorization": f"Bearer {factory.mint()}"})
+    page = httpx.get(base + "/")
+    for response in (api, page):
+        assert response.headers["cross-origin-resource-policy"] == "same-origin"
+    assert page.headers["x-permitted-cross-domain-policies"] == "none"
+    assert "camera=()" in page.headers["permissions-policy"]
+    assert "cross-origin-embedder-policy" not in page.headers  # a setting, off by default
+    assert "permissions-policy" not in api.headers
+
+
+def test_coep_is_a_setting():
+    from room_cloud_runtime._headers import SecurityHeaders
+    from room_cloud_runtime._settings import load_settings
+
+    assert load_settings({"QUOROOM_COEP": "true"}).coep is True
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def run() -> httpx.Response:
+        transport = httpx.ASGITransport(app=SecurityHeaders(app, coep=True))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return await http.get("/")
+
+    assert asyncio.run(run()).headers["cross-origin-embedder-policy"] == "require-corp"
