@@ -62,6 +62,8 @@ class RuntimeSettings:
     max_json_depth: int = 32
     max_ws_message_bytes: int = 1024 * 1024
     body_timeout_seconds: float = 30.0
+    head_timeout_seconds: float = 10.0
+    max_connections: int = 1000
     # Response headers.
     hsts_max_age_seconds: int = 31_536_000
     coep: bool = False
@@ -76,6 +78,7 @@ class RuntimeSettings:
         _check_positive("QUOROOM_MAX_JSON_DEPTH", self.max_json_depth)
         _check_positive("QUOROOM_MAX_WS_MESSAGE_BYTES", self.max_ws_message_bytes)
         _check_positive("QUOROOM_MAX_TOKEN_BYTES", self.max_token_bytes)
+        _check_positive("QUOROOM_MAX_CONNECTIONS", self.max_connections)
         if not 0 <= self.leeway_seconds <= MAX_LEEWAY_SECONDS:
             raise ConfigError(
                 "QUOROOM_CLOUD_LEEWAY_SECONDS", f"must be between 0 and {MAX_LEEWAY_SECONDS}"
@@ -271,6 +274,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> RuntimeSettings:
         max_ws_message_bytes=_int(
             env, "QUOROOM_MAX_WS_MESSAGE_BYTES", defaults.max_ws_message_bytes
         ),
+        head_timeout_seconds=_float(
+            env, "QUOROOM_HEAD_TIMEOUT_SECONDS", defaults.head_timeout_seconds
+        ),
+        max_connections=_int(env, "QUOROOM_MAX_CONNECTIONS", defaults.max_connections),
         body_timeout_seconds=_float(
             env, "QUOROOM_BODY_TIMEOUT_SECONDS", defaults.body_timeout_seconds
         ),

@@ -16,9 +16,12 @@ from typing import Any
 
 from ._errors import ConfigError
 from ._logging import configure_logging
+from ._server import guarded_protocol
 from ._settings import RuntimeSettings, load_settings
 
 log = logging.getLogger("room_cloud_runtime.cli")
+# The guard counts the whole head (request line included); the stack checks the headers alone.
+_REQUEST_LINE_ALLOWANCE = 16 * 1024
 
 
 def _load_app(spec: str | None, settings: RuntimeSettings) -> Any:
@@ -58,7 +61,12 @@ def server_options(settings: RuntimeSettings) -> dict[str, object]:
         "proxy_headers": False,
         "server_header": False,
         "ws_max_size": settings.max_ws_message_bytes,
-        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        # httptools with a bounded, timed request head (uvicorn has neither): _server.py.
+        "http": guarded_protocol(
+            max_head_bytes=settings.max_header_bytes + _REQUEST_LINE_ALLOWANCE,
+            head_timeout=settings.head_timeout_seconds,
+        ),
+        "limit_concurrency": settings.max_connections,
     }
 
 
