@@ -86,10 +86,17 @@ def _banner(settings: Settings) -> str:
             f"    mail      {mail}",
             f"    billing   {billing}",
             f"    provider  {settings.provider} (runtimes on free loopback ports)",
+            f"    runtime   {_runtime(settings)}",
             "  Press Ctrl-C to stop (the Rooms it started stop too).",
             "",
         ]
     )
+
+
+def _runtime(settings: Settings) -> str:
+    if settings.runtime_kind == "quoroom":
+        return f"quoroom: the real Room ({settings.quoroom_room_cli}) behind the gateway"
+    return "reference: the Python reference Room (QUOROOM_CP_RUNTIME_KIND=quoroom: the real one)"
 
 
 class DevServer:
