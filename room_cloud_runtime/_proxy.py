@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -73,6 +74,7 @@ _DROP_REQUEST = _HOP_BY_HOP | {
 }
 # Response headers the stack sets itself (CORSGuard, SecurityHeaders).
 _DROP_RESPONSE = _HOP_BY_HOP | {
+    b"date",  # the server in front sets its own
     b"strict-transport-security",
     b"referrer-policy",
     b"access-control-allow-origin",
@@ -85,6 +87,7 @@ _DROP_RESPONSE = _HOP_BY_HOP | {
 # WebSocket handshakes: aiohttp writes its own Sec-WebSocket-* and Upgrade headers.
 _WS_PASS = frozenset({b"origin", b"user-agent", b"cookie", b"accept-language"})
 _RETRY_AFTER = (b"retry-after", b"2")
+_EXPIRED = (b"www-authenticate", b'Bearer realm="quoroom", error="invalid_token"')
 # Closing codes an endpoint may not send (RFC 6455 section 7.4.1) and what goes out instead.
 _WS_UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
 _INLINE_BODY = 64 * 1024  # answers up to this size are read whole and sent in one message
@@ -186,6 +189,11 @@ class UpstreamProxy:
             await send_error(send, 503, "the Room is not running yet", reason, (_RETRY_AFTER,))
             return
         principal = principal_of(scope)
+        if principal is not None and principal.expires_at <= time.time():
+            # Inside the verifier's clock-skew leeway, but the Room (same clock, no leeway)
+            # would refuse the token we mint (its exp is the original's): say so clearly.
+            await send_error(send, 401, "token expired", "token_expired", (_EXPIRED,))
+            return
         headers = self._request_headers(scope, principal)
         has_body = any(
             (k == b"content-length" and v.strip() not in (b"", b"0")) or k == b"transfer-encoding"
@@ -236,7 +244,13 @@ class UpstreamProxy:
             logger.info("client went away, upstream request cancelled")
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             await self._fail(send, started, 504, "the Room did not answer in time", exc)
-        except aiohttp.ClientConnectorError as exc:
+        except (
+            aiohttp.ClientConnectorError,
+            aiohttp.ServerDisconnectedError,
+            aiohttp.ClientOSError,
+        ) as exc:
+            # Refused, or a kept-alive connection found dead (the Room just died or restarted):
+            # the Room is unavailable, try again shortly.
             await self._fail(send, started, 503, "the Room is not reachable", exc)
         except (aiohttp.ClientError, ValueError) as exc:
             await self._fail(send, started, 502, "the Room gave a broken answer", exc)
@@ -333,6 +347,9 @@ class UpstreamProxy:
             await deny_websocket(scope, send, 503, "the Room is not running yet", reason)
             return
         principal = principal_of(scope)
+        if principal is not None and principal.expires_at <= time.time():
+            await deny_websocket(scope, send, 401, "token expired", "token_expired")
+            return
         query = _strip_token(scope.get("query_string", b""))
         if principal is not None:
             token = self.tokens.token_for(principal)

@@ -62,6 +62,10 @@ class RoomSupervisor:
     ) -> None:
         self.command = list(command)
         self.env = dict(env)
+        # Scrubbed from the Room's output verbatim, whatever line it appears in.
+        self._secrets = tuple(
+            v for k, v in self.env.items() if k == "QUOROOM_CLOUD_JWT_SECRET" and len(v) >= 8
+        )
         self.host = host
         self.port = port
         self.start_timeout = start_timeout
@@ -136,7 +140,7 @@ class RoomSupervisor:
             preexec_fn=_die_with_parent,  # no threads start between fork and exec
         )
         self.process = process
-        asyncio.create_task(_relay_output(process))  # noqa: RUF006 - ends with the process
+        asyncio.create_task(_relay_output(process, self._secrets))  # noqa: RUF006 - ends with it
         logger.info("room started", extra={"pid": process.pid})
         return process
 
@@ -181,7 +185,7 @@ class RoomSupervisor:
                 continue
 
 
-async def _relay_output(process: asyncio.subprocess.Process) -> None:
+async def _relay_output(process: asyncio.subprocess.Process, secrets: tuple[str, ...]) -> None:
     stream = process.stdout
     if stream is None:
         return
@@ -193,5 +197,7 @@ async def _relay_output(process: asyncio.subprocess.Process) -> None:
         if not line:
             return
         text = line.decode("utf-8", "replace").rstrip()
+        for secret in secrets:
+            text = text.replace(secret, "[redacted]")
         if text:
             room_log.info(redact(text), extra={"pid": process.pid})

@@ -154,10 +154,10 @@ class RoomGateway:
         raise AssertionError(f"gateway not healthy in {timeout}s:\n{self.log()}")
 
     def room_pid(self) -> int:
-        """The Room's pid (the gateway's child listening on the Room port)."""
-        out = subprocess.run(
-            ["pgrep", "-f", f"serve --port {self.room_port}"], capture_output=True, text=True
-        )
+        """The Room's pid: the gateway's child (``-f`` alone would match the gateway's own command
+        line, which holds the Room's)."""
+        assert self.process is not None
+        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True)
         pids = [int(p) for p in out.stdout.split()]
         assert pids, "the Room is not running"
         return pids[0]
