@@ -431,7 +431,7 @@ class JWKSCache:
                 if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
                     raise _FetchError(f"response larger than {self._max_bytes} bytes")
                 body = bytearray()
-                async for chunk in response.aiter_raw():
+                async for chunk in response.aiter_bytes():  # no decoding: identity only
                     body += chunk
                     if len(body) > self._max_bytes:
                         raise _FetchError(f"response larger than {self._max_bytes} bytes")
