@@ -32,7 +32,7 @@ from ._proxy import UpstreamProxy
 from ._responses import json_body
 from ._settings import RuntimeSettings, _float, _int, _str
 from ._stack import RuntimeStack
-from ._supervisor import RoomSupervisor
+from ._supervisor import RoomSupervisor, port_open
 from ._upstream_identity import (
     SourceAddresses,
     UpstreamTokens,
@@ -166,15 +166,7 @@ class UpstreamMonitor:
         return None  # requests are always tried; a refused connection answers 503 by itself
 
     async def probe(self) -> None:
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 2.0)
-        except (OSError, TimeoutError):
-            self.state = "down"
-            return
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        self.state = "up"
+        self.state = "up" if await port_open(self.host, self.port, wait=2.0) else "down"
 
     async def start(self) -> None:
         await self.probe()

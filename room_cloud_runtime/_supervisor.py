@@ -149,17 +149,9 @@ class RoomSupervisor:
         while time.monotonic() < deadline:
             if process.returncode is not None:
                 return False
-            try:
-                _, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port), timeout=1.0
-                )
-            except (OSError, TimeoutError):
-                await asyncio.sleep(0.1)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return process.returncode is None
+            if await port_open(self.host, self.port, wait=1.0):
+                return process.returncode is None
+            await asyncio.sleep(0.1)
         return False
 
     async def stop(self) -> None:
@@ -183,6 +175,18 @@ class RoomSupervisor:
                 return
             except TimeoutError:
                 continue
+
+
+async def port_open(host: str, port: int, *, wait: float) -> bool:
+    """Does something accept connections on ``host:port``? (The Room's readiness and health.)"""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), wait)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 async def _relay_output(process: asyncio.subprocess.Process, secrets: tuple[str, ...]) -> None:
