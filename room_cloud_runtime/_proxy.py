@@ -1,8 +1,8 @@
 """The innermost app of gateway mode: forward what the stack let through to a Room on loopback.
 
-HTTP and WebSocket go through aiohttp's client. It was chosen by measurement
-(``bench/bench_gateway_clients.py``, bench/RESULTS.md "Gateway"): per forwarded request it costs a
-fraction of httpx's CPU. No HTTP is parsed here by hand.
+HTTP goes through ``_upstream_http`` (kept-alive connections, httptools parsing) and WebSockets
+through aiohttp's client; both chosen by measurement (``bench/bench_gateway_clients.py``,
+bench/RESULTS.md "Gateway"). No HTTP is parsed here by hand.
 
 What the Room receives:
 
@@ -43,6 +43,15 @@ import aiohttp
 
 from ._responses import deny_websocket, send_error
 from ._scope import Principal, principal_of
+from ._upstream_http import (
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    request_head,
+)
 from ._upstream_identity import SourceAddresses, UpstreamTokens
 
 logger = logging.getLogger("room_cloud_runtime.gateway")
@@ -87,6 +96,17 @@ _DROP_RESPONSE = _HOP_BY_HOP | {
 # WebSocket handshakes: aiohttp writes its own Sec-WebSocket-* and Upgrade headers.
 _WS_PASS = frozenset({b"origin", b"user-agent", b"cookie", b"accept-language"})
 _RETRY_AFTER = (b"retry-after", b"2")
+_PROTO = {"http": b"http", "https": b"https", "ws": b"http", "wss": b"https"}
+_CODES = {
+    502: UpstreamBroken.code,
+    503: UpstreamUnavailable.code,
+    504: UpstreamTimeout.code,
+}
+_MESSAGES = {
+    502: "the Room gave a broken answer",
+    503: "the Room is not reachable",
+    504: "the Room did not answer in time",
+}
 _EXPIRED = (b"www-authenticate", b'Bearer realm="quoroom", error="invalid_token"')
 # Closing codes an endpoint may not send (RFC 6455 section 7.4.1) and what goes out instead.
 _WS_UNSENDABLE = {1005: 1000, 1006: 1011, 1015: 1011}
@@ -142,7 +162,18 @@ class UpstreamProxy:
             sock_read=read_timeout,
         )
         self._ws_timeout = aiohttp.ClientWSTimeout(ws_close=5.0)
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._sessions: dict[str, aiohttp.ClientSession] = {}  # WebSockets only
+        self._netloc = parts.netloc.encode("latin-1")
+        self._pool = UpstreamPool(
+            parts.hostname or "127.0.0.1",
+            parts.port or 80,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            # Node's http server drops idle keep-alive sockets after 5 s; reusing one it is
+            # closing loses the request, so let ours go first.
+            keepalive=4.0,
+            max_header_bytes=16 * 1024,
+        )
 
     # -- sessions: one connection pool per source address ----------------------------------------
 
@@ -168,6 +199,7 @@ class UpstreamProxy:
         return session
 
     async def aclose(self) -> None:
+        await self._pool.aclose()
         sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
             await session.close()
@@ -194,13 +226,23 @@ class UpstreamProxy:
             # would refuse the token we mint (its exp is the original's): say so clearly.
             await send_error(send, 401, "token expired", "token_expired", (_EXPIRED,))
             return
+        raw: list[Header] = scope["headers"]
+        has_body = False
+        chunked = True
+        for name, value in raw:
+            if name == b"content-length":
+                chunked = False
+                has_body = value.strip() not in (b"", b"0")
+            elif name == b"transfer-encoding":
+                has_body = True
+        chunked = chunked and has_body
         headers = self._request_headers(scope, principal)
-        has_body = any(
-            (k == b"content-length" and v.strip() not in (b"", b"0")) or k == b"transfer-encoding"
-            for k, v in scope["headers"]
-        )
+        if chunked:
+            # The client's framing is hop-by-hop (dropped above); ours says how the body comes.
+            headers.append((b"transfer-encoding", b"chunked"))
+        head = request_head(scope["method"], _target(scope), headers)
         body_done = not has_body
-        session = self._session(self.sources.for_subject(principal.subject if principal else None))
+        source = self.sources.for_subject(principal.subject if principal else None)
 
         async def body() -> AsyncIterator[bytes]:
             nonlocal body_done
@@ -217,20 +259,20 @@ class UpstreamProxy:
 
         started = False
         try:
-            async with session.request(
-                scope["method"],
-                self.upstream + _target(scope),
-                headers=headers,
-                data=body() if has_body else None,
-                allow_redirects=False,
-                compress=None,
-            ) as response:
+            response = await self._pool.request(
+                source,
+                head,
+                body() if has_body else None,
+                chunked=chunked,
+                head_only=scope["method"] == "HEAD",
+            )
+            try:
                 start = {
                     "type": "http.response.start",
                     "status": response.status,
-                    "headers": _response_headers(response.raw_headers),
+                    "headers": _response_headers(response.headers),
                 }
-                length = response.content_length
+                length = response.content_length()
                 if length is not None and length <= _INLINE_BODY:
                     payload = await response.read()
                     started = True
@@ -240,23 +282,15 @@ class UpstreamProxy:
                 started = True
                 await send(start)
                 await self._stream(response, receive, send, watch=body_done)
+            finally:
+                response.release()
         except _ClientGone:
             logger.info("client went away, upstream request cancelled")
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            await self._fail(send, started, 504, "the Room did not answer in time", exc)
-        except (
-            aiohttp.ClientConnectorError,
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError,
-        ) as exc:
-            # Refused, or a kept-alive connection found dead (the Room just died or restarted):
-            # the Room is unavailable, try again shortly.
-            await self._fail(send, started, 503, "the Room is not reachable", exc)
-        except (aiohttp.ClientError, ValueError) as exc:
-            await self._fail(send, started, 502, "the Room gave a broken answer", exc)
+        except UpstreamError as exc:
+            await self._fail(send, started, exc.status, _MESSAGES[exc.status], exc)
 
     async def _stream(
-        self, response: aiohttp.ClientResponse, receive: Any, send: Any, *, watch: bool
+        self, response: UpstreamResponse, receive: Any, send: Any, *, watch: bool
     ) -> None:
         """Stream the body; with ``watch``, a client disconnect cancels it (uvicorn drops sends
         to a gone client silently, so without the watch a large download would run on)."""
@@ -273,7 +307,7 @@ class UpstreamProxy:
 
         watcher = asyncio.create_task(watch_disconnect()) if watch else None
         try:
-            async for chunk in response.content.iter_any():
+            async for chunk in response.chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
         except asyncio.CancelledError:
@@ -290,7 +324,7 @@ class UpstreamProxy:
     async def _fail(
         self, send: Any, started: bool, status: int, message: str, exc: BaseException
     ) -> None:
-        code = {503: "upstream_unavailable", 504: "upstream_timeout"}.get(status, "upstream_error")
+        code = _CODES[status]
         logger.warning("upstream failed", extra={"code": code, "error": type(exc).__name__})
         if started:
             # Headers are out: the only honest signal left is to break the connection.
@@ -298,7 +332,7 @@ class UpstreamProxy:
         extra = (_RETRY_AFTER,) if status == 503 else ()
         await send_error(send, status, message, code, extra)
 
-    def _request_headers(self, scope: Any, principal: Principal | None) -> list[tuple[str, str]]:
+    def _request_headers(self, scope: Any, principal: Principal | None) -> list[Header]:
         raw: list[Header] = scope["headers"]
         drop: frozenset[bytes] = _DROP_REQUEST
         host = b""
@@ -311,29 +345,32 @@ class UpstreamProxy:
             elif name == b"fly-client-ip":
                 fly_ip = value.strip()
         out = [
-            (name.decode("latin-1"), value.decode("latin-1"))
+            (name, value)
             for name, value in raw
             if name not in drop and not name.startswith(b"x-forwarded-")
         ]
-        client = (
-            fly_ip.decode("latin-1")
-            if self.trust_fly_client_ip and fly_ip
-            else (scope.get("client") or ("unknown", 0))[0]
-        )
-        proto = "https" if self.trust_fly_client_ip else scope.get("scheme", "http")
-        proto = {"ws": "http", "wss": "https"}.get(proto, proto)
-        host_s = host.decode("latin-1")
-        node = f'"[{client}]"' if ":" in client else client
+        if self.trust_fly_client_ip and fly_ip:
+            client = fly_ip
+        else:
+            client = (scope.get("client") or ("unknown", 0))[0].encode("latin-1")
+        if self.trust_fly_client_ip:
+            proto = b"https"
+        else:
+            proto = _PROTO.get(scope.get("scheme", "http"), b"http")
+        node = b'"[' + client + b']"' if b":" in client else client
+        forwarded = b"for=" + node + b";proto=" + proto
+        if host:
+            forwarded += b';host="' + host + b'"'
         out += [
-            ("Host", host_s or self.upstream.split("://", 1)[1]),
-            ("X-Forwarded-For", client),
-            ("X-Forwarded-Proto", proto),
-            ("Forwarded", f"for={node};proto={proto}" + (f';host="{host_s}"' if host_s else "")),
+            (b"host", host or self._netloc),
+            (b"x-forwarded-for", client),
+            (b"x-forwarded-proto", proto),
+            (b"forwarded", forwarded),
         ]
-        if host_s:
-            out.append(("X-Forwarded-Host", host_s))
+        if host:
+            out.append((b"x-forwarded-host", host))
         if principal is not None and scope["type"] == "http":
-            out.append(("Authorization", "Bearer " + self.tokens.token_for(principal)))
+            out.append((b"authorization", b"Bearer " + self.tokens.token_for(principal).encode()))
         return out
 
     # -- WebSocket --------------------------------------------------------------------------------
@@ -356,9 +393,9 @@ class UpstreamProxy:
             query = f"{query}&token={token}" if query else f"token={token}"
         url = self.ws_upstream + scope["path"] + (f"?{query}" if query else "")
         headers = [
-            (k, v)
+            (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in self._request_headers(scope, None)
-            if k.lower().encode() in _WS_PASS or k.startswith(("X-Forwarded", "Forwarded", "Host"))
+            if k in _WS_PASS or k.startswith((b"x-forwarded-", b"forwarded", b"host"))
         ]
         session = self._session(self.sources.for_subject(principal.subject if principal else None))
         try:
@@ -460,15 +497,13 @@ def _strip_token(query: bytes) -> str:
     return urlencode([(k, v) for k, v in pairs if k != "token"])
 
 
-def _response_headers(raw: Any) -> list[Header]:
+def _response_headers(raw: list[Header]) -> list[Header]:
+    """``raw``: names already lower-case (``_upstream_http``)."""
     drop: frozenset[bytes] = _DROP_RESPONSE
-    out: list[Header] = []
     for name, value in raw:
-        name = name.lower()
         if name == b"connection":
             drop = drop | {t.strip().lower() for t in value.split(b",")}
-        out.append((name, value))
-    return [(name, value) for name, value in out if name not in drop]
+    return [(name, value) for name, value in raw if name not in drop]
 
 
 async def _lifespan(receive: Any, send: Any) -> None:
