@@ -267,14 +267,22 @@ class UpstreamProxy:
                 head_only=scope["method"] == "HEAD",
             )
             try:
-                start = {
+                start: dict[str, Any] = {
                     "type": "http.response.start",
                     "status": response.status,
                     "headers": _response_headers(response.headers),
                 }
                 length = response.content_length()
-                if length is not None and length <= _INLINE_BODY:
+                if (length is not None and length <= _INLINE_BODY) or response.arrived_whole():
+                    # One body message (no disconnect watcher, no chunked framing): most of
+                    # the Room's answers are small JSON that came in one piece with the head.
                     payload = await response.read()
+                    if (
+                        length is None
+                        and scope["method"] != "HEAD"
+                        and response.status not in (204, 304)
+                    ):
+                        start["headers"].append((b"content-length", b"%d" % len(payload)))
                     started = True
                     await send(start)
                     await send({"type": "http.response.body", "body": payload})

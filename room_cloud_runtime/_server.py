@@ -12,7 +12,8 @@ bound but still no head deadline, and costs a large share of throughput (bench/R
   ``max_head_bytes`` the client gets 431 and the connection is closed (the stack's own
   ``RequestLimits`` still checks the parsed headers against ``QUOROOM_MAX_HEADER_BYTES``);
 - **head deadline**: from a new connection, and after each response, a complete head must arrive
-  within ``head_timeout`` seconds; otherwise 408 and close;
+  within ``head_timeout`` seconds (after an early answer: the rest of the body and the next head);
+  otherwise 408 and close;
 - **connections**: uvicorn's ``limit_concurrency`` answers 503 past the cap.
 """
 
@@ -43,6 +44,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._head_bytes = 0
         self._reading_head = True
+        self._in_body = False  # a request's body is still arriving
+        self._draining = False  # ... and its answer has already gone out
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(
             self.head_timeout, self._head_too_slow
         )
@@ -59,14 +62,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
+        self._in_body = True
         self._head_bytes = 0
         self._cancel_head_timer()
         super().on_headers_complete()
 
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
+        if self._draining:  # the deadline armed at the answer now covers the next head
+            self._draining = False
+            self._reading_head = True
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing():
-            self._reading_head = True
+            # An answer may go out before its request's body is all in (a 413, a 401): the rest
+            # of that body is read and dropped, as Node does, so a client still sending reads
+            # the answer rather than a reset. Those bytes are not a head; the deadline counts
+            # for the rest of the body and the next head together.
+            self._draining = self._in_body
+            self._reading_head = not self._in_body
             self._cancel_head_timer()
             self._head_timer = self.loop.call_later(self.head_timeout, self._head_too_slow)
 
@@ -81,7 +97,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
-        if self._reading_head and not self.transport.is_closing():
+        if (self._reading_head or self._draining) and not self.transport.is_closing():
             if self._head_bytes or self.cycle is not None:
                 self._refuse(408)
             else:  # nothing sent at all (an idle preconnect): just close

@@ -252,6 +252,10 @@ class UpstreamResponse:
                     return None
         return None
 
+    def arrived_whole(self) -> bool:
+        """The whole body is already here (a small answer usually comes with its head)."""
+        return self._conn.complete
+
     async def chunks(self) -> AsyncIterator[bytes]:
         while True:
             chunk = await self._conn.read_chunk()

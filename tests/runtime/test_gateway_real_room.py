@@ -550,14 +550,6 @@ def test_a_body_over_the_rooms_limit_gets_the_rooms_413_and_over_the_stacks_the_
     assert room.room_pid() == pid
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="gateway bug: when the Room answers before it has read the whole request body (its "
-    "413 past 1 MiB), the gateway closes the client's connection while the client is still "
-    "sending, so the client gets ECONNRESET/EPIPE instead of the 413 (1 in 3 to 2 in 3 "
-    "attempts); the Room alone drains the body and always answers",
-)
 def test_a_client_still_sending_a_refused_body_reads_the_rooms_413_instead_of_a_reset(
     room: RealRoom,
 ) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -24,6 +25,19 @@ async def hello(scope, receive, send):
             break
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"hello"})
+
+
+async def early(scope, receive, send):
+    """Answers 413 at once, without reading the body (as the Room does past its limit)."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 413, "headers": []})
+    await send({"type": "http.response.body", "body": b"too large"})
+
+
+def _early_server(**settings: float) -> Any:
+    options = {**server_options(RuntimeSettings(**settings)), "lifespan": "off"}
+    return live_server(early, **options)
 
 
 @pytest.fixture
@@ -105,6 +119,49 @@ def test_a_slow_second_head_on_a_kept_alive_connection_is_cut_off_too(server):
         assert first.startswith(b"HTTP/1.1 200")
         conn.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")  # never finished
         assert read_all(conn).startswith(b"HTTP/1.1 408")
+
+
+def test_a_client_still_sending_after_an_early_answer_reads_it_and_keeps_the_connection():
+    # The rest of the body is not a request head: it used to count against the head bound,
+    # and the client got a reset (431 and close) instead of the 413 while still sending.
+    with _early_server(head_timeout_seconds=2.0, max_header_bytes=8192) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as conn:
+            conn.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2097152\r\n\r\n")
+            for _ in range(32):
+                conn.sendall(b"x" * 65536)
+            conn.settimeout(5)
+            answer = b""
+            while b"too large" not in answer:
+                answer += conn.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 413")
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")  # the connection lives on
+            again = b""
+            while b"too large" not in again:
+                again += conn.recv(65536)
+            assert again.startswith(b"HTTP/1.1 413")
+
+
+def test_the_rest_of_a_body_after_an_early_answer_must_arrive_within_the_head_deadline():
+    with _early_server(head_timeout_seconds=1.0) as base:
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as conn:
+            conn.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\nxx")
+            started = time.monotonic()
+            data = b""
+            conn.settimeout(0.2)
+            while time.monotonic() - started < 4:  # a byte every 0.2 s, never finishing
+                try:
+                    chunk = conn.recv(65536)
+                except TimeoutError:
+                    conn.sendall(b"x")
+                    continue
+                if not chunk:
+                    break
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 413")
+            assert b"HTTP/1.1 408" in data
+            assert time.monotonic() - started < 3
 
 
 def test_connections_over_the_cap_get_503():
