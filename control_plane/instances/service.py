@@ -4,17 +4,29 @@ function here and answer.
 Transactions never span a call to Stripe: the instance is committed as a ``draft`` first, the
 Checkout Session is created (its idempotency key derived from the instance id, so repeating the
 call returns the same session), then ``draft → awaiting_payment`` is one guarded update.
+
+Creates with an ``Idempotency-Key`` are serialised per user by a ``FOR NO KEY UPDATE`` lock on
+the user's row, and the key is read again once that lock is held, so a replay never inserts (and
+never waits inside the unique index on another transaction). ``NO KEY`` because the worker's
+foreign-key checks on the user's instances take ``FOR KEY SHARE`` on the same row: with ``FOR
+UPDATE`` the two waited on each other (issue 12: twelve parallel creates, eight 40P01 → 500).
+A deadlock or serialization failure that still happens is retried (the steps are idempotent).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import json
 import logging
-from collections.abc import Callable
+import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy import func, or_, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.auth.models import User
@@ -33,7 +45,7 @@ from control_plane.errors import (
     UnknownTier,
 )
 from control_plane.instances.access import Role
-from control_plane.instances.credentials import encrypt_credentials
+from control_plane.instances.credentials import decrypt_credentials, encrypt_credentials
 from control_plane.instances.lifecycle import (
     CANCELABLE,
     IllegalTransition,
@@ -104,13 +116,53 @@ async def _reload(db: AsyncSession, instance_id: str) -> CloudInstance:
 # -- create --------------------------------------------------------------------------------------
 
 
-def _same_request(instance: CloudInstance, body: InstanceCreateIn) -> bool:
-    return (instance.name, instance.tier, instance.region, instance.goal) == (
+#: PostgreSQL's deadlock_detected and serialization_failure: the transaction was rolled back and
+#: may simply be run again.
+_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+_DB_RETRIES = 4
+_T = TypeVar("_T")
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    state = getattr(exc.orig, "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    return _sqlstate(exc) in _RETRYABLE_SQLSTATES
+
+
+async def _retry_on_conflict(db: AsyncSession, step: Callable[[], Awaitable[_T]]) -> _T:
+    """Run an idempotent ``step``; on a deadlock or serialization failure roll back and run it
+    again (a few times, with a short random pause so the rivals do not collide again)."""
+    for attempt in range(_DB_RETRIES):
+        try:
+            return await step()
+        except DBAPIError as exc:
+            if not _retryable(exc) or attempt == _DB_RETRIES - 1:
+                raise
+            await db.rollback()
+            logger.warning("create: database conflict (%s), retrying", _sqlstate(exc))
+            await asyncio.sleep((0.005 + secrets.randbelow(45) / 1000) * (attempt + 1))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _canonical(credentials: dict[str, str] | None) -> bytes:
+    return json.dumps(credentials or {}, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _same_request(settings: Settings, instance: CloudInstance, body: InstanceCreateIn) -> bool:
+    """A replay is the same request: same fields and the same provider credentials (compared
+    opened, in constant time; the sealed blobs differ by their random nonce)."""
+    if (instance.name, instance.tier, instance.region, instance.goal) != (
         body.name,
         body.tier,
         body.region,
         body.goal,
-    )
+    ):
+        return False
+    stored = decrypt_credentials(settings, instance)
+    return hmac.compare_digest(_canonical(stored), _canonical(body.credentials))
 
 
 async def _by_key(db: AsyncSession, owner_id: str, key: str) -> CloudInstance | None:
@@ -141,25 +193,58 @@ async def create_instance(
         raise UnknownTier(f"unknown tier {body.tier!r}")
     if not catalog.has_region(body.region):
         raise UnknownRegion(f"unknown region {body.region!r}")
+    user_id, email = user.id, user.email  # a rollback below expires the loaded user
+    found = await _retry_on_conflict(
+        db, lambda: _insert_draft(db, ctx, user_id, body, idempotency_key)
+    )
+    instance, created = found
+    instance_id = instance.id
+    if not created:
+        if not _same_request(ctx.settings, instance, body):
+            await db.rollback()
+            raise IdempotencyConflict()
+        await db.commit()
+    keep_draft = idempotency_key is not None
+    return await _retry_on_conflict(
+        db, lambda: _proceed(db, ctx, user_id, email, instance_id, keep_draft=keep_draft)
+    )
+
+
+async def _insert_draft(
+    db: AsyncSession,
+    ctx: InstancesContext,
+    user_id: str,
+    body: InstanceCreateIn,
+    idempotency_key: str | None,
+) -> tuple[CloudInstance, bool]:
+    """The committed draft, new (``True``) or the one this Idempotency-Key made (``False``)."""
     if idempotency_key is not None:
-        existing = await _by_key(db, user.id, idempotency_key)
+        existing = await _by_key(db, user_id, idempotency_key)
         if existing is not None:
-            return await _resume(db, ctx, user, existing, body, idempotency_key)
+            return existing, False
     now = ctx.clock()
     # Serialise this user's creates so two at once cannot both pass the quota (PostgreSQL row
-    # lock; SQLite's BEGIN IMMEDIATE already serialises writers).
-    await db.execute(select(User.id).where(User.id == user.id).with_for_update())
+    # lock; SQLite's BEGIN IMMEDIATE already serialises writers). NO KEY UPDATE: see the module
+    # docstring (FOR UPDATE deadlocked with the worker's foreign-key checks).
+    await db.execute(select(User.id).where(User.id == user_id).with_for_update(key_share=True))
+    if idempotency_key is not None:
+        # Re-read under the lock: a rival holding it may have committed this key meanwhile.
+        # Without this the replay inserted, waited on the rival inside the unique index, and
+        # could be refused by the quota its own first request had used up.
+        existing = await _by_key(db, user_id, idempotency_key)
+        if existing is not None:
+            return existing, False
     live = await db.scalar(
         select(func.count())
         .select_from(CloudInstance)
-        .where(CloudInstance.owner_id == user.id, CloudInstance.status.in_(QUOTA_STATUSES))
+        .where(CloudInstance.owner_id == user_id, CloudInstance.status.in_(QUOTA_STATUSES))
     )
     if (live or 0) >= ctx.settings.instance_quota:
         raise QuotaExceeded(
             f"you can have at most {ctx.settings.instance_quota} instances; delete one first"
         )
     instance = CloudInstance(
-        owner_id=user.id,
+        owner_id=user_id,
         name=body.name,
         goal=body.goal,
         tier=body.tier,
@@ -179,26 +264,26 @@ async def create_instance(
         async with db.begin_nested():
             db.add(instance)
     except IntegrityError:
-        # The same Idempotency-Key raced us (PostgreSQL); answer as its replay. Only the
-        # savepoint was rolled back, so the user row lock and loaded objects stay valid.
+        # The same Idempotency-Key raced us without the lock (cannot happen while every create
+        # takes it; kept as the last line of defence). Answer as its replay.
         if idempotency_key is None:
             raise
-        existing = await _by_key(db, user.id, idempotency_key)
+        existing = await _by_key(db, user_id, idempotency_key)
         if existing is None:  # pragma: no cover - the conflicting row is there
             raise
-        return await _resume(db, ctx, user, existing, body, idempotency_key)
+        return existing, False
     if ctx.billing.enabled:
         db.add(
             InstanceSubscription(
                 instance_id=instance.id,
                 status=billing_.SUB_INCOMPLETE,
-                stripe_customer_id=await _known_customer(db, user.id),
+                stripe_customer_id=await _known_customer(db, user_id),
                 updated_at=now,
             )
         )
     await record_event(db, instance.id, "created", f"{body.tier} in {body.region}", now=now)
     await db.commit()
-    return await _proceed(db, ctx, user, instance, keep_draft=idempotency_key is not None)
+    return instance, True
 
 
 async def _known_customer(db: AsyncSession, user_id: str) -> str | None:
@@ -215,32 +300,19 @@ async def _known_customer(db: AsyncSession, user_id: str) -> str | None:
     )
 
 
-async def _resume(
-    db: AsyncSession,
-    ctx: InstancesContext,
-    user: User,
-    instance: CloudInstance,
-    body: InstanceCreateIn,
-    key: str,
-) -> tuple[CloudInstance, str | None]:
-    if not _same_request(instance, body):
-        raise IdempotencyConflict()
-    await db.commit()
-    return await _proceed(db, ctx, user, instance, keep_draft=True)
-
-
 async def _proceed(
     db: AsyncSession,
     ctx: InstancesContext,
-    user: User,
-    instance: CloudInstance,
+    user_id: str,
+    email: str,
+    instance_id: str,
     *,
     keep_draft: bool,
 ) -> tuple[CloudInstance, str | None]:
     """Take a committed instance as far as it goes without the customer: checkout, or (billing
     disabled) straight to provisioning. Safe to repeat."""
-    # A rollback below expires loaded objects: keep what is needed after it.
-    instance_id, status = instance.id, S(instance.status)
+    instance = await _reload(db, instance_id)
+    status = S(instance.status)
     if not ctx.billing.enabled:
         if status == S.DRAFT:
             now = ctx.clock()
@@ -271,7 +343,7 @@ async def _proceed(
     await db.commit()  # no transaction (nor SQLite write lock) held across the Stripe call
     try:
         session = await billing_.start_checkout(
-            ctx.billing, instance, email=user.email, customer_id=customer
+            ctx.billing, instance, email=email, customer_id=customer
         )
     except ControlPlaneError:
         if status == S.DRAFT and not keep_draft:
