@@ -1,4 +1,5 @@
-"""Which HTTP client library the gateway forwards with: httpx or aiohttp, measured.
+"""Which HTTP client the gateway forwards with: httpx, aiohttp or the gateway's own lean client
+(``room_cloud_runtime._upstream_http``: asyncio protocol + httptools), measured.
 
 The gateway's upstream leg is one keep-alive GET (or a streamed body) per request to a Room on
 loopback, so the figure that matters is the client's CPU per request at a realistic concurrency.
@@ -38,7 +39,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _run(fetch, n: int, concurrency: int) -> float:
+async def _run(fetch, n: int, concurrency: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``n`` fetches: imports and pool warm-up not counted."""
     left = n
 
     async def worker() -> None:
@@ -47,12 +49,12 @@ async def _run(fetch, n: int, concurrency: int) -> float:
             left -= 1
             await fetch()
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-async def bench_httpx(url: str, n: int, concurrency: int) -> float:
+async def bench_httpx(url: str, n: int, concurrency: int) -> tuple[float, float]:
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -67,7 +69,7 @@ async def bench_httpx(url: str, n: int, concurrency: int) -> float:
         return await _run(fetch, n, concurrency)
 
 
-async def bench_aiohttp(url: str, n: int, concurrency: int) -> float:
+async def bench_aiohttp(url: str, n: int, concurrency: int) -> tuple[float, float]:
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=concurrency, local_addr=("127.77.0.1", 0))
@@ -82,18 +84,41 @@ async def bench_aiohttp(url: str, n: int, concurrency: int) -> float:
         return await _run(fetch, n, concurrency)
 
 
+async def bench_lean(url: str, n: int, concurrency: int) -> tuple[float, float]:
+    from urllib.parse import urlsplit
+
+    from room_cloud_runtime._upstream_http import UpstreamPool, request_head
+
+    parts = urlsplit(url)
+    pool = UpstreamPool(parts.hostname or "127.0.0.1", parts.port or 80)
+    head = request_head("GET", parts.path, [(b"host", parts.netloc.encode())])
+
+    async def fetch() -> None:
+        response = await pool.request("127.77.0.1", head)
+        async for _ in response.chunks():
+            pass
+        response.release()
+
+    await _run(fetch, 200, concurrency)
+    try:
+        return await _run(fetch, n, concurrency)
+    finally:
+        await pool.aclose()
+
+
+BENCHES = {"httpx": bench_httpx, "aiohttp": bench_aiohttp, "lean": bench_lean}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--client", choices=["httpx", "aiohttp"])
+    parser.add_argument("--client", choices=sorted(BENCHES))
     parser.add_argument("--url")
     args = parser.parse_args()
     if args.client:  # child: one client, pinned by the parent
-        bench = bench_httpx if args.client == "httpx" else bench_aiohttp
-        cpu0 = time.process_time()
-        wall = asyncio.run(bench(args.url, args.requests, args.concurrency))
-        cpu = time.process_time() - cpu0
+        bench = BENCHES[args.client]
+        wall, cpu = asyncio.run(bench(args.url, args.requests, args.concurrency))
         print(f"{args.requests / wall:.0f} {cpu / args.requests * 1e6:.1f}")
         return 0
     node = shutil.which("node")
@@ -109,7 +134,7 @@ def main() -> int:
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         url = f"http://127.0.0.1:{port}/api/rooms"
-        results: dict[str, list[tuple[float, float]]] = {"httpx": [], "aiohttp": []}
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in BENCHES}
         for _ in range(3):  # interleaved rounds
             for client in results:
                 out = subprocess.run(

@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--app", help="an ASGI app to wrap instead of the reference Room, 'mod:attr'"
     )
-    serve.add_argument("--log-level", default=os.environ.get("QUOROOM_LOG_LEVEL", "info"))
+    serve.add_argument(
+        "--log-level", type=_log_level, default=os.environ.get("QUOROOM_LOG_LEVEL", "info")
+    )
     gateway = sub.add_parser(
         "gateway",
         help="the stack in front of a Room on loopback (the Node quoroom server), proxying to it",
@@ -93,8 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument(
         "--upstream", help="the Room's URL on loopback (default: $QUOROOM_GATEWAY_UPSTREAM)"
     )
-    gateway.add_argument("--log-level", default=os.environ.get("QUOROOM_LOG_LEVEL", "info"))
+    gateway.add_argument(
+        "--log-level", type=_log_level, default=os.environ.get("QUOROOM_LOG_LEVEL", "info")
+    )
     return parser
+
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _log_level(value: str) -> str:
+    """--log-level and $QUOROOM_LOG_LEVEL (argparse checks a string default too)."""
+    level = value.strip().lower()
+    if level not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a log level (QUOROOM_LOG_LEVEL / --log-level: one of "
+            f"{', '.join(_LOG_LEVELS)})"
+        )
+    return level
 
 
 def main(argv: Sequence[str] | None = None) -> int:

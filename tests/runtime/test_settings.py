@@ -70,3 +70,16 @@ def test_a_bad_setting_is_refused_naming_it(env: dict[str, str], setting: str) -
 
 def test_local_mode_does_not_require_cloud_settings() -> None:
     assert load_settings({"QUOROOM_DEPLOYMENT_MODE": "local"}).issuer is None
+
+
+@pytest.mark.parametrize("command", ["serve", "gateway"])
+def test_an_unknown_log_level_exits_2_naming_the_setting(monkeypatch, capsys, command):
+    from room_cloud_runtime.cli import main
+
+    monkeypatch.setenv("QUOROOM_LOG_LEVEL", "trace")
+    with pytest.raises(SystemExit) as exited:
+        main([command])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "QUOROOM_LOG_LEVEL" in err and "'trace'" in err
+    assert "Traceback" not in err
