@@ -87,6 +87,17 @@ def _control_plane_section() -> str:
 
 
 ALL = {"stack", "limiter", "control-plane"}
+# Sections other commands write into the same file (``scripts/bench gateway``): kept as they are.
+KEPT_PREFIXES = ("## Gateway",)
+
+
+def _kept_sections(text: str) -> str:
+    kept = [
+        "## " + part.rstrip("\n") + "\n"
+        for part in text.split("\n## ")[1:]
+        if ("## " + part).startswith(KEPT_PREFIXES)
+    ]
+    return "".join("\n" + section for section in kept)
 
 
 def main(argv: list[str]) -> int:
@@ -111,6 +122,8 @@ def main(argv: list[str]) -> int:
     text = header + "\n" + "\n\n".join(s for s in sections if s) + "\n"
     print(text)
     out = RESULTS if which == ALL else RESULTS.with_name(f"RESULTS-{'-'.join(sorted(which))}.md")
+    if out.exists():
+        text += _kept_sections(out.read_text())
     out.write_text(text)
     print(f"written to {out}", file=sys.stderr)
     return 0
