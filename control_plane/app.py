@@ -17,7 +17,7 @@ from control_plane.auth.passwords import PasswordHasher
 from control_plane.auth.routes import router as auth_router
 from control_plane.auth.service import AuthContext
 from control_plane.billing.routes import router as billing_router
-from control_plane.db import create_engine, create_session_factory, utcnow
+from control_plane.db import create_engine, create_session_factory, private_dir, utcnow
 from control_plane.errors import install_error_handlers
 from control_plane.instances.routes import router as instances_router
 from control_plane.instances.setup import start_instances
@@ -50,7 +50,7 @@ def create_app(
         cfg = (settings or get_settings()).with_dev_secrets()
         url = cfg.resolved_database_url
         if url.startswith("sqlite") and not cfg.database_url:
-            cfg.var_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(cfg.var_dir)
         engine = create_engine(url)
         resources: list[Any] = []
         try:
@@ -111,13 +111,16 @@ def create_app(
                     logger.exception("error while closing %s", type(resource).__name__)
             await engine.dispose()
 
+    # The API docs (and the schema they read) are off in production unless API_DOCS turns them
+    # on: the schema maps every route and body for an attacker (issue 12).
+    docs = (settings or get_settings()).docs_enabled
     app = FastAPI(
         title="Quoroom control plane",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url="/docs" if docs else None,
         redoc_url=None,
-        openapi_url="/openapi.json",
+        openapi_url="/openapi.json" if docs else None,
     )
     install_error_handlers(app)
     app.include_router(keys_router)

@@ -70,11 +70,11 @@ def _serve_parser(parser: argparse.ArgumentParser) -> None:
 
 
 async def _migrate_async(settings: Settings) -> str | None:
-    from control_plane.db import create_engine
+    from control_plane.db import create_engine, private_dir
     from control_plane.migrations import current_revision, upgrade
 
     if settings.resolved_database_url.startswith("sqlite") and not settings.database_url:
-        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.var_dir)
     engine = create_engine(settings.resolved_database_url)
     try:
         await upgrade(engine)

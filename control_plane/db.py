@@ -6,14 +6,18 @@ always timezone-aware UTC in Python, whatever the backend stores.
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import DateTime, MetaData, String, event
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -22,6 +26,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
+
+logger = logging.getLogger("control_plane.db")
 
 # Stable constraint names so Alembic migrations are the same on every backend.
 NAMING_CONVENTION = {
@@ -75,9 +81,46 @@ def id_column_type() -> String:
 READONLY = "quoroom_readonly"
 
 
+def private_dir(path: Path) -> None:
+    """Create ``path`` readable by this user only (missing parents too: ``mkdir(parents=True)``
+    would give them the default mode); tighten ``path`` itself if it exists."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+    _tighten(path, 0o700)
+
+
+def _tighten(path: Path, mode: int) -> None:
+    current = stat.S_IMODE(path.stat().st_mode)
+    if current & 0o077:
+        path.chmod(mode)
+        logger.warning("%s was readable by others (mode %o); now %o", path, current, mode)
+
+
+def _private_sqlite_file(url: str) -> None:
+    """The SQLite file holds password hashes, sessions and sealed credentials: create it 0600
+    before SQLite does (SQLite gives its -wal, -shm and -journal files the database's mode)."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    if not path.exists():
+        if not path.parent.exists():
+            private_dir(path.parent)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    _tighten(path, 0o600)
+    for sidecar in ("-wal", "-shm", "-journal"):
+        extra = path.with_name(path.name + sidecar)
+        if extra.exists():
+            _tighten(extra, 0o600)
+
+
 def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
-    """An async engine; SQLite gets foreign keys, WAL and a busy timeout on every connection."""
+    """An async engine; SQLite gets foreign keys, WAL and a busy timeout on every connection.
+
+    A SQLite file is created (or tightened) to mode 0600 first."""
     if url.startswith("sqlite"):
+        _private_sqlite_file(url)
         kwargs.setdefault("connect_args", {}).setdefault("timeout", 15)
     engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"), **kwargs)
     if engine.dialect.name == "sqlite":

@@ -18,6 +18,7 @@ from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from control_plane.auth.cookies import cookie_names
 from control_plane.auth.csrf import SAFE_METHODS
 from control_plane.auth.models import User, UserSession
 from control_plane.auth.service import ACCESS_AUDIENCE, AuthContext
@@ -25,6 +26,8 @@ from control_plane.errors import InvalidAccessToken, NotAuthenticated
 from control_plane.settings import Settings
 from control_plane.throttle import client_address
 
+# Development names; the names in use come from control_plane.auth.cookies.cookie_names (with
+# Secure cookies they carry the __Host-/__Secure- prefixes).
 ACCESS_COOKIE = "qr_access"
 REFRESH_COOKIE = "qr_refresh"
 MAX_BEARER_LENGTH = 4096
@@ -97,7 +100,7 @@ async def authenticate_request(
     token = bearer_token(request)
     via: Literal["bearer", "cookie"] = "bearer"
     if token is None:
-        token = request.cookies.get(ACCESS_COOKIE) or None
+        token = request.cookies.get(cookie_names(ctx.settings).access) or None
         via = "cookie"
     if token is None:
         return None

@@ -59,6 +59,8 @@ def dev_settings(host: str, port: int, environ: dict[str, str] | None = None) ->
     overrides: dict[str, Any] = {}
     if f"{ENV_PREFIX}PUBLIC_URL" not in env:
         overrides["public_url"] = f"http://{_url_host(host)}:{port}"
+    if f"{ENV_PREFIX}ENV" not in env:
+        overrides["env"] = "development"  # `dev` says so explicitly, whatever the PUBLIC_URL
     settings = Settings(**overrides)
     if not settings.development:
         raise SystemExit(

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
+import itertools
 import json
+import math
 import os
 import secrets
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -29,6 +33,14 @@ MAX_TOKEN_TTL_SECONDS = 900
 #: Verifiers may accept this much clock skew; retired keys stay published for TTL + this.
 TOKEN_LEEWAY_SECONDS = 60
 _WEAK_SECRETS = frozenset({"secret", "changeme", "change-me", "dev", "development", "password"})
+#: SECRET_KEY in production: at least this many bytes and this many estimated bits (see
+#: :func:`entropy_bits`). ``secrets.token_urlsafe(32)`` or ``openssl rand -hex 32`` pass.
+SECRET_KEY_MIN_BYTES = 32
+SECRET_KEY_MIN_BITS = 128
+#: A key-encryption key in production must have at least this many distinct byte values (32
+#: random bytes have about 30; an all-zero or short repeated pattern has few).
+KEK_MIN_DISTINCT_BYTES = 16
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
 
 class SettingsError(ValueError):
@@ -77,6 +89,9 @@ class Settings(BaseSettings):
     google_client_secret: SecretStr | None = None
     google_discovery_url: str = "https://accounts.google.com/.well-known/openid-configuration"
     google_http_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+
+    # /docs, /redoc and /openapi.json: default on in development, off in production.
+    api_docs: bool | None = None
 
     # Tokens and sessions.
     access_token_ttl_seconds: int = Field(default=MAX_TOKEN_TTL_SECONDS, ge=60)
@@ -181,6 +196,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _secure_outside_development(self) -> Settings:
+        # Production must be explicit (issue 12): an https PUBLIC_URL is a public deployment,
+        # and silently running it as development gives free Rooms, self-made secrets and
+        # non-Secure cookies. Development there is allowed only when ENV says so.
+        if "env" not in self.model_fields_set and urlsplit(self.public_url).scheme == "https":
+            raise SettingsError(
+                _var("env"),
+                "must be set explicitly when PUBLIC_URL is https:// (production for a public "
+                "deployment; development only on purpose, e.g. behind a tunnel)",
+            )
         if self.env == "production":
             self.check_production()
         return self
@@ -216,7 +240,12 @@ class Settings(BaseSettings):
 
     @property
     def secure_cookies(self) -> bool:
-        return not self.development
+        """Secure, ``__Host-``/``__Secure-``-prefixed cookies: production, or any https URL."""
+        return not self.development or urlsplit(self.public_url).scheme == "https"
+
+    @property
+    def docs_enabled(self) -> bool:
+        return self.development if self.api_docs is None else self.api_docs
 
     @property
     def google_enabled(self) -> bool:
@@ -226,10 +255,13 @@ class Settings(BaseSettings):
         """Raise :class:`SettingsError` naming the first insecure or missing setting."""
         if urlsplit(self.public_url).scheme != "https":
             raise SettingsError(_var("public_url"), "must be an https:// URL in production")
-        _strong_secret("secret_key", self.secret_key)
-        _kek_list("key_encryption_key", self.key_encryption_key)
+        _strong_secret("secret_key", self.secret_key, min_length=SECRET_KEY_MIN_BYTES)
+        _check_secret_entropy("secret_key", self.secret_key)
+        for kek in _kek_list("key_encryption_key", self.key_encryption_key):
+            _check_kek(kek)
         if self.smtp_url is None:
             raise SettingsError(_var("smtp_url"), "is required in production (mail must go out)")
+        _check_smtp_url(self.smtp_url.get_secret_value())
         for name in ("stripe_secret_key", "stripe_webhook_secret"):
             _strong_secret(name, getattr(self, name), min_length=16)
         if self.provider == "fly":
@@ -272,6 +304,84 @@ def _strong_secret(name: str, value: SecretStr | None, *, min_length: int = 32) 
         raise SettingsError(_var(name), f"is too weak (use at least {min_length} random chars)")
 
 
+def entropy_bits(text: str) -> float:
+    """A conservative estimate of the randomness in ``text``, in bits.
+
+    The empirical Shannon entropy per character, times the length, computed twice: over the
+    characters and over the differences between neighbours; the smaller counts. Repeats
+    (``aaaa``, ``abab``, ``passwordpassword``) score low on the first, runs (``abcdef``,
+    ``0123456789``) on the second. Random text scores close to its true entropy (a little
+    under, for short strings).
+    """
+    if len(text) < 2:
+        return 0.0
+    period = _period(text)
+    if period < len(text):  # ``passwordpassword…`` holds no more than one ``password``
+        return entropy_bits(text[:period])
+    deltas = [ord(b) - ord(a) for a, b in itertools.pairwise(text)]
+    return min(_shannon(list(text)) * len(text), _shannon(deltas) * len(deltas))
+
+
+def _period(text: str) -> int:
+    """The shortest p such that ``text`` repeats its first p characters (len(text) if none)."""
+    for p in range(1, min(len(text) // 2, 512) + 1):
+        if all(text[i] == text[i - p] for i in range(p, len(text))):
+            return p
+    return len(text)
+
+
+def _shannon(items: list[object]) -> float:
+    total = len(items)
+    return -sum(n / total * math.log2(n / total) for n in Counter(items).values())
+
+
+def _check_secret_entropy(name: str, value: SecretStr | None) -> None:
+    raw = value.get_secret_value() if value is not None else ""
+    if entropy_bits(raw) < SECRET_KEY_MIN_BITS:
+        # The message never carries the value (it ends up in logs and terminals).
+        raise SettingsError(
+            _var(name),
+            f"looks too regular to be random (estimated under {SECRET_KEY_MIN_BITS} bits); "
+            "generate one, e.g. python -c 'import secrets; print(secrets.token_urlsafe(48))'",
+        )
+
+
+def _check_kek(kek: bytes) -> None:
+    distinct = len(set(kek))
+    deltas = {(b - a) % 256 for a, b in itertools.pairwise(kek)}
+    # 32 random bytes being all printable ASCII: (95/256)^32 ≈ 2e-14 — such a key was typed.
+    typed = all(0x20 <= b < 0x7F for b in kek)
+    if distinct < KEK_MIN_DISTINCT_BYTES or len(deltas) < KEK_MIN_DISTINCT_BYTES or typed:
+        raise SettingsError(
+            _var("key_encryption_key"),
+            "a key is not random (all-zero, a repeated pattern, a run or typed text); generate "
+            "one, e.g. python -c 'import base64, os; "
+            "print(base64.urlsafe_b64encode(os.urandom(32)).decode())'",
+        )
+
+
+def _check_smtp_url(url: str) -> None:
+    """TLS to the relay, unless the relay is on this machine (a local MTA or a sidecar)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("smtp", "smtp+starttls", "smtps") or not parts.hostname:
+        raise SettingsError(_var("smtp_url"), "must be smtps://, smtp+starttls:// or smtp://")
+    if parts.scheme == "smtp" and not _is_loopback(parts.hostname):
+        raise SettingsError(
+            _var("smtp_url"),
+            "plain smtp:// is allowed only to a loopback relay in production; use smtps:// "
+            "(implicit TLS) or smtp+starttls:// (STARTTLS required)",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _kek_list(name: str, value: SecretStr | None) -> list[bytes]:
     if value is None or not value.get_secret_value().strip():
         raise SettingsError(_var(name), "is required (base64url-encoded 32-byte key)")
@@ -303,7 +413,7 @@ def _load_or_create_dev_secrets(path: Path) -> dict[str, str]:
         "secret_key": secrets.token_urlsafe(48),
         "key_encryption_key": base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle)

@@ -20,6 +20,7 @@ import hmac
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.requests import HTTPConnection
 
+from control_plane.auth.cookies import cookie_names
 from control_plane.errors import CsrfFailed, OriginMismatch
 from control_plane.settings import Settings
 
@@ -34,6 +35,7 @@ class CsrfProtector:
         self._serializer = URLSafeTimedSerializer(settings.secret_key_bytes(), salt="quoroom-csrf")
         self._origin = settings.public_origin
         self._max_age = settings.session_ttl_seconds
+        self._cookie = cookie_names(settings).csrf
 
     def issue(self, session_id: str) -> str:
         return self._serializer.dumps(session_id)
@@ -49,7 +51,7 @@ class CsrfProtector:
         """Both checks for a cookie-authenticated unsafe request bound to ``session_id``."""
         self.check_origin(request)
         header = request.headers.get(CSRF_HEADER, "")
-        cookie = request.cookies.get(CSRF_COOKIE, "")
+        cookie = request.cookies.get(self._cookie, "")
         if (
             not header
             or len(header) > MAX_TOKEN_LENGTH

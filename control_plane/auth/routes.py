@@ -12,8 +12,8 @@ from starlette.responses import Response
 
 from control_plane.auth import service
 from control_plane.auth import sessions as sessions_
-from control_plane.auth.csrf import CSRF_COOKIE
-from control_plane.auth.google import STATE_COOKIE, STATE_COOKIE_PATH, STATE_MAX_AGE, GoogleClient
+from control_plane.auth.cookies import cookie_names
+from control_plane.auth.google import STATE_COOKIE_PATH, STATE_MAX_AGE, GoogleClient
 from control_plane.auth.models import User
 from control_plane.auth.schemas import (
     EmailIn,
@@ -34,8 +34,6 @@ from control_plane.auth.schemas import (
 )
 from control_plane.auth.service import AuthContext, SignedIn
 from control_plane.deps import (
-    ACCESS_COOKIE,
-    REFRESH_COOKIE,
     AuthDep,
     ClientAddress,
     CurrentAuth,
@@ -93,10 +91,11 @@ async def _user_out(db: SessionDep, user: User) -> UserOut:
 def _set_session_cookies(response: Response, ctx: AuthContext, signed: SignedIn) -> str:
     settings = ctx.settings
     secure = settings.secure_cookies
+    names = cookie_names(settings)  # __Host-/__Secure- prefixed with Secure cookies
     remaining = int((signed.session.expires_at - signed.session.last_used_at).total_seconds())
     csrf_token = ctx.csrf.issue(signed.session.id)
     response.set_cookie(
-        ACCESS_COOKIE,
+        names.access,
         signed.access_token,
         max_age=settings.access_token_ttl_seconds,
         path="/",
@@ -105,7 +104,7 @@ def _set_session_cookies(response: Response, ctx: AuthContext, signed: SignedIn)
         samesite="lax",
     )
     response.set_cookie(
-        REFRESH_COOKIE,
+        names.refresh,
         signed.refresh_token,
         max_age=max(remaining, 0),
         path=REFRESH_COOKIE_PATH,
@@ -115,7 +114,7 @@ def _set_session_cookies(response: Response, ctx: AuthContext, signed: SignedIn)
     )
     # Readable by the page's JavaScript on purpose: it echoes it in X-CSRF-Token.
     response.set_cookie(
-        CSRF_COOKIE,
+        names.csrf,
         csrf_token,
         max_age=max(remaining, 0),
         path="/",
@@ -128,12 +127,13 @@ def _set_session_cookies(response: Response, ctx: AuthContext, signed: SignedIn)
 
 def _clear_session_cookies(response: Response, ctx: AuthContext) -> None:
     secure = ctx.settings.secure_cookies
+    names = cookie_names(ctx.settings)
     for name, path in (
-        (ACCESS_COOKIE, "/"),
-        (REFRESH_COOKIE, REFRESH_COOKIE_PATH),
-        (CSRF_COOKIE, "/"),
+        (names.access, "/"),
+        (names.refresh, REFRESH_COOKIE_PATH),
+        (names.csrf, "/"),
     ):
-        response.delete_cookie(name, path=path, secure=secure, httponly=name != CSRF_COOKIE)
+        response.delete_cookie(name, path=path, secure=secure, httponly=name != names.csrf)
 
 
 async def _signed_in_response(
@@ -235,7 +235,7 @@ async def refresh(
     raw = body.refresh_token if body is not None else None
     transport: Transport = "body"
     if raw is None:
-        raw = request.cookies.get(REFRESH_COOKIE)
+        raw = request.cookies.get(cookie_names(ctx.settings).refresh)
         transport = "cookie"
         if not raw:
             raise NotAuthenticated()
@@ -275,11 +275,12 @@ async def logout(
         session_id = found[1].id
     else:
         auth = None
-        if request.headers.get("authorization") or request.cookies.get(ACCESS_COOKIE):
+        names = cookie_names(ctx.settings)
+        if request.headers.get("authorization") or request.cookies.get(names.access):
             auth = await authenticate_request(request, db, ctx, now)
         if auth is not None:
             session_id = auth.session_id
-        elif raw := request.cookies.get(REFRESH_COOKIE):
+        elif raw := request.cookies.get(names.refresh):
             found = await sessions_.find_refresh(db, raw)
             if found is None:
                 raise InvalidRefreshToken()
@@ -408,7 +409,7 @@ async def google_start(
     pending, cookie = ctx.google_state.new(next_path or "/")
     response = RedirectResponse(await google.authorization_url(pending), status_code=302)
     response.set_cookie(
-        STATE_COOKIE,
+        cookie_names(ctx.settings).google_state,
         cookie,
         max_age=STATE_MAX_AGE,
         path=STATE_COOKIE_PATH,
@@ -452,7 +453,10 @@ async def google_callback(
             f"{ctx.settings.public_url}/signin?error={code_}", status_code=303
         )
         response.delete_cookie(
-            STATE_COOKIE, path=STATE_COOKIE_PATH, secure=ctx.settings.secure_cookies, httponly=True
+            cookie_names(ctx.settings).google_state,
+            path=STATE_COOKIE_PATH,
+            secure=ctx.settings.secure_cookies,
+            httponly=True,
         )
         return response
 
@@ -468,7 +472,8 @@ async def _google_sign_in(
     state: str | None,
     error: str | None,
 ) -> RedirectResponse:
-    pending = ctx.google_state.open(request.cookies.get(STATE_COOKIE), state)
+    cookie = request.cookies.get(cookie_names(ctx.settings).google_state)
+    pending = ctx.google_state.open(cookie, state)
     if error is not None:
         raise OAuthProviderError()
     if not code:
@@ -495,7 +500,10 @@ async def _google_sign_in(
     response = RedirectResponse(f"{ctx.settings.public_url}{pending.next_path}", status_code=303)
     _set_session_cookies(response, ctx, signed)
     response.delete_cookie(
-        STATE_COOKIE, path=STATE_COOKIE_PATH, secure=ctx.settings.secure_cookies, httponly=True
+        cookie_names(ctx.settings).google_state,
+        path=STATE_COOKIE_PATH,
+        secure=ctx.settings.secure_cookies,
+        httponly=True,
     )
     response.headers["Cache-Control"] = "no-store"
     return response

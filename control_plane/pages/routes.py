@@ -22,8 +22,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from control_plane.auth.cookies import cookie_names
 from control_plane.auth.models import User
-from control_plane.deps import ACCESS_COOKIE, authenticate_request
+from control_plane.deps import authenticate_request
 from control_plane.errors import ControlPlaneError
 
 HERE: Final = Path(__file__).parent
@@ -99,7 +100,7 @@ def build_templates() -> Jinja2Templates:
 
 async def _viewer(request: Request) -> User | None:
     """The signed-in person, or ``None`` (no cookie, or a token that no longer holds)."""
-    if not request.cookies.get(ACCESS_COOKIE):
+    if not request.cookies.get(cookie_names(request.app.state.settings).access):
         return None
     state = request.app.state
     async with state.session_factory() as db:

@@ -45,10 +45,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
+from control_plane.db import private_dir
 from control_plane.provisioning.fly import check_secret_names
 from control_plane.provisioning.provider import (
     APP_PREFIX,
@@ -139,9 +140,17 @@ def _write_json(path: Path, data: Mapping[str, Any], *, mode: int = 0o644) -> No
     """Atomic write (temp file + rename): a crash never leaves a half-written state file."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)  # a temporary file left by a crash keeps its old mode otherwise
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle)
     os.replace(tmp, path)
+
+
+def _open_private_log(path: Path) -> BinaryIO:
+    """The runtime's log (it may echo what a Room prints), created 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -238,7 +247,9 @@ class LocalProvider:
     async def ensure_app(self, spec: InstanceSpec) -> str:
         name = app_name(spec.instance_id, self._prefix)
         path = self._dir(name)
-        path.mkdir(parents=True, exist_ok=True)
+        # The Room's data, its credentials and its log: this user's only (issue 12).
+        private_dir(self.root)
+        private_dir(path)
         if _read_json(path / "app.json") is None:
             _write_json(path / "app.json", {"app": name, "instance_id": spec.instance_id})
         return name
@@ -329,7 +340,7 @@ class LocalProvider:
             upstream = _free_port("127.0.0.1")
         path = self._dir(app)
         argv, env = await asyncio.to_thread(self.command, app, instance_id, kind, port, upstream)
-        log = await asyncio.to_thread(open, path / "runtime.log", "ab")
+        log = await asyncio.to_thread(_open_private_log, path / "runtime.log")
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
@@ -485,7 +496,7 @@ class LocalProvider:
         snapshot_id = f"{instance_id}-{stamp}"
         source = self._dir(app) / "data"
         target = self.snapshots / snapshot_id
-        self.snapshots.mkdir(parents=True, exist_ok=True)
+        private_dir(self.snapshots)
         if source.exists():
             await asyncio.to_thread(shutil.copytree, source, target)
         else:

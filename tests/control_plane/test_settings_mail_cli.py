@@ -18,8 +18,11 @@ from control_plane.migrations import head_revision
 from control_plane.settings import Settings
 from tests.control_plane.conftest import PASSWORD, PG_URL
 
-STRONG = "x" * 40
-KEK = base64.urlsafe_b64encode(b"k" * 32).decode()
+# Random-looking: production refuses regular secrets (see test_production_settings.py).
+STRONG = "Zt4-Qm9vR2xLp7NcW0aYe8KdHs3Uf6JgBi1oXw5T"
+KEK = base64.urlsafe_b64encode(
+    bytes.fromhex("3b8e61f0a9d2c47e15b6f8039ae2d7c4601fb59e8c2a7d3f4e90b1c6a58d7e2f")
+).decode()
 PRODUCTION: dict[str, Any] = {
     "env": "production",
     "public_url": "https://app.quoroom.ai",

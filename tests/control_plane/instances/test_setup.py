@@ -23,7 +23,13 @@ async def test_production_needs_a_catalog_file(settings: Settings) -> None:
 
 async def test_production_refuses_to_start_without_stripe(make_settings: Any) -> None:
     with pytest.raises(ValueError, match="STRIPE_SECRET_KEY"):
-        make_settings(env="production", public_url="https://cloud.example", smtp_url="smtp://x")
+        make_settings(
+            env="production",
+            public_url="https://cloud.example",
+            smtp_url="smtps://smtp.example",
+            secret_key="Zt4-Qm9vR2xLp7NcW0aYe8KdHs3Uf6JgBi1oXw5T",
+            key_encryption_key="O45h8KnSxH4VtvgDmuLXxGAftZ6MKn0_TpCxxqWNfi8=",
+        )
 
 
 @pytest.mark.parametrize("missing", ["stripe_secret_key", "stripe_webhook_secret"])

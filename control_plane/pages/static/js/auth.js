@@ -46,7 +46,7 @@
 
     // Sent here because the access token expired? The refresh cookie may still hold a session.
     const triedAt = Number(sessionStorage.getItem("quoroom.resume") || 0);
-    if (Q.cookie("qr_csrf") && Date.now() - triedAt > 30000) {
+    if (Q.csrfCookie() && Date.now() - triedAt > 30000) {
       sessionStorage.setItem("quoroom.resume", String(Date.now()));
       Q.refreshSession().then((ok) => {
         if (ok) location.replace(next);

@@ -43,6 +43,12 @@
     return null;
   };
 
+  // The CSRF cookie: __Host-qr_csrf with Secure cookies (production, https), qr_csrf in
+  // development over http (control_plane/auth/cookies.py).
+  Q.csrfCookie = function () {
+    return Q.cookie("__Host-qr_csrf") || Q.cookie("qr_csrf");
+  };
+
   Q.uuid = function () {
     if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
     const bytes = crypto.getRandomValues(new Uint8Array(16));
@@ -64,7 +70,7 @@
 
   async function send(method, path, body, headers) {
     const h = { accept: "application/json", ...headers };
-    const csrf = Q.cookie("qr_csrf");
+    const csrf = Q.csrfCookie();
     if (csrf && method !== "GET") h["x-csrf-token"] = csrf;
     const init = { method, headers: h, credentials: "same-origin", cache: "no-store" };
     if (body !== undefined) {
