@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
-from room_cloud_runtime._errors import ConfigError
-from room_cloud_runtime._settings import load_settings
+from room_cloud_runtime import ConfigError, load_settings
 
 __all__ = [
     "DATA_DIR",

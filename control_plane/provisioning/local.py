@@ -63,8 +63,7 @@ from control_plane.provisioning.provider import (
     instance_id_from_app,
 )
 from control_plane.settings import SettingsError
-from room_cloud_runtime._errors import ConfigError
-from room_cloud_runtime._settings import load_settings
+from room_cloud_runtime import ConfigError, load_settings
 
 __all__ = ["MIN_NODE_MAJOR", "LocalProvider", "find_quoroom_room"]
 
