@@ -12,8 +12,8 @@ seeds it the way people would, over HTTP:
    straight to ``provisioning``; the worker provisions it with the local provider, which starts a
    REAL runtime (``python -m room_cloud_runtime.cli serve`` on a loopback port, issuer and JWKS
    pointing at this control plane) and moves the instance to ``running`` only once that runtime
-   answers ``/healthz``. The others are added as members (``POST …/members``: active at once,
-   their addresses being verified);
+   answers ``/healthz``. The others are invited as members (``POST …/members``) and each
+   accepts (``POST /api/cloud/invitations/{id}/accept``);
 3. each user gets a runtime token (``POST …/runtime-token``), and one of them is shown to the
    runtime (``GET {runtime}/api/rooms``) to prove the runtime accepts what the control plane
    issued.
@@ -103,6 +103,9 @@ def cp_env(var_dir: Path, port: int) -> dict[str, str]:
         "QUOROOM_CP_PROVIDER": "local",
         "QUOROOM_CP_RUN_WORKER": "true",
         "QUOROOM_CP_TRUST_FLY_CLIENT_IP": "true",
+        # One owner invites every seeded user to one instance (the defaults allow 30 an hour).
+        "QUOROOM_CP_THROTTLE_INVITE_OWNER": "100000/hour",
+        "QUOROOM_CP_THROTTLE_INVITE_INSTANCE": "100000/hour",
         "QUOROOM_CP_KEY_ENCRYPTION_KEY": kek,
         "QUOROOM_CP_SECRET_KEY": secrets.token_urlsafe(48),
     }
@@ -282,18 +285,19 @@ def seed(url: str, var_dir: Path, users: int, *, provision_timeout: float = 90) 
         seconds["provision"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        for address in emails[1:]:
+        for address, bearer in zip(emails[1:], bearers[1:], strict=True):
             member = _check(
                 client.post(
                     f"/api/cloud/instances/{instance_id}/members",
                     json={"email": address},
                     headers=owner,
                 ),
-                201,
-                200,
+                202,
             )
-            if member.get("status") != "active":
-                raise SeedError(f"member {address} is {member.get('status')}, not active")
+            # An invitation: each member accepts it (in the app) before the Room is theirs.
+            _check(
+                client.post(f"/api/cloud/invitations/{member['id']}/accept", headers=bearer), 200
+            )
         tokens = []
         for bearer in bearers:
             issued = _check(

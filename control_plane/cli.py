@@ -106,14 +106,27 @@ async def _rotate_async(settings: Settings) -> str:
         ring = KeyRing(settings, create_session_factory(engine))
         await ring.ensure_keys()
         async with create_session_factory(engine)() as session:
-            return await ring.rotate(session)
+            kid = await ring.rotate(session)
+        pending = ring.pending_switch
+        if pending is None:
+            return f"rotated: active signing key is now {kid}"
+        # Runtimes may hold a JWKS without the new key for one max-age: it signs after that.
+        return (
+            f"rotated: key {kid} is published and becomes the active signing key at "
+            f"{pending[1].isoformat()} (one JWKS max-age after it was published)"
+        )
     finally:
         await engine.dispose()
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:
-    kid = asyncio.run(_rotate_async(get_settings()))
-    print(f"rotated: active signing key is now {kid}")
+    from control_plane.errors import KeysNotReady
+
+    try:
+        print(asyncio.run(_rotate_async(get_settings())))
+    except KeysNotReady as exc:
+        print(f"not rotated: {exc.message}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -122,7 +135,8 @@ def _keys_parser(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     rotate = sub.add_parser(
         "rotate",
-        help="make the published next key active, retire the active one, publish a new next key",
+        help="make the published next key active (it signs once it has been published for one "
+        "JWKS max-age), retire the active one, publish a new next key",
     )
     rotate.set_defaults(handler=_keys_rotate)
 

@@ -186,6 +186,24 @@ class MemberLimitReached(ControlPlaneError):
     message = "this instance has the maximum number of members"
 
 
+class InvalidInviteToken(InvalidEmailToken):
+    message = "invalid, expired or already used invitation link"
+
+
+class InviteWrongAccount(ControlPlaneError):
+    message = (
+        "this invitation was sent to another email address; sign in with that address to accept it"
+    )
+
+
+class InvitationNotFound(ControlPlaneError):
+    message = "invitation not found"
+
+
+class InvitesThrottled(Throttled):
+    message = "too many invitations; try again later"
+
+
 class InvalidRuntimeToken(ControlPlaneError):
     message = "invalid or expired runtime token"
 
@@ -258,6 +276,9 @@ ERROR_TABLE: dict[type[ControlPlaneError], tuple[int, str]] = {
     MemberNotFound: (404, "not_found"),
     CannotInviteOwner: (422, "cannot_invite_owner"),
     MemberLimitReached: (409, "member_limit"),
+    InvalidInviteToken: (400, "invalid_token"),
+    InviteWrongAccount: (403, "invite_wrong_account"),
+    InvitationNotFound: (404, "not_found"),
     InvalidRuntimeToken: (401, "invalid_token"),
     RuntimeOriginRefused: (403, "origin_not_allowed"),
     BillingDisabled: (409, "billing_disabled"),

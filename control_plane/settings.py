@@ -130,6 +130,12 @@ class Settings(BaseSettings):
     checkout_abandon_hours: int = Field(default=25, ge=1, le=24 * 30)
     instance_quota: int = Field(default=3, ge=0, le=1000)
     max_members_per_instance: int = Field(default=50, ge=1, le=1000)
+    # Invitations (issue 12, item 6): how long an invitation (its emailed link, and accepting it
+    # in /app) stays good, and how many an owner may send in all and to one instance (limits'
+    # notation, ";"-tiers; re-sending to the same address counts: each one mails someone).
+    invite_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60, le=30 * 24 * 3600)
+    throttle_invite_owner: str = "30/hour;100/day"
+    throttle_invite_instance: str = "30/hour;60/day"
     runtime_token_ttl_seconds: int = Field(default=600, ge=60, le=MAX_TOKEN_TTL_SECONDS)
 
     # Provisioning (issue 4): the worker, the reconciler and the providers.
@@ -192,6 +198,15 @@ class Settings(BaseSettings):
     def _ttl(cls, value: int) -> int:
         if value > MAX_TOKEN_TTL_SECONDS:
             raise ValueError(f"must be at most {MAX_TOKEN_TTL_SECONDS} seconds")
+        return value
+
+    @field_validator("throttle_invite_owner", "throttle_invite_instance")
+    @classmethod
+    def _invite_throttle(cls, value: str) -> str:
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit ({value!r}): {exc}") from exc
         return value
 
     @model_validator(mode="after")

@@ -61,6 +61,9 @@ class Throttle:
             "email_address": parse_many(settings.throttle_email_address),
             "email_account": parse_many(settings.throttle_email_account),
         }
+        # Member invitations (issue 12, item 6), keyed by the inviting owner and by the instance.
+        self.policies["invite_owner"] = parse_many(settings.throttle_invite_owner)
+        self.policies["invite_instance"] = parse_many(settings.throttle_invite_instance)
 
     @staticmethod
     def _key(key: str) -> str:

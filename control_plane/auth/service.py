@@ -28,7 +28,6 @@ from control_plane.errors import (
     OAuthEmailNotVerified,
     WeakPassword,
 )
-from control_plane.instances.members import claim_invites
 from control_plane.keys.service import KeyRing
 from control_plane.mail import Mail, Mailer
 from control_plane.settings import Settings
@@ -264,7 +263,8 @@ async def verify_email(db: AsyncSession, *, token: str, now: datetime) -> User:
     user.email_verified = True
     user.updated_at = now
     await db.flush()
-    await claim_invites(db, user)  # pending instance invites to this address become active
+    # Pending instance invitations to this address stay pending: the invitee accepts each one
+    # (control_plane/instances/members.py); being invited never makes anyone a member.
     return user
 
 

@@ -13,12 +13,15 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from control_plane.auth.schemas import ErrorOut
+from control_plane.billing import limits as billing_limits
 from control_plane.deps import CurrentUser, Now, ReadSessionDep, SessionDep
 from control_plane.errors import (
     ControlPlaneError,
     InvalidIdempotencyKey,
+    InvitesThrottled,
     OwnerRequired,
     RuntimeOriginRefused,
+    Throttled,
     error_response,
     response_for,
 )
@@ -30,6 +33,7 @@ from control_plane.instances.access import (
     VisibleInstance,
     load_instance,
 )
+from control_plane.instances.members import InviteLinks
 from control_plane.instances.models import CloudInstanceMember
 from control_plane.instances.schemas import (
     IDEMPOTENCY_KEY,
@@ -38,6 +42,9 @@ from control_plane.instances.schemas import (
     InstanceCreateIn,
     InstanceOut,
     InstancesOut,
+    InvitationOut,
+    InvitationsOut,
+    InviteAcceptIn,
     MemberIn,
     MemberOut,
     MembersOut,
@@ -47,9 +54,10 @@ from control_plane.instances.schemas import (
     StatusOut,
 )
 from control_plane.instances.service import InstancesContext
+from control_plane.throttle import Throttle
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422, 502, 503)
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422, 429, 502, 503)
 }
 router = APIRouter(prefix="/api/cloud", tags=["instances"], responses=_ERRORS)
 InstanceId = Annotated[str, Path(max_length=MAX_ID_LENGTH)]
@@ -63,13 +71,29 @@ def _context(request: Request) -> InstancesContext:
 Ctx = Annotated[InstancesContext, Depends(_context)]
 
 
-def _member_out(member: CloudInstanceMember) -> MemberOut:
+def _invite_links(request: Request) -> InviteLinks:
+    links: InviteLinks = request.app.state.invite_links
+    return links
+
+
+Links = Annotated[InviteLinks, Depends(_invite_links)]
+
+
+def _member_out(member: CloudInstanceMember, *, show_email: bool = True) -> MemberOut:
     return MemberOut(
         id=member.id,
-        email=member.email,
+        email=member.email if show_email else None,
         status="active" if member.status == "active" else "pending",
         createdAt=member.created_at,
     )
+
+
+async def _limit_billing(request: Request, ctx: InstancesContext, user_id: str) -> None:
+    """The per-user budget of requests that may call Stripe (``billing/limits.py``)."""
+    if ctx.billing.enabled:
+        await billing_limits.limit(
+            request.app.state.throttle, ctx.settings, billing_limits.BILLING_POLICY, user_id
+        )
 
 
 # -- instances -----------------------------------------------------------------------------------
@@ -83,6 +107,7 @@ def _member_out(member: CloudInstanceMember) -> MemberOut:
 )
 async def create_instance(
     body: InstanceCreateIn,
+    request: Request,
     db: SessionDep,
     user: CurrentUser,
     ctx: Ctx,
@@ -90,16 +115,22 @@ async def create_instance(
 ) -> InstanceCreatedOut:
     if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
         raise InvalidIdempotencyKey()
+    user_id = user.id
+    await _limit_billing(request, ctx, user_id)
+
+    async def new_checkout() -> None:
+        await billing_limits.limit(
+            request.app.state.throttle, ctx.settings, billing_limits.CHECKOUT_POLICY, user_id
+        )
+
     instance, checkout_url = await service.create_instance(
-        db, ctx, user, body, idempotency_key=idempotency_key
+        db, ctx, user, body, idempotency_key=idempotency_key, before_new_checkout=new_checkout
     )
     return InstanceCreatedOut(instance=service.to_out(instance, "owner"), checkout_url=checkout_url)
 
 
 @router.get("/instances", summary="Your instances and those you are a member of")
 async def list_instances(db: SessionDep, user: CurrentUser) -> InstancesOut:
-    if await members_.claim_invites(db, user):
-        await db.commit()
     rows = await service.list_visible(db, user)
     await db.commit()
     return InstancesOut(instances=[service.to_out(i, role) for i, role in rows])
@@ -121,10 +152,12 @@ async def instance_status(access: VisibleInstance, db: SessionDep) -> StatusOut:
 )
 async def confirm_checkout(
     access: OwnedInstance,
+    request: Request,
     db: SessionDep,
     ctx: Ctx,
     body: CheckoutConfirmIn | None = None,
 ) -> InstanceOut:
+    await _limit_billing(request, ctx, access.user.id)
     instance = await service.confirm_checkout(
         db, ctx, access.instance, session_id=body.session_id if body else None
     )
@@ -141,39 +174,73 @@ async def retry_instance(access: OwnedInstance, db: SessionDep, ctx: Ctx) -> Ins
     status_code=202,
     summary="Cancel: end the subscription, stop, snapshot, destroy after the retention period",
 )
-async def delete_instance(access: OwnedInstance, db: SessionDep, ctx: Ctx) -> InstanceOut:
+async def delete_instance(
+    access: OwnedInstance, request: Request, db: SessionDep, ctx: Ctx
+) -> InstanceOut:
+    await _limit_billing(request, ctx, access.user.id)
     return service.to_out(await service.cancel(db, ctx, access.instance), "owner")
 
 
 # -- members -------------------------------------------------------------------------------------
 
 
-@router.get("/instances/{instance_id}/members", summary="Members and pending invites")
+@router.get(
+    "/instances/{instance_id}/members",
+    summary="Members; the owner also sees pending invitations and every address",
+)
 async def list_members(access: VisibleInstance, db: SessionDep) -> MembersOut:
-    rows = await members_.list_members(db, access.instance.id)
-    return MembersOut(members=[_member_out(m) for m in rows])
+    if access.role == "owner":
+        rows = await members_.list_members(db, access.instance.id)
+        return MembersOut(members=[_member_out(m) for m in rows])
+    # A member sees who has joined, and no address but their own: the invitees never agreed to
+    # share theirs with anyone but the owner (issue 12).
+    rows = await members_.list_members(db, access.instance.id, active_only=True)
+    return MembersOut(
+        members=[_member_out(m, show_email=m.user_id == access.user.id) for m in rows]
+    )
+
+
+async def _throttle_invites(request: Request, access: OwnedInstance) -> None:
+    throttle: Throttle = request.app.state.throttle
+    try:
+        await throttle.hit("invite_owner", f"owner:{access.user.id}")
+        await throttle.hit("invite_instance", f"instance:{access.instance.id}")
+    except Throttled as exc:
+        raise InvitesThrottled(exc.retry_after) from exc
 
 
 @router.post(
     "/instances/{instance_id}/members",
-    status_code=201,
-    summary="Add a member by email (an invite until that address has a verified account)",
-    responses={200: {"model": MemberOut, "description": "Already a member"}},
+    status_code=202,
+    summary="Invite someone by email; they become a member once they accept",
+    responses={429: {"model": ErrorOut, "description": "Too many invitations"}},
+    dependencies=[Depends(_throttle_invites)],
 )
 async def add_member(
-    body: MemberIn, access: OwnedInstance, db: SessionDep, ctx: Ctx, now: Now
-) -> Response:
-    member, created = await members_.add_member(
+    body: MemberIn,
+    access: OwnedInstance,
+    db: SessionDep,
+    ctx: Ctx,
+    links: Links,
+    request: Request,
+    now: Now,
+) -> MemberOut:
+    # The same answer (202, the invitation) whatever the address's account state: no account is
+    # looked up at all, so neither the answer nor the work can tell (issue 12).
+    member, mail_now = await members_.invite(
         db,
         access.instance,
         email=str(body.email),
-        invited_by=access.user.id,
+        owner=access.user,
         limit=ctx.settings.max_members_per_instance,
         now=now,
     )
-    await db.commit()
     out = _member_out(member)
-    return JSONResponse(out.model_dump(mode="json"), status_code=201 if created else 200)
+    mail = links.mail(member, access.instance, access.user.email, now) if mail_now else None
+    await db.commit()
+    if mail is not None:
+        request.app.state.mailer.enqueue(mail)
+    return out
 
 
 @router.delete(
@@ -191,6 +258,68 @@ async def remove_member(
     if access.role != "owner" and member.user_id != access.user.id:
         raise OwnerRequired()
     await members_.remove_member(db, access.instance.id, member.id, now=now)
+    await db.commit()
+    return Response(status_code=204)
+
+
+# -- invitations (the invitee's side) ------------------------------------------------------------
+
+
+def _invitation_out(invitation: members_.Invitation) -> InvitationOut:
+    return InvitationOut(
+        id=invitation.member.id,
+        instanceId=invitation.instance_id,
+        instanceName=invitation.instance_name,
+        invitedBy=invitation.invited_by,
+        createdAt=invitation.member.created_at,
+    )
+
+
+@router.get("/invitations", summary="Your pending invitations (to your verified address)")
+async def list_invitations(
+    db: SessionDep, user: CurrentUser, links: Links, now: Now
+) -> InvitationsOut:
+    found = await members_.invitations_for(db, links, user, now=now)
+    await db.commit()
+    return InvitationsOut(invitations=[_invitation_out(i) for i in found])
+
+
+@router.post(
+    "/invitations/accept",
+    summary="Accept the invitation of an emailed link (signed in as its addressee)",
+)
+async def accept_invitation_link(
+    body: InviteAcceptIn, db: SessionDep, user: CurrentUser, links: Links, now: Now
+) -> InstanceOut:
+    instance = await members_.accept_by_token(db, links, user, body.token, now=now)
+    await db.commit()
+    return service.to_out(instance, "member")
+
+
+@router.post("/invitations/{member_id}/accept", summary="Accept one of your invitations")
+async def accept_invitation(
+    member_id: Annotated[str, Path(max_length=MAX_ID_LENGTH)],
+    db: SessionDep,
+    user: CurrentUser,
+    links: Links,
+    now: Now,
+) -> InstanceOut:
+    instance = await members_.accept_in_app(db, links, user, member_id, now=now)
+    await db.commit()
+    return service.to_out(instance, "member")
+
+
+@router.delete(
+    "/invitations/{member_id}", status_code=204, summary="Decline one of your invitations"
+)
+async def decline_invitation(
+    member_id: Annotated[str, Path(max_length=MAX_ID_LENGTH)],
+    db: SessionDep,
+    user: CurrentUser,
+    links: Links,
+    now: Now,
+) -> Response:
+    await members_.decline(db, links, user, member_id, now=now)
     await db.commit()
     return Response(status_code=204)
 

@@ -87,6 +87,10 @@ class MemberIn(_In):
     email: Annotated[EmailStr, StringConstraints(max_length=254)]
 
 
+class InviteAcceptIn(_In):
+    token: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+
 class RefreshTokenIn(_In):
     token: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 
@@ -137,7 +141,8 @@ class StatusOut(BaseModel):
 
 class MemberOut(BaseModel):
     id: str
-    email: str
+    #: ``None`` for a member looking at someone else: only the owner sees the invitees' addresses.
+    email: str | None
     status: Literal["pending", "active"]
     role: Literal["member"] = "member"
     createdAt: datetime
@@ -145,6 +150,20 @@ class MemberOut(BaseModel):
 
 class MembersOut(BaseModel):
     members: list[MemberOut]
+
+
+class InvitationOut(BaseModel):
+    """A pending invitation, as its invitee sees it (``id`` is the membership's)."""
+
+    id: str
+    instanceId: str
+    instanceName: str
+    invitedBy: str | None
+    createdAt: datetime
+
+
+class InvitationsOut(BaseModel):
+    invitations: list[InvitationOut]
 
 
 class RuntimeTokenOut(BaseModel):

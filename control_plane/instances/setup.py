@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.billing.service import Billing, build_billing
+from control_plane.instances.members import InviteLinks
 from control_plane.instances.service import InstancesContext
 from control_plane.settings import Settings
 
@@ -20,7 +21,8 @@ def start_instances(
     clock: Callable[[], datetime],
 ) -> Billing:
     """Build the catalog and Stripe gateway and put them on ``app.state`` (``catalog``,
-    ``stripe_gateway``, ``billing``, ``instances``). The caller closes the returned object.
+    ``stripe_gateway``, ``billing``, ``instances``, ``invite_links``). The caller closes the
+    returned object.
 
     ``app.state.worker_wakeup`` (an ``asyncio.Event``-like object), when an in-process worker
     registers one, is poked whenever there is new work for it.
@@ -29,6 +31,7 @@ def start_instances(
     app.state.billing = billing
     app.state.catalog = billing.catalog
     app.state.stripe_gateway = billing.gateway
+    app.state.invite_links = InviteLinks(settings)
     app.state.instances = InstancesContext(
         settings=settings,
         billing=billing,

@@ -2,8 +2,12 @@
 
 Lifecycle (``next → active → retired → deleted``): the ``next`` key is published in the JWKS
 before it ever signs, so verifiers that cached the JWKS already know it when a rotation makes it
-``active``. A ``retired`` key stays published until every token it signed has expired
-(max token TTL + leeway) and is then deleted.
+``active``. A rotation never lets a key sign before it has been published for
+:func:`publish_delay` (one JWKS max-age plus the key reload interval): it sets the new key's
+``activated_at`` — the moment it starts signing — to ``max(now, created_at + delay)`` and the old
+key's ``retired_at`` to the same moment; until then the old key goes on signing. A second rotation
+while one is pending is refused. A ``retired`` key stays published until every token it signed has
+expired (max token TTL + leeway after ``retired_at``) and is then deleted.
 
 Signing and JWKS serving use memory only; the ring reloads from the database at start-up, after a
 rotation in this process, and every ``key_reload_seconds`` (to pick up a ``keys rotate`` run in
@@ -44,6 +48,21 @@ ALGORITHM = "EdDSA"
 #: A retired key is published this long after retirement, then deleted.
 RETIRED_KEY_LIFETIME = timedelta(seconds=MAX_TOKEN_TTL_SECONDS + TOKEN_LEEWAY_SECONDS)
 _AAD_PREFIX = b"quoroom-signing-key:"
+#: The runtime caches the JWKS at least this long whatever max-age says
+#: (``QUOROOM_JWKS_MIN_REFRESH_SECONDS``'s default).
+RUNTIME_MIN_JWKS_REFRESH_SECONDS = 60
+
+
+def publish_delay(settings: Settings) -> timedelta:
+    """How long a key must have been published before it may sign.
+
+    A runtime that fetched the JWKS just before the key appeared keeps that copy for one
+    max-age (never less than its own 60 s floor); and the other control-plane processes serve
+    the JWKS from memory, reloaded every ``KEY_RELOAD_SECONDS``, so the key appears there up to
+    that much later.
+    """
+    max_age = max(settings.jwks_max_age_seconds, RUNTIME_MIN_JWKS_REFRESH_SECONDS)
+    return timedelta(seconds=max_age + settings.key_reload_seconds)
 
 
 def _b64url(raw: bytes) -> str:
@@ -108,12 +127,24 @@ class KeyCipher:
 
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
-    """An immutable view of the ring, swapped atomically on reload."""
+    """An immutable view of the ring, swapped atomically on reload.
+
+    ``active_*`` is the ``active`` row; while its ``activated_at`` (``switch_at``) is in the
+    future, ``previous_*`` (the key it replaces) signs instead.
+    """
 
     active_kid: str | None
     active_key: Ed25519PrivateKey | None
     public_keys: Mapping[str, Ed25519PublicKey]
     jwks: bytes
+    switch_at: datetime | None = None
+    previous_kid: str | None = None
+    previous_key: Ed25519PrivateKey | None = None
+
+    def signer(self, now: datetime) -> tuple[str | None, Ed25519PrivateKey | None]:
+        if self.switch_at is not None and now < self.switch_at and self.previous_key is not None:
+            return self.previous_kid, self.previous_key
+        return self.active_kid, self.active_key
 
 
 class KeyRing:
@@ -188,25 +219,36 @@ class KeyRing:
     async def rotate(self, session: AsyncSession) -> str:
         """``next → active``, ``active → retired``, a new ``next``; expired retired keys deleted.
 
-        Commits ``session`` and reloads this ring. Returns the new active kid.
+        The new active key signs from ``max(now, its publication + publish_delay)``; the old one
+        signs until then (see the module docstring). Commits ``session`` and reloads this ring.
+        Returns the new active kid; :attr:`pending_switch` tells when it starts signing.
         """
         now = self._clock()
-        next_kid = await session.scalar(select(SigningKey.kid).where(SigningKey.status == "next"))
-        if next_kid is None:
+        active = await session.scalar(select(SigningKey).where(SigningKey.status == "active"))
+        if active is not None and active.activated_at is not None and active.activated_at > now:
+            raise KeysNotReady(
+                f"a rotation is pending: key {active.kid} signs from "
+                f"{active.activated_at.isoformat()}; rotate again after that"
+            )
+        upcoming = await session.scalar(select(SigningKey).where(SigningKey.status == "next"))
+        next_kid = upcoming.kid if upcoming is not None else None
+        if upcoming is None or next_kid is None:
             # A ring without a published next key: create one and publish it first. Rotating to
             # a key no verifier has seen would break every runtime until its JWKS refetch.
             session.add(self._new_key("next"))
             await session.commit()
             raise KeysNotReady("there was no next key; one was created - rotate again later")
+        # Published at creation (in this process; the others within KEY_RELOAD_SECONDS).
+        switch_at = max(now, upcoming.created_at + publish_delay(self._settings))
         await session.execute(
             update(SigningKey)
             .where(SigningKey.status == "active")
-            .values(status="retired", retired_at=now)
+            .values(status="retired", retired_at=switch_at)
         )
         await session.execute(
             update(SigningKey)
             .where(SigningKey.kid == next_kid, SigningKey.status == "next")
-            .values(status="active", activated_at=now)
+            .values(status="active", activated_at=switch_at)
         )
         session.add(self._new_key("next"))
         await session.execute(
@@ -217,7 +259,7 @@ class KeyRing:
         )
         await session.commit()
         await self.reload()
-        logger.info("signing keys rotated; active key is now %s", next_kid)
+        logger.info("signing keys rotated; key %s signs from %s", next_kid, switch_at.isoformat())
         return next_kid
 
     def _new_key(self, status: str) -> SigningKey:
@@ -243,6 +285,8 @@ class KeyRing:
         now = self._clock()
         active_kid: str | None = None
         active_key: Ed25519PrivateKey | None = None
+        switch_at: datetime | None = None
+        previous: SigningKey | None = None
         public: dict[str, Ed25519PublicKey] = {}
         jwks: list[dict[str, str]] = []
         order = {"active": 0, "next": 1, "retired": 2}
@@ -256,16 +300,38 @@ class KeyRing:
             if row.status == "active":
                 active_kid = row.kid
                 active_key = Ed25519PrivateKey.from_private_bytes(self._cipher.decrypt(row))
+                if row.activated_at is not None and row.activated_at > now:
+                    switch_at = row.activated_at
+            elif row.status == "retired" and row.retired_at is not None and row.retired_at > now:
+                # Retired by a pending rotation: it signs until the switch.
+                if previous is None or row.retired_at > (previous.retired_at or row.retired_at):
+                    previous = row
             public[row.kid] = Ed25519PublicKey.from_public_bytes(row.public_key)
             jwks.append(public_jwk(row.kid, row.public_key))
         body = json.dumps({"keys": jwks}, separators=(",", ":")).encode()
-        return _Snapshot(active_kid, active_key, public, body)
+        if switch_at is None or previous is None:
+            return _Snapshot(active_kid, active_key, public, body)
+        previous_key = Ed25519PrivateKey.from_private_bytes(self._cipher.decrypt(previous))
+        return _Snapshot(
+            active_kid, active_key, public, body, switch_at, previous.kid, previous_key
+        )
 
     # -- request path (memory only) --------------------------------------------------------------
 
     @property
     def active_kid(self) -> str | None:
-        return self._snapshot.active_kid
+        """The kid that signs now."""
+        return self._snapshot.signer(self._clock())[0]
+
+    @property
+    def pending_switch(self) -> tuple[str, datetime] | None:
+        """``(kid, when)`` while a rotated-in key waits to sign, else ``None``."""
+        snap = self._snapshot
+        if snap.switch_at is None or snap.active_kid is None or snap.previous_key is None:
+            return None
+        if self._clock() >= snap.switch_at:
+            return None
+        return snap.active_kid, snap.switch_at
 
     def jwks_bytes(self) -> bytes:
         """The prebuilt JWKS document (public members only)."""
@@ -279,12 +345,13 @@ class KeyRing:
         Fills ``iss`` (the public URL), ``aud``, ``iat``, ``nbf``, ``exp`` (``ttl``, default the
         access-token TTL, capped at 15 minutes) and ``jti`` unless the caller set them.
         """
-        snap = self._snapshot
-        if snap.active_key is None or snap.active_kid is None:
+        current = self._clock()
+        kid, key = self._snapshot.signer(current)
+        if key is None or kid is None:
             raise KeysNotReady()
         lifetime = ttl or timedelta(seconds=self._settings.access_token_ttl_seconds)
         lifetime = min(lifetime, timedelta(seconds=MAX_TOKEN_TTL_SECONDS))
-        now = int(self._clock().timestamp())
+        now = int(current.timestamp())
         payload: dict[str, Any] = {
             "iss": self._settings.issuer,
             "iat": now,
@@ -294,9 +361,7 @@ class KeyRing:
             **claims,
             "aud": audience,
         }
-        return jwt.encode(
-            payload, snap.active_key, algorithm=ALGORITHM, headers={"kid": snap.active_kid}
-        )
+        return jwt.encode(payload, key, algorithm=ALGORITHM, headers={"kid": kid})
 
     def verify(self, token: str, *, audience: str) -> dict[str, Any]:
         """Claims of a token this ring signed (any published key); raises ``jwt.InvalidTokenError``.

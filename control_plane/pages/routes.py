@@ -224,6 +224,12 @@ async def reset_password(request: Request, viewer: Viewer) -> Response:
     return _page(request, "reset_password.html", viewer, private=False)
 
 
+@router.get("/accept-invite", response_class=HTMLResponse)
+async def accept_invite(request: Request, viewer: Viewer) -> Response:
+    """The invitation link (``#token=…``): the invitee signs in and accepts (issue 12)."""
+    return _page(request, "accept_invite.html", viewer, private=False)
+
+
 # -- the cloud flow -----------------------------------------------------------------------------
 
 

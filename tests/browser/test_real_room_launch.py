@@ -105,8 +105,9 @@ async def _signed_up(http: httpx.AsyncClient, plane: ControlPlane, address: str)
 async def _running_quoroom_room(
     plane: ControlPlane, address: str, member: str
 ) -> tuple[str, dict[str, str], str]:
-    """Sign up, verify, create a Room (billing disabled), add ``member`` (signed up and verified:
-    an active member), wait until it runs; its id, the owner's bearer header, the member's id."""
+    """Sign up, verify, create a Room (billing disabled), invite ``member`` (signed up and
+    verified), who accepts; wait until it runs; its id, the owner's bearer header, the member's
+    id."""
     async with httpx.AsyncClient(base_url=plane.url, timeout=10) as http:
         bearer = await _signed_up(http, plane, address)
         catalog = (await http.get("/api/cloud/catalog", headers=bearer)).json()
@@ -122,13 +123,15 @@ async def _running_quoroom_room(
         assert r.status_code == 201, r.text
         assert r.json()["instance"]["runtimeKind"] == "quoroom"
         instance_id: str = r.json()["instance"]["id"]
-        await _signed_up(http, plane, member)
+        member_bearer = await _signed_up(http, plane, member)
         r = await http.post(
             f"/api/cloud/instances/{instance_id}/members", json={"email": member}, headers=bearer
         )
-        assert r.status_code == 201, r.text
-        assert r.json()["status"] == "active", r.json()
+        assert r.status_code == 202, r.text
         member_id: str = r.json()["id"]
+        # An invitation: the member accepts it (in the app) before the Room is theirs to open.
+        r = await http.post(f"/api/cloud/invitations/{member_id}/accept", headers=member_bearer)
+        assert r.status_code == 200, r.text
         deadline = time.monotonic() + 120
         while True:
             status = (

@@ -8,8 +8,9 @@ subprocess per instance).
 sign up → open the verification link → sign in (bearer) → create an instance (tier and region
 from the catalog) → pay (signed ``checkout.session.completed``, delivered three times) → the
 worker provisions → ``running`` → runtime token → the runtime says ``owner`` and takes a write;
-a member invited before signing up (pending invite, claimed at verification) gets a member token
-the runtime refuses a write (403) and allows a vote; the member token refreshes from the runtime's
+a member invited before signing up accepts the mailed invitation once signed up and verified, and
+gets a member token the runtime refuses a write (403) and allows a vote (one invited after signing
+up accepts in the app); the member token refreshes from the runtime's
 origin; a removed member gets neither a refresh nor a token; cancel → the runtime stops and the
 instance waits out its retention in ``destroying``; a second room paid on the hosted page
 (FakeStripe delivers the webhook itself) is still running at shutdown, and shutdown stops it.
@@ -126,7 +127,7 @@ async def sign_up_and_verify(
     assert r.status_code == 202, r.text
 
     async def mailed() -> str | None:
-        links = [m.link for m in outbox.to(email) if m.link and "#token=" in m.link]
+        links = [m.link for m in outbox.to(email) if m.link and "/verify-email#token=" in m.link]
         return links[-1] if links else None
 
     link: str = await eventually(mailed, within=10, what=f"the verification mail to {email}")
@@ -365,11 +366,28 @@ async def _journey(
             json={"email": member_email},
             headers=owner.headers,
         )
-        assert r.status_code == 201, r.text
+        assert r.status_code == 202, r.text
         assert r.json()["status"] == "pending"
         member_id = r.json()["id"]
+
+        async def invited() -> str | None:
+            links = [m.link for m in outbox.to(member_email) if "/accept-invite#" in (m.link or "")]
+            return links[-1] if links else None
+
+        invite_link: str = await eventually(invited, within=10, what="the invitation mail")
         await sign_up_and_verify(client, outbox, base_url, member_email)
         member = await sign_in(client, member_email)
+        # Signing up made no member: the invitee accepts (the page posts the link's token).
+        assert (await client.get("/api/cloud/instances", headers=member.headers)).json() == {
+            "instances": []
+        }
+        page, invite_token = invite_link.split("#token=", 1)
+        assert page == f"{base_url}/accept-invite"
+        assert (await client.get(page)).status_code == 200
+        r = await client.post(
+            "/api/cloud/invitations/accept", json={"token": invite_token}, headers=member.headers
+        )
+        assert r.status_code == 200, r.text
         members = await client.get(
             f"/api/cloud/instances/{instance_id}/members", headers=owner.headers
         )
@@ -408,7 +426,7 @@ async def _journey(
         r = await room.get("/api/auth/verify", headers={"Authorization": f"Bearer {refreshed}"})
         assert r.status_code == 200 and r.json()["role"] == "member", r.text
 
-        # -- a member invited after signing up is active at once ----------------------------
+        # -- a member invited after signing up accepts in the app -----------------------------
         await sign_up_and_verify(client, outbox, base_url, late_email)
         late = await sign_in(client, late_email)
         r = await client.post(
@@ -416,7 +434,17 @@ async def _journey(
             json={"email": late_email},
             headers=owner.headers,
         )
-        assert r.status_code == 201 and r.json()["status"] == "active", r.text
+        assert r.status_code == 202 and r.json()["status"] == "pending", r.text
+        r = await runtime_token(client, late, instance_id)
+        assert r.status_code == 404, r.text
+        [invitation] = (await client.get("/api/cloud/invitations", headers=late.headers)).json()[
+            "invitations"
+        ]
+        assert invitation["instanceId"] == instance_id
+        r = await client.post(
+            f"/api/cloud/invitations/{invitation['id']}/accept", headers=late.headers
+        )
+        assert r.status_code == 200, r.text
         r = await runtime_token(client, late, instance_id)
         assert r.status_code == 200, r.text
         r = await room.get(

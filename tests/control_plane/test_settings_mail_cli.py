@@ -219,8 +219,25 @@ def test_the_cli_migrates_and_rotates_keys(
     finally:
         cli.get_settings.cache_clear()
     out = capsys.readouterr().out
-    assert f"revision {head_revision()}" in out and "active signing key is now" in out
+    # The next key made at start-up was just published: it signs one JWKS max-age later.
+    assert f"revision {head_revision()}" in out and "becomes the active signing key at" in out
     assert (tmp_path / "control_plane.db").exists()
+
+
+@pytest.mark.skipif(bool(PG_URL), reason="uses its own SQLite file")
+def test_keys_rotate_refuses_a_second_rotation_while_one_is_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    monkeypatch.setenv("QUOROOM_CP_VAR_DIR", str(tmp_path))
+    monkeypatch.delenv("QUOROOM_CP_DATABASE_URL", raising=False)
+    cli.get_settings.cache_clear()
+    try:
+        assert cli.main(["migrate"]) == 0
+        assert cli.main(["keys", "rotate"]) == 0
+        assert cli.main(["keys", "rotate"]) == 1
+    finally:
+        cli.get_settings.cache_clear()
+    assert "a rotation is pending" in capsys.readouterr().err
 
 
 def test_the_cli_reports_configuration_errors_by_name(

@@ -133,6 +133,21 @@ class Cloud:
         await self.run(instance_id, url)
         return instance_id
 
+    async def invite_and_accept(self, owner: User, instance_id: str, member: User) -> str:
+        """The owner invites ``member``, who accepts in the app. Returns the membership id."""
+        r = await self.client.post(
+            f"/api/cloud/instances/{instance_id}/members",
+            json={"email": member.email},
+            headers=owner.headers,
+        )
+        assert r.status_code == 202, r.text
+        member_id: str = r.json()["id"]
+        r = await self.client.post(
+            f"/api/cloud/invitations/{member_id}/accept", headers=member.headers
+        )
+        assert r.status_code == 200, r.text
+        return member_id
+
     async def subscription_id(self, instance_id: str) -> str:
         from control_plane.instances.models import InstanceSubscription
 

@@ -1,5 +1,5 @@
-"""Members: the owner adds and removes them by email; unknown or unverified addresses are pending
-invites claimed when that address is verified; members read, only the owner writes."""
+"""Members: the owner invites them by email and removes them; an invitation is ``pending`` until
+its invitee accepts it (test_invitations.py); members read, only the owner writes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from sqlalchemy import select
 
 from control_plane.auth.models import User as UserRow
 from control_plane.instances.models import CloudInstanceMember
-from tests.control_plane.conftest import PASSWORD
 from tests.control_plane.instances.helpers import Cloud, User
 
 
@@ -24,16 +23,20 @@ async def _add(cloud: Cloud, owner: User, instance_id: str, email: Any) -> Any:
     )
 
 
-async def test_adding_a_verified_user_makes_an_active_member(cloud: Cloud) -> None:
+async def test_an_accepted_invitation_makes_an_active_member(cloud: Cloud) -> None:
     owner = await cloud.user("owner@example.com")
     member = await cloud.user("member@example.com")
     instance_id = await cloud.paid_and_running(owner)
     r = await _add(cloud, owner, instance_id, "  Member@Example.com ")
-    assert r.status_code == 201
+    assert r.status_code == 202
     body = r.json()
     assert set(body) == {"id", "email", "status", "role", "createdAt"}
     assert body["email"] == "member@example.com"
-    assert body["status"] == "active" and body["role"] == "member"
+    assert body["status"] == "pending" and body["role"] == "member"
+    accepted = await cloud.client.post(
+        f"/api/cloud/invitations/{body['id']}/accept", headers=member.headers
+    )
+    assert accepted.status_code == 200, accepted.text
     listed = (await cloud.client.get("/api/cloud/instances", headers=member.headers)).json()
     assert [(i["id"], i["role"]) for i in listed["instances"]] == [(instance_id, "member")]
     one = await cloud.client.get(f"/api/cloud/instances/{instance_id}", headers=member.headers)
@@ -52,60 +55,38 @@ async def test_adding_the_same_address_twice_returns_the_same_member(cloud: Clou
     instance_id = (await cloud.created(owner))["instance"]["id"]
     first = await _add(cloud, owner, instance_id, "friend@example.com")
     second = await _add(cloud, owner, instance_id, "FRIEND@example.com")
-    assert first.status_code == 201 and second.status_code == 200
+    assert first.status_code == second.status_code == 202
     assert first.json()["id"] == second.json()["id"]
     listed = (await cloud.client.get(_members(instance_id), headers=owner.headers)).json()
     assert len(listed["members"]) == 1
 
 
-async def test_an_unknown_address_is_a_pending_invite_claimed_at_verification(
+async def test_an_unknown_address_stays_invited_after_signing_up_until_it_accepts(
     cloud: Cloud,
 ) -> None:
     owner = await cloud.user("owner@example.com")
     instance_id = await cloud.paid_and_running(owner)
     r = await _add(cloud, owner, instance_id, "later@example.com")
     assert r.json()["status"] == "pending"
-    # Signing up alone claims nothing: the address is not proven yet.
-    await cloud.client.post(
-        "/api/auth/signup", json={"email": "later@example.com", "password": PASSWORD}
-    )
+    later = await cloud.user("later@example.com")  # signs up and verifies the address
     async with cloud.h.app.state.session_factory() as db:
         [row] = (await db.scalars(select(CloudInstanceMember))).all()
         assert row.status == "pending" and row.user_id is None
-    await cloud.h.drain()
-    token = cloud.h.outbox.last_token("later@example.com")
-    assert (
-        await cloud.client.post("/api/auth/verify-email", json={"token": token})
-    ).status_code == 200
+    listed = (await cloud.client.get("/api/cloud/instances", headers=later.headers)).json()
+    assert listed == {"instances": []}
+    accepted = await cloud.client.post(
+        f"/api/cloud/invitations/{r.json()['id']}/accept", headers=later.headers
+    )
+    assert accepted.status_code == 200, accepted.text
     async with cloud.h.app.state.session_factory() as db:
         [row] = (await db.scalars(select(CloudInstanceMember))).all()
-        assert row.status == "active" and row.user_id is not None
-    later = await cloud.client.post(
-        "/api/auth/login",
-        json={"email": "later@example.com", "password": PASSWORD, "transport": "body"},
-    )
-    headers = {"Authorization": f"Bearer {later.json()['access_token']}"}
-    listed = (await cloud.client.get("/api/cloud/instances", headers=headers)).json()
+        assert row.status == "active" and row.user_id == later.user_id
+    listed = (await cloud.client.get("/api/cloud/instances", headers=later.headers)).json()
     assert [i["id"] for i in listed["instances"]] == [instance_id]
     token_r = await cloud.client.post(
-        f"/api/cloud/instances/{instance_id}/runtime-token", headers=headers
+        f"/api/cloud/instances/{instance_id}/runtime-token", headers=later.headers
     )
     assert token_r.status_code == 200
-
-
-async def test_an_invite_is_claimed_when_a_verified_user_lists_instances(cloud: Cloud) -> None:
-    """Accounts verified another way (Google) claim their invites on their first listing."""
-    owner = await cloud.user("owner@example.com")
-    instance_id = (await cloud.created(owner))["instance"]["id"]
-    await _add(cloud, owner, instance_id, "g@example.com")
-    invited = await cloud.user("g@example.com")  # verified through the email link
-    async with cloud.h.app.state.session_factory() as db:
-        row = await db.scalar(select(CloudInstanceMember))
-        assert row is not None
-        row.status, row.user_id = "pending", None  # as if verified by Google
-        await db.commit()
-    listed = (await cloud.client.get("/api/cloud/instances", headers=invited.headers)).json()
-    assert [i["id"] for i in listed["instances"]] == [instance_id]
 
 
 async def test_an_unverified_account_is_only_invited(cloud: Cloud) -> None:
@@ -115,7 +96,7 @@ async def test_an_unverified_account_is_only_invited(cloud: Cloud) -> None:
         db.add(UserRow(email="unverified@example.com", email_verified=False))
         await db.commit()
     r = await _add(cloud, owner, instance_id, "unverified@example.com")
-    assert r.json()["status"] == "pending"
+    assert r.status_code == 202 and r.json()["status"] == "pending"
 
 
 async def test_the_owner_cannot_add_themselves(cloud: Cloud) -> None:
@@ -151,7 +132,7 @@ async def test_members_have_a_limit(make_cloud: Any) -> None:
         owner = await c.user("owner@example.com")
         instance_id = (await c.created(owner))["instance"]["id"]
         for i in range(2):
-            assert (await _add(c, owner, instance_id, f"m{i}@example.com")).status_code == 201
+            assert (await _add(c, owner, instance_id, f"m{i}@example.com")).status_code == 202
         r = await _add(c, owner, instance_id, "m3@example.com")
         assert r.status_code == 409 and r.json()["code"] == "member_limit"
 
@@ -160,7 +141,7 @@ async def test_members_cannot_write(cloud: Cloud) -> None:
     owner = await cloud.user("owner@example.com")
     member = await cloud.user("member@example.com")
     instance_id = await cloud.paid_and_running(owner)
-    added = (await _add(cloud, owner, instance_id, member.email)).json()
+    added = {"id": await cloud.invite_and_accept(owner, instance_id, member)}
     other = (await _add(cloud, owner, instance_id, "other@example.com")).json()
     base = f"/api/cloud/instances/{instance_id}"
     for method, path in [
@@ -186,7 +167,7 @@ async def test_removing_a_member_stops_their_access_at_once(cloud: Cloud) -> Non
     owner = await cloud.user("owner@example.com")
     member = await cloud.user("member@example.com")
     instance_id = await cloud.paid_and_running(owner)
-    added = (await _add(cloud, owner, instance_id, member.email)).json()
+    added = {"id": await cloud.invite_and_accept(owner, instance_id, member)}
     base = f"/api/cloud/instances/{instance_id}"
     issued = await cloud.client.post(f"{base}/runtime-token", headers=member.headers)
     assert issued.status_code == 200 and issued.json()

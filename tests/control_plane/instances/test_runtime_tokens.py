@@ -47,10 +47,7 @@ async def _with_member(cloud: Cloud) -> tuple[User, User, str]:
     owner = await cloud.user("owner@example.com")
     member = await cloud.user("member@example.com")
     instance_id = await cloud.paid_and_running(owner)
-    r = await cloud.client.post(
-        _url(instance_id, "members"), json={"email": member.email}, headers=owner.headers
-    )
-    assert r.status_code == 201
+    await cloud.invite_and_accept(owner, instance_id, member)
     return owner, member, instance_id
 
 

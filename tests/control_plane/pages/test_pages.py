@@ -12,7 +12,15 @@ from control_plane.pages import PAGE_CSP, safe_next
 from control_plane.pages.routes import STATIC_DIR, TEMPLATES_DIR
 from tests.control_plane.conftest import Harness, login_cookie, signup_and_verify
 
-PUBLIC_PAGES = ["/", "/signin", "/signup", "/verify-email", "/forgot-password", "/reset-password"]
+PUBLIC_PAGES = [
+    "/",
+    "/signin",
+    "/signup",
+    "/verify-email",
+    "/forgot-password",
+    "/reset-password",
+    "/accept-invite",
+]
 PRIVATE_PAGES = [
     "/app",
     "/cloud/new/provisioning?instance=abc123",
@@ -187,3 +195,21 @@ async def test_the_google_button_appears_only_when_google_is_configured(
         for path in ("/signin?next=/cloud/new", "/signup?next=/cloud/new", "/cloud/new"):
             r = await h.client.get(path)
             assert 'href="/api/auth/google?next=/cloud/new"' in r.text, path
+
+
+async def test_the_invitation_page_asks_before_accepting_and_the_dashboard_lists_invitations(
+    harness: Harness,
+):
+    """Issue 12: an invitation is accepted by a click of its invitee (the link's page, or /app)."""
+    signed_out = await harness.client.get("/accept-invite")
+    assert 'id="invite-signin"' in signed_out.text and 'data-signed-in=""' in signed_out.text
+    await signup_and_verify(harness, "invitee@example.com")
+    await login_cookie(harness, "invitee@example.com")
+    page = await harness.client.get("/accept-invite")
+    assert 'data-signed-in="yes"' in page.text and 'id="invite-accept"' in page.text
+    assert "invitee@example.com" in page.text
+    script = (STATIC_DIR / "js" / "invite.js").read_text()
+    assert "/api/cloud/invitations/accept" in script and 'addEventListener("click"' in script
+    dashboard = await harness.client.get("/app")
+    assert 'id="invitations"' in dashboard.text
+    assert "/api/cloud/invitations" in (STATIC_DIR / "js" / "dashboard.js").read_text()

@@ -79,6 +79,59 @@
     if (visible.some((i) => TRANSITIONAL.has(i.status))) refreshTimer = setTimeout(load, 5000);
   }
 
+  // -- invitations: shared Rooms appear only once accepted --------------------------------------
+
+  const invitations = document.getElementById("invitations");
+  const invitationList = document.getElementById("invitation-list");
+
+  function invitationRow(invitation) {
+    const from = invitation.invitedBy ? `${invitation.invitedBy} invited you to ` : "An invitation to ";
+    const data = { id: invitation.id, name: invitation.instanceName };
+    return Q.el(
+      "li",
+      { class: "member invitation", dataset: { id: invitation.id } },
+      Q.el("div", {}, Q.el("span", { text: from }), Q.el("strong", { text: invitation.instanceName })),
+      Q.el(
+        "div",
+        { class: "actions" },
+        Q.el("button", { type: "button", class: "button primary small", text: "Accept", "aria-label": `Accept the invitation to ${invitation.instanceName}`, dataset: { action: "accept", ...data } }),
+        Q.el("button", { type: "button", class: "button small", text: "Decline", "aria-label": `Decline the invitation to ${invitation.instanceName}`, dataset: { action: "decline", ...data } })
+      )
+    );
+  }
+
+  async function loadInvitations() {
+    try {
+      const data = await Q.api("GET", "/api/cloud/invitations");
+      invitationList.replaceChildren(...data.invitations.map(invitationRow));
+      invitations.hidden = data.invitations.length === 0;
+    } catch (err) {
+      Q.showError(err);
+    }
+  }
+
+  invitationList.addEventListener("click", async (event) => {
+    const button = event.target.closest("[data-action=accept], [data-action=decline]");
+    if (!button) return;
+    const { action, id, name } = button.dataset;
+    const path = `/api/cloud/invitations/${encodeURIComponent(id)}`;
+    Q.busy(button, true);
+    try {
+      if (action === "accept") {
+        await Q.api("POST", `${path}/accept`);
+        Q.notice(`You joined ${name}.`);
+      } else {
+        await Q.api("DELETE", path);
+        Q.notice(`You declined the invitation to ${name}.`);
+      }
+    } catch (err) {
+      Q.busy(button, false);
+      Q.showError(err);
+    }
+    await loadInvitations();
+    await load();
+  });
+
   list.addEventListener("click", (event) => {
     const button = event.target.closest("[data-action=delete]");
     if (!button) return;
@@ -100,5 +153,6 @@
     await load();
   });
 
+  loadInvitations();
   load();
 })();

@@ -1,4 +1,4 @@
-// /app/instances/{id}/members: add by email, list, remove.
+// /app/instances/{id}/members: invite by email, list, remove (or withdraw an invitation).
 "use strict";
 
 (function () {
@@ -12,7 +12,7 @@
   const empty = document.getElementById("members-empty");
 
   function row(member) {
-    const state = member.status === "pending" ? "Invited — joins when they sign up" : "Member";
+    const state = member.status === "pending" ? "Invited — joins once they accept" : "Member";
     return Q.el(
       "li",
       { class: "member", dataset: { id: member.id } },
@@ -54,7 +54,7 @@
   Q.onSubmit(form, async (values) => {
     await Q.api("POST", `${base}/members`, { email: values.email });
     form.reset();
-    Q.notice(`${values.email} can now open this Room (after confirming their email).`);
+    Q.notice(`We emailed an invitation to ${values.email}. They become a member once they accept it.`);
     await load();
   });
 
