@@ -124,6 +124,21 @@ class Settings(BaseSettings):
     stripe_api_base: str | None = None  # another Stripe API base (tests: the loopback fake)
     grace_period_hours: int = Field(default=72, ge=1, le=60 * 24)
     retention_days: int = Field(default=7, ge=0, le=365)
+    # Stripe-calling routes, per user (issue 12, item 8; docs/billing.md): every call that may
+    # reach Stripe (create, confirm, delete, billing changes), and new Checkout Sessions (a
+    # create that is not a replay of its Idempotency-Key).
+    throttle_billing_user: str = "30/minute;300/hour"
+    throttle_checkout_user: str = "10/hour;30/day"
+
+    @field_validator("throttle_billing_user", "throttle_checkout_user")
+    @classmethod
+    def _billing_throttle(cls, value: str) -> str:
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit ({value!r}): {exc}") from exc
+        return value
+
     # An instance still awaiting payment this long after it was created is canceled by the
     # reconciler: Stripe Checkout Sessions expire after 24 h, so no payment can come any more,
     # and the abandoned instance would otherwise hold a quota slot forever.

@@ -14,12 +14,20 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from control_plane.auth.schemas import ErrorOut
-from control_plane.billing import service
+from control_plane.billing import limits, service
+from control_plane.billing.schemas import BillingOut, BillingPatchIn
 from control_plane.billing.service import Billing
-from control_plane.billing.stripe_gateway import WebhookPayloadError, WebhookSignatureError
+from control_plane.billing.stripe_gateway import (
+    CheckoutCompleted,
+    WebhookPayloadError,
+    WebhookSignatureError,
+)
 from control_plane.deps import Now, SessionDep
 from control_plane.errors import BillingDisabled, InvalidWebhookPayload, InvalidWebhookSignature
+from control_plane.instances import service as instances_
+from control_plane.instances.access import OwnedInstance
 from control_plane.instances.schemas import CatalogOut, RegionOut, TierOut
+from control_plane.instances.service import BillingState, InstancesContext
 
 logger = logging.getLogger("control_plane.billing")
 
@@ -71,6 +79,8 @@ async def stripe_webhook(request: Request, db: SessionDep, now: Now) -> dict[str
     except WebhookPayloadError as exc:
         logger.warning("stripe webhook with an unusable payload: %s", exc)
         raise InvalidWebhookPayload() from exc
+    if isinstance(event, CheckoutCompleted):
+        billing.checkout_cache.forget(event.session_id)  # a cached "open" is over
     if not await service.record_stripe_event(db, event, now):
         await db.rollback()
         return {"ok": True, "duplicate": True}
@@ -82,3 +92,50 @@ async def stripe_webhook(request: Request, db: SessionDep, now: Now) -> dict[str
     )
     await service.after_commit(billing, outcome, getattr(request.app.state, "worker_wakeup", None))
     return {"ok": True}
+
+
+# -- the owner's subscription --------------------------------------------------------------------
+
+_OWNER_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (401, 403, 404, 409, 422, 429, 502, 503)
+}
+
+
+def _billing_out(state: BillingState) -> BillingOut:
+    return BillingOut(
+        billingEnabled=state.enabled,
+        status=state.status,
+        cancelAtPeriodEnd=state.cancel_at_period_end,
+        currentPeriodEnd=state.current_period_end,
+    )
+
+
+@router.get(
+    "/api/cloud/instances/{instance_id}/billing",
+    summary="The instance's subscription (owner only)",
+    responses=_OWNER_ERRORS,
+)
+async def instance_billing(access: OwnedInstance, request: Request, db: SessionDep) -> BillingOut:
+    ctx: InstancesContext = request.app.state.instances
+    state = await instances_.billing_of(db, ctx, access.instance)
+    await db.commit()
+    return _billing_out(state)
+
+
+@router.patch(
+    "/api/cloud/instances/{instance_id}/billing",
+    summary="Cancel the subscription at the end of the paid period, or undo that (owner only)",
+    responses=_OWNER_ERRORS,
+)
+async def change_instance_billing(
+    body: BillingPatchIn, access: OwnedInstance, request: Request, db: SessionDep
+) -> BillingOut:
+    ctx: InstancesContext = request.app.state.instances
+    if ctx.billing.enabled:
+        await limits.limit(
+            request.app.state.throttle, ctx.settings, limits.BILLING_POLICY, access.user.id
+        )
+    state = await instances_.set_cancel_at_period_end(
+        db, ctx, access.instance, body.cancelAtPeriodEnd
+    )
+    return _billing_out(state)

@@ -17,6 +17,7 @@ Calls to Stripe never run inside a database transaction; effects that need one a
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -25,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.billing.catalog import Catalog, default_catalog, load_catalog
+from control_plane.billing.limits import CheckoutCache
 from control_plane.billing.stripe_gateway import (
     BillingError,
     BillingEvent,
@@ -38,6 +40,8 @@ from control_plane.billing.stripe_gateway import (
     InvoicePaymentFailed,
     StripeGateway,
     SubscriptionDeleted,
+    SubscriptionState,
+    SubscriptionUpdated,
 )
 from control_plane.errors import (
     CheckoutMismatch,
@@ -75,6 +79,8 @@ class Billing:
     settings: Settings
     catalog: Catalog
     gateway: StripeGateway | None
+    #: Checkout Session states for ``/checkout/confirm`` (see ``billing/limits.py``).
+    checkout_cache: CheckoutCache = field(default_factory=CheckoutCache)
 
     @property
     def enabled(self) -> bool:
@@ -165,12 +171,58 @@ async def start_checkout(
         raise translate(exc) from exc
 
 
-async def retrieve_checkout(billing: Billing, session_id: str) -> CheckoutSessionState:
-    assert billing.gateway is not None
+async def retrieve_checkout(
+    billing: Billing, session_id: str, now: datetime
+) -> CheckoutSessionState:
+    """The session's state, from the short cache when it is fresh (``billing/limits.py``)."""
+    gateway = billing.gateway
+    assert gateway is not None
     try:
-        return await billing.gateway.retrieve_checkout_session(session_id)
+        return await billing.checkout_cache.fetch(
+            session_id, now, gateway.retrieve_checkout_session
+        )
     except BillingNotFound as exc:
         raise CheckoutMismatch() from exc
+    except BillingError as exc:
+        raise translate(exc) from exc
+
+
+def expire_idempotency_key(session_id: str) -> str:
+    return f"quoroom-expire-{session_id}"
+
+
+async def expire_checkout(billing: Billing, session_id: str) -> None:
+    """Expire an abandoned Checkout Session at Stripe so it can no longer be paid.
+
+    Stripe unreachable: raises (the caller changes nothing). A session that is no longer open
+    (paid meanwhile, or expired already) is refused by Stripe and left as it is: a payment that
+    got through is fulfilled by its webhook, which cancels the subscription of an instance that
+    was canceled meanwhile."""
+    billing.checkout_cache.forget(session_id)
+    if billing.gateway is None:
+        return
+    try:
+        await billing.gateway.expire_checkout_session(
+            session_id, idempotency_key=expire_idempotency_key(session_id)
+        )
+    except BillingRejected as exc:
+        logger.info("checkout session %s not expired (no longer open): %s", session_id, exc)
+    except BillingError as exc:
+        raise translate(exc) from exc
+
+
+async def set_cancel_at_period_end(
+    billing: Billing, subscription_id: str, at_period_end: bool
+) -> SubscriptionState:
+    """Schedule or undo the subscription's end at its period end. A fresh idempotency key per
+    call (the SDK's retries reuse it): a reused key would replay an earlier toggle."""
+    assert billing.gateway is not None
+    try:
+        return await billing.gateway.set_cancel_at_period_end(
+            subscription_id,
+            at_period_end,
+            idempotency_key=f"quoroom-period-end-{subscription_id}-{uuid.uuid4().hex}",
+        )
     except BillingError as exc:
         raise translate(exc) from exc
 
@@ -220,6 +272,7 @@ def _event_type(event: BillingEvent) -> str:
         InvoicePaid: "invoice.paid",
         InvoicePaymentFailed: "invoice.payment_failed",
         SubscriptionDeleted: "customer.subscription.deleted",
+        SubscriptionUpdated: "customer.subscription.updated",
     }.get(type(event), "unknown")
 
 
@@ -493,6 +546,58 @@ async def _deleted(
     return Outcome("canceled", wake_worker=True)
 
 
+def period_end_message(at_period_end: bool, period_end: datetime | None) -> str:
+    if not at_period_end:
+        return "cancellation at period end undone; the subscription renews"
+    when = f" ({period_end:%Y-%m-%d %H:%M} UTC)" if period_end is not None else ""
+    return f"the subscription ends at period end{when}; the Room runs until then"
+
+
+def store_period_end(
+    sub: InstanceSubscription,
+    *,
+    at_period_end: bool,
+    period_end: datetime | None,
+    seen_at: datetime,
+    now: datetime,
+) -> bool:
+    """Keep a subscription snapshot's flag and period end; ``True`` if the flag changed."""
+    changed = sub.cancel_at_period_end != at_period_end
+    sub.cancel_at_period_end = at_period_end
+    if period_end is not None:
+        sub.current_period_end = period_end
+    if sub.subscription_updated_at is None or seen_at > sub.subscription_updated_at:
+        sub.subscription_updated_at = seen_at
+    sub.updated_at = now
+    return changed
+
+
+async def _updated(db: AsyncSession, event: SubscriptionUpdated, now: datetime) -> Outcome:
+    """``customer.subscription.updated``: the cancel-at-period-end flag and the period end.
+    Ordered by ``subscription_updated_at`` (apart from the invoice events' ordering): an older
+    snapshot arriving late never undoes a newer one; the same second, the later delivery wins."""
+    found = await _find_for_subscription(db, event.subscription_id, event.instance_id)
+    if found is None:
+        return Outcome("unknown subscription")
+    instance, sub = found
+    if sub is None or sub.status == SUB_CANCELED or S(instance.status) in _ENDED:
+        return Outcome("subscription ended")
+    if sub.subscription_updated_at is not None and event.created < sub.subscription_updated_at:
+        return Outcome("stale")
+    changed = store_period_end(
+        sub,
+        at_period_end=event.cancel_at_period_end,
+        period_end=event.current_period_end,
+        seen_at=event.created,
+        now=now,
+    )
+    await db.flush()
+    if changed:
+        message = period_end_message(event.cancel_at_period_end, sub.current_period_end)
+        await record_event(db, instance.id, "billing", message, now=now)
+    return Outcome("period end updated" if changed else "subscription updated")
+
+
 async def cancel_now(
     db: AsyncSession, settings: Settings, instance_id: str, *, now: datetime, message: str
 ) -> CloudInstance:
@@ -538,6 +643,8 @@ async def apply_event(
         return await _payment_failed(db, settings, event, now)
     if isinstance(event, SubscriptionDeleted):
         return await _deleted(db, settings, event, now)
+    if isinstance(event, SubscriptionUpdated):
+        return await _updated(db, event, now)
     return Outcome(f"ignored: {event.reason}")
 
 

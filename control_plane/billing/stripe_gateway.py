@@ -46,6 +46,7 @@ __all__ = [
     "StripeGateway",
     "SubscriptionDeleted",
     "SubscriptionState",
+    "SubscriptionUpdated",
     "WebhookPayloadError",
     "WebhookSignatureError",
 ]
@@ -231,6 +232,21 @@ class SubscriptionDeleted:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SubscriptionUpdated:
+    """``customer.subscription.updated``: we keep its cancel-at-period-end flag and period end
+    (the dashboard, the customer portal or our own API changed them)."""
+
+    event_id: str
+    created: datetime
+    subscription_id: str
+    customer_id: str | None
+    instance_id: str | None
+    status: str
+    cancel_at_period_end: bool
+    current_period_end: datetime | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Ignored:
     """An authentic event we take no action on (another type, or not one of our objects).
     Acknowledge it with 2xx so Stripe stops redelivering it."""
@@ -242,7 +258,12 @@ class Ignored:
 
 
 BillingEvent = (
-    CheckoutCompleted | InvoicePaid | InvoicePaymentFailed | SubscriptionDeleted | Ignored
+    CheckoutCompleted
+    | InvoicePaid
+    | InvoicePaymentFailed
+    | SubscriptionDeleted
+    | SubscriptionUpdated
+    | Ignored
 )
 
 
@@ -574,6 +595,42 @@ class StripeGateway:
             metadata=dict(session.metadata or {}),
         )
 
+    async def expire_checkout_session(self, session_id: str, *, idempotency_key: str) -> str:
+        """Expire an open Checkout Session so it can no longer be paid; returns its status.
+
+        Stripe refuses (400) a session that is no longer open (complete or already expired):
+        that surfaces as ``BillingRejected`` for the caller to decide on."""
+        obj = await self._call(
+            "expire checkout session",
+            lambda: self._client.v1.checkout.sessions.expire_async(
+                _object_id(session_id),
+                None,
+                {"idempotency_key": _idempotency_key(idempotency_key)},
+            ),
+        )
+        session = self._reply("expire checkout session", _SessionShape, obj)
+        if session.id != session_id:
+            raise BillingReplyError(
+                f"expire checkout session: asked for {session_id}, got {session.id}"
+            )
+        return session.status or "expired"
+
+    async def set_cancel_at_period_end(
+        self, subscription_id: str, at_period_end: bool, *, idempotency_key: str
+    ) -> SubscriptionState:
+        """Schedule (``True``) or undo (``False``) the end of a subscription at the end of its
+        paid period. Use a fresh idempotency key per request: a key reused for a later toggle
+        would replay the earlier answer without changing anything."""
+        sub_id = _object_id(subscription_id)
+        options: stripe.RequestOptions = {"idempotency_key": _idempotency_key(idempotency_key)}
+        obj = await self._call(
+            "update subscription",
+            lambda: self._client.v1.subscriptions.update_async(
+                sub_id, {"cancel_at_period_end": at_period_end}, options
+            ),
+        )
+        return self._subscription_state("update subscription", sub_id, obj)
+
     async def retrieve_subscription(self, subscription_id: str) -> SubscriptionState:
         """Read a subscription (the reconciler's source of truth for billing state)."""
         obj = await self._call(
@@ -877,6 +934,22 @@ def _subscription_deleted(event: _EventShape, created: datetime) -> BillingEvent
     )
 
 
+def _subscription_updated(event: _EventShape, created: datetime) -> BillingEvent:
+    sub = _payload(event, _SubscriptionShape)
+    ends = [i.current_period_end for i in (sub.items.data if sub.items else [])]
+    known = [end for end in ends if end is not None]
+    return SubscriptionUpdated(
+        event_id=event.id,
+        created=created,
+        subscription_id=sub.id,
+        customer_id=_ref_id(sub.customer),
+        instance_id=(sub.metadata or {}).get("instance_id"),
+        status=sub.status,
+        cancel_at_period_end=sub.cancel_at_period_end,
+        current_period_end=_timestamp(max(known)) if known else None,
+    )
+
+
 _HANDLERS: Mapping[str, Callable[[_EventShape, datetime], BillingEvent]] = {
     "checkout.session.completed": _checkout_completed,
     # Delayed payment methods complete the session unpaid and confirm payment later.
@@ -884,4 +957,5 @@ _HANDLERS: Mapping[str, Callable[[_EventShape, datetime], BillingEvent]] = {
     "invoice.paid": _invoice_event,
     "invoice.payment_failed": _invoice_event,
     "customer.subscription.deleted": _subscription_deleted,
+    "customer.subscription.updated": _subscription_updated,
 }

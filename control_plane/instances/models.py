@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     ForeignKey,
     Index,
     Integer,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -143,6 +145,13 @@ class InstanceSubscription(Base):
     grace_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # Orders out-of-order events: an older event never overrides a newer one's effect.
     last_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Cancel at period end (issue 12, item 8), from the owner's call and from
+    # ``customer.subscription.updated``; ``subscription_updated_at`` orders those snapshots.
+    cancel_at_period_end: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False, server_default=false()
+    )
+    current_period_end: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    subscription_updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(
         UTCDateTime(), nullable=False, default=utcnow, onupdate=utcnow
     )

@@ -180,11 +180,14 @@ async def create_instance(
     body: InstanceCreateIn,
     *,
     idempotency_key: str | None,
+    before_new_checkout: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[CloudInstance, str | None]:
     """A new instance and its checkout URL (``None`` when billing is disabled or already paid).
 
     With an ``Idempotency-Key``, repeating the request (a double click, a retry after a network
-    error) returns the same instance and the same Checkout Session.
+    error) returns the same instance and the same Checkout Session. ``before_new_checkout``
+    runs (and may refuse, e.g. the per-user checkout limit) only when a new instance, hence a
+    new Checkout Session, is about to be made: never for a replay.
     """
     if not user.email_verified:
         raise EmailNotVerified("verify your email address before creating an instance")
@@ -195,7 +198,7 @@ async def create_instance(
         raise UnknownRegion(f"unknown region {body.region!r}")
     user_id, email = user.id, user.email  # a rollback below expires the loaded user
     found = await _retry_on_conflict(
-        db, lambda: _insert_draft(db, ctx, user_id, body, idempotency_key)
+        db, lambda: _insert_draft(db, ctx, user_id, body, idempotency_key, before_new_checkout)
     )
     instance, created = found
     instance_id = instance.id
@@ -216,6 +219,7 @@ async def _insert_draft(
     user_id: str,
     body: InstanceCreateIn,
     idempotency_key: str | None,
+    before_new_checkout: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[CloudInstance, bool]:
     """The committed draft, new (``True``) or the one this Idempotency-Key made (``False``)."""
     if idempotency_key is not None:
@@ -243,6 +247,10 @@ async def _insert_draft(
         raise QuotaExceeded(
             f"you can have at most {ctx.settings.instance_quota} instances; delete one first"
         )
+    if before_new_checkout is not None and ctx.billing.enabled:
+        # Under the lock, after the re-read: only a create that will open a new Checkout
+        # Session counts, once. Refused → nothing was written.
+        await before_new_checkout()
     instance = CloudInstance(
         owner_id=user_id,
         name=body.name,
@@ -451,7 +459,7 @@ async def confirm_checkout(
     if session_id is None:
         raise InvalidInstanceState("no checkout was started for this instance")
     await db.commit()  # nothing held across the Stripe call
-    state = await billing_.retrieve_checkout(ctx.billing, session_id)
+    state = await billing_.retrieve_checkout(ctx.billing, session_id, ctx.clock())
     if state.instance_id is None or state.instance_id != instance.id:
         raise CheckoutMismatch()
     if not state.paid:
@@ -504,7 +512,16 @@ async def cancel(db: AsyncSession, ctx: InstancesContext, instance: CloudInstanc
         raise InvalidInstanceState()
     canceled: set[str] = set()
     subscription_id = await _live_subscription(db, instance.id)
+    unpaid_checkout = (
+        instance.checkout_session_id
+        if S(instance.status) in (S.DRAFT, S.AWAITING_PAYMENT)
+        else None
+    )
     await db.commit()  # nothing held across the Stripe call
+    if unpaid_checkout is not None:
+        # The customer must not be able to pay an abandoned checkout (issue 12, item 8). Stripe
+        # unreachable: raises, nothing changes; no longer open: the webhook path handles it.
+        await billing_.expire_checkout(ctx.billing, unpaid_checkout)
     if subscription_id is not None:
         await billing_.cancel_subscription(ctx.billing, subscription_id)  # raises: no change
         canceled.add(subscription_id)
@@ -543,3 +560,75 @@ async def _live_subscription(db: AsyncSession, instance_id: str) -> str | None:
             InstanceSubscription.status != billing_.SUB_CANCELED,
         )
     )
+
+
+# -- cancel at period end ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BillingState:
+    enabled: bool
+    status: str | None
+    cancel_at_period_end: bool
+    current_period_end: datetime | None
+
+
+async def _subscription(db: AsyncSession, instance_id: str) -> InstanceSubscription | None:
+    return await db.scalar(
+        select(InstanceSubscription)
+        .where(InstanceSubscription.instance_id == instance_id)
+        .execution_options(populate_existing=True)
+    )
+
+
+async def billing_of(
+    db: AsyncSession, ctx: InstancesContext, instance: CloudInstance
+) -> BillingState:
+    sub = await _subscription(db, instance.id)
+    return BillingState(
+        enabled=ctx.billing.enabled,
+        status=sub.status if sub is not None else None,
+        cancel_at_period_end=bool(sub.cancel_at_period_end) if sub is not None else False,
+        current_period_end=sub.current_period_end if sub is not None else None,
+    )
+
+
+async def set_cancel_at_period_end(
+    db: AsyncSession, ctx: InstancesContext, instance: CloudInstance, at_period_end: bool
+) -> BillingState:
+    """Schedule (or undo) the end of the instance's subscription at the end of the paid period.
+    Stripe first (nothing held across the call); then its answer is stored with the instance
+    locked, and an event row says what changed. ``customer.subscription.updated`` stores the
+    same, so a change made at Stripe directly (dashboard, portal) shows too."""
+    if not ctx.billing.enabled:
+        raise BillingDisabled()
+    sub = await _subscription(db, instance.id)
+    if (
+        S(instance.status) in _ENDED
+        or sub is None
+        or sub.stripe_subscription_id is None
+        or sub.status == billing_.SUB_CANCELED
+    ):
+        raise InvalidInstanceState("this instance has no live subscription to change")
+    subscription_id = sub.stripe_subscription_id
+    await db.commit()
+    state = await billing_.set_cancel_at_period_end(ctx.billing, subscription_id, at_period_end)
+    now = ctx.clock()
+    await billing_.lock_instance(db, instance.id)
+    sub = await _subscription(db, instance.id)
+    if sub is not None and sub.stripe_subscription_id == subscription_id:
+        changed = billing_.store_period_end(
+            sub,
+            at_period_end=state.cancel_at_period_end,
+            period_end=state.current_period_end,
+            seen_at=now,
+            now=now,
+        )
+        await db.flush()
+        if changed:
+            message = billing_.period_end_message(
+                state.cancel_at_period_end, sub.current_period_end
+            )
+            await record_event(db, instance.id, "billing", f"{message} (by the owner)", now=now)
+    await db.commit()
+    return await billing_of(db, ctx, instance)

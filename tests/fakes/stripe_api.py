@@ -619,6 +619,17 @@ class FakeStripe:
             subscription["latest_invoice"] = invoice["id"]
             return [self.make_event("invoice.paid", invoice)]
 
+    def set_cancel_at_period_end(self, subscription_id: str, at_end: bool) -> list[dict[str, Any]]:
+        """The flag changed from the dashboard or the customer portal. Returns
+        ``[customer.subscription.updated]`` (empty when it was already so)."""
+        with self._lock:
+            self._live_subscription(subscription_id)
+            before = len(self.events)
+            self._update_subscription(
+                subscription_id, {"cancel_at_period_end": "true" if at_end else "false"}
+            )
+            return copy.deepcopy(self.events[before:])
+
     def delete_subscription(self, subscription_id: str) -> list[dict[str, Any]]:
         """The subscription ends (dunning gave up, or canceled from the dashboard). Returns
         ``[customer.subscription.deleted]``."""
@@ -963,6 +974,8 @@ class FakeStripe:
                 return 200, self._create_session(params)
             case ("GET", ["checkout", "sessions", session_id]):
                 return 200, self._get("checkout.session", self._state.sessions, session_id, params)
+            case ("POST", ["checkout", "sessions", session_id, "expire"]):
+                return 200, self._expire_session(session_id, params)
             case ("GET", ["subscriptions", sub_id]):
                 return 200, self._get("subscription", self._state.subscriptions, sub_id, params)
             case ("POST", ["subscriptions", sub_id]):
@@ -1127,14 +1140,41 @@ class FakeStripe:
                 400,
                 "A canceled subscription can only update its cancellation_details and metadata.",
             )
+        previous: dict[str, Any] = {}
         if "cancel_at_period_end" in params:
             at_end = _bool(params["cancel_at_period_end"], "cancel_at_period_end")
+            if at_end != subscription["cancel_at_period_end"]:
+                previous = {
+                    "cancel_at_period_end": subscription["cancel_at_period_end"],
+                    "cancel_at": subscription["cancel_at"],
+                }
             subscription["cancel_at_period_end"] = at_end
             period_end = subscription["items"]["data"][0]["current_period_end"]
             subscription["cancel_at"] = period_end if at_end else None
         if "metadata" in params:
             subscription["metadata"].update(_metadata(params["metadata"], "metadata"))
+        if previous:  # Stripe sends the event only when something changed
+            self.make_event(
+                "customer.subscription.updated", subscription, previous_attributes=previous
+            )
         return copy.deepcopy(subscription)
+
+    def _expire_session(self, session_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/checkout/sessions/{id}/expire``: only an open session can be expired;
+        the customer can no longer pay it and ``checkout.session.expired`` is sent."""
+        _only(params, {"expand"})
+        session = self._state.sessions.get(session_id)
+        if session is None:
+            raise _missing("checkout.session", session_id, "session")
+        if session["status"] != "open":
+            raise _APIError(
+                400,
+                'Only Checkout Sessions with a status in ["open"] can be expired. This '
+                f'Checkout Session has a status of "{session["status"]}".',
+            )
+        session.update(status="expired", url=None)
+        self.make_event("checkout.session.expired", session)
+        return copy.deepcopy(session)
 
     def _delete_subscription(self, sub_id: str, params: dict[str, Any]) -> dict[str, Any]:
         _only(params, {"invoice_now", "prorate", "cancellation_details", "expand"})

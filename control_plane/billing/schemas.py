@@ -1,0 +1,23 @@
+"""Bodies of the owner's billing endpoints (``/api/cloud/instances/{id}/billing``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, StrictBool
+
+
+class BillingOut(BaseModel):
+    """The instance's subscription as last seen from Stripe (never Stripe ids)."""
+
+    billingEnabled: bool
+    status: str | None  # Stripe's subscription status: incomplete, active, past_due, canceled
+    cancelAtPeriodEnd: bool
+    currentPeriodEnd: datetime | None  # when the paid period ends (renews or ends)
+
+
+class BillingPatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: ``true``: end the subscription (and the Room) when the paid period ends; ``false``: undo.
+    cancelAtPeriodEnd: StrictBool
