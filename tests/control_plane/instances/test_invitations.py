@@ -386,6 +386,20 @@ async def test_invitations_are_limited_per_instance(make_cloud: Any) -> None:
         assert (await _invite(cloud, owner, b, "m5@example.com")).status_code == 202
 
 
+@pytest.mark.redis
+async def test_invitation_limits_hold_through_redis(make_cloud: Any, redis_url: str | None) -> None:
+    if not redis_url:
+        pytest.skip("QUOROOM_TEST_REDIS_URL not set")
+    async with make_cloud(redis_url=redis_url, throttle_invite_instance="2/hour") as cloud:
+        owner = await cloud.user("owner@example.com")
+        a = (await cloud.created(owner))["instance"]["id"]
+        for i in range(2):
+            assert (await _invite(cloud, owner, a, f"m{i}@example.com")).status_code == 202
+        r = await _invite(cloud, owner, a, "m2@example.com")
+        assert r.status_code == 429 and r.json()["code"] == "throttled"
+        assert int(r.headers["retry-after"]) >= 1
+
+
 # -- what members see ----------------------------------------------------------------------------
 
 
