@@ -17,6 +17,7 @@ import logging
 import smtplib
 import ssl
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -136,6 +137,24 @@ class Mailer:
             task = asyncio.get_running_loop().create_task(self._deliver(mail))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def run_then_send(self, job: Callable[[], Awaitable[Sequence[Mail]]], *, what: str) -> None:
+        """Run ``job`` in the background, then deliver the mail it returns.
+
+        For work that must not delay the answer (issue 12: equal timing for known and unknown
+        addresses). ``job`` commits its own transaction before returning. A failure is logged by
+        its type only: SQL errors can carry parameters (emails, password hashes)."""
+        task = asyncio.get_running_loop().create_task(self._run(job, what))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, job: Callable[[], Awaitable[Sequence[Mail]]], what: str) -> None:
+        try:
+            mails = await job()
+        except Exception as exc:
+            logger.error("background %s failed: %s", what, type(exc).__name__)
+            return
+        self.enqueue(*mails)
 
     async def _deliver(self, mail: Mail) -> None:
         message = self.build(mail)

@@ -111,12 +111,18 @@ class Settings(BaseSettings):
 
     # Throttling (limits' notation; ";"-separated tiers act as backoff: short, then longer waits).
     trust_fly_client_ip: bool = False
-    throttle_login_address: str = "20/minute;200/hour"
-    throttle_login_account: str = "5/minute;20/hour;100/day"  # failed attempts only
+    # Issue 12 (lock-out): budgets an attacker could share with the owner (per address, and the
+    # per-account ceilings) apply to unknown devices only; a known-device cookie for the account
+    # swaps them for a budget of its own. See docs/control-plane-accounts.md, "Sign-in throttling".
+    throttle_login_address: str = "20/minute;200/hour"  # every attempt, unknown devices
+    throttle_login_account_address: str = "5/minute;20/hour;100/day"  # failed, per address/device
+    throttle_login_account: str = "30/hour;100/day"  # failed, unknown devices, all addresses
     throttle_signup_address: str = "5/minute;20/hour"
     throttle_signup_account: str = "3/hour;10/day"
     throttle_email_address: str = "5/minute;20/hour"  # forgot-password, resend-verification
-    throttle_email_account: str = "3/15minutes;10/day"
+    throttle_email_account_address: str = "3/15minutes;10/day"  # per address or known device
+    throttle_email_account: str = "10/hour;30/day"  # unknown devices, all addresses together
+    known_device_ttl_seconds: int = Field(default=180 * 24 * 3600, ge=3600, le=400 * 24 * 3600)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
 
     # Instances, members and billing (issue 4).
@@ -194,10 +200,12 @@ class Settings(BaseSettings):
 
     @field_validator(
         "throttle_login_address",
+        "throttle_login_account_address",
         "throttle_login_account",
         "throttle_signup_address",
         "throttle_signup_account",
         "throttle_email_address",
+        "throttle_email_account_address",
         "throttle_email_account",
     )
     @classmethod

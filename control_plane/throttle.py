@@ -55,10 +55,12 @@ class Throttle:
         self.limiter = SlidingWindowCounterRateLimiter(self.storage)
         self.policies: dict[str, list[RateLimitItem]] = {
             "login_address": parse_many(settings.throttle_login_address),
+            "login_account_address": parse_many(settings.throttle_login_account_address),
             "login_account": parse_many(settings.throttle_login_account),
             "signup_address": parse_many(settings.throttle_signup_address),
             "signup_account": parse_many(settings.throttle_signup_account),
             "email_address": parse_many(settings.throttle_email_address),
+            "email_account_address": parse_many(settings.throttle_email_account_address),
             "email_account": parse_many(settings.throttle_email_account),
         }
         # Member invitations (issue 12, item 6), keyed by the inviting owner and by the instance.

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.responses import Response
 
-from control_plane.auth import service
+from control_plane.auth import lockout, service
 from control_plane.auth import sessions as sessions_
 from control_plane.auth.cookies import cookie_names
+from control_plane.auth.devices import KnownDevice
 from control_plane.auth.google import STATE_COOKIE_PATH, STATE_MAX_AGE, GoogleClient
 from control_plane.auth.models import User
 from control_plane.auth.schemas import (
@@ -159,22 +161,50 @@ def _accepted() -> JSONResponse:
     return JSONResponse(OkOut(message=ACCEPTED).model_dump(), status_code=202)
 
 
+def _session_factory(request: Request) -> async_sessionmaker[AsyncSession]:
+    factory: async_sessionmaker[AsyncSession] = request.app.state.session_factory
+    return factory
+
+
+def _known_device(request: Request) -> KnownDevice | None:
+    """The browser's known-device cookie, verified; ``None`` when missing or not valid."""
+    ctx: AuthContext = request.app.state.auth
+    now: datetime = request.app.state.clock()
+    return ctx.devices.from_request(request, now)
+
+
+#: Opens a session for work done after the answer (``SessionDep``'s closes with the request).
+SessionFactory = Annotated[async_sessionmaker[AsyncSession], Depends(_session_factory)]
+Device = Annotated[KnownDevice | None, Depends(_known_device)]
+
+
+async def _mail_budget(ctx: AuthContext, email: str, address: str, device: Device) -> None:
+    who = lockout.requester(ctx.devices, service.normalize_email(email), address, device)
+    await lockout.before_mail(ctx.throttle, who)
+
+
 # -- sign-up and verification -------------------------------------------------------------------
 
 
 @router.post("/signup", status_code=202, response_model=OkOut, summary="Create an account")
 async def signup(
-    body: SignupIn, db: SessionDep, ctx: AuthDep, now: Now, address: ClientAddress
+    body: SignupIn, factory: SessionFactory, ctx: AuthDep, now: Now, address: ClientAddress
 ) -> JSONResponse:
-    """Answers 202 whether or not the address already has an account (no enumeration); the
-    account is usable after the emailed link is followed."""
+    """Answers 202 whether or not the address already has an account, after the same work
+    (no enumeration, by answer or by timing); the account is written in the background and is
+    usable after the emailed link is followed."""
     await ctx.throttle.hit("signup_address", address)
     await ctx.throttle.hit("signup_account", service.normalize_email(body.email))
-    mails = await service.signup(
-        db, ctx, email=body.email, password=body.password, name=body.name, now=now
+    password_hash = await service.new_password_hash(ctx, email=body.email, password=body.password)
+    job = partial(
+        service.signup,
+        ctx=ctx,
+        email=body.email,
+        password_hash=password_hash,
+        name=body.name,
+        now=now,
     )
-    await db.commit()
-    ctx.mailer.enqueue(*mails)
+    service.in_background(ctx, factory, job, what="sign-up")
     return _accepted()
 
 
@@ -189,13 +219,17 @@ async def verify_email(body: TokenIn, db: SessionDep, now: Now) -> OkOut:
     "/resend-verification", status_code=202, response_model=OkOut, summary="Send the link again"
 )
 async def resend_verification(
-    body: EmailIn, db: SessionDep, ctx: AuthDep, now: Now, address: ClientAddress
+    body: EmailIn,
+    factory: SessionFactory,
+    ctx: AuthDep,
+    now: Now,
+    address: ClientAddress,
+    device: Device,
 ) -> JSONResponse:
-    await ctx.throttle.hit("email_address", address)
-    await ctx.throttle.hit("email_account", service.normalize_email(body.email))
-    mails = await service.resend_verification(db, ctx, email=body.email, now=now)
-    await db.commit()
-    ctx.mailer.enqueue(*mails)
+    """Same answer, same work for every address; the link is made and sent in the background."""
+    await _mail_budget(ctx, body.email, address, device)
+    job = partial(service.resend_verification, ctx=ctx, email=body.email, now=now)
+    service.in_background(ctx, factory, job, what="resend-verification")
     return _accepted()
 
 
@@ -210,9 +244,13 @@ async def login(
     ctx: AuthDep,
     now: Now,
     address: ClientAddress,
+    device: Device,
 ) -> JSONResponse:
-    await ctx.throttle.hit("login_address", address)
-    user = await service.authenticate(db, ctx, email=body.email, password=body.password, now=now)
+    """Throttled per account and address (or known device); see ``docs/control-plane-accounts.md``.
+    A successful sign-in makes the browser a known device for the account."""
+    user = await service.authenticate(
+        db, ctx, email=body.email, password=body.password, now=now, address=address, device=device
+    )
     signed = await service.start_session(
         db,
         ctx,
@@ -223,7 +261,9 @@ async def login(
         ip_address=address,
     )
     await db.commit()
-    return await _signed_in_response(db, ctx, signed, body.transport)
+    response = await _signed_in_response(db, ctx, signed, body.transport)
+    ctx.devices.remember(response, device, user.email, now)
+    return response
 
 
 @router.post("/refresh", response_model=TokensOut, summary="Exchange a refresh token")
@@ -300,28 +340,37 @@ async def logout(
 
 @router.post("/forgot-password", status_code=202, response_model=OkOut, summary="Mail a reset link")
 async def forgot_password(
-    body: EmailIn, db: SessionDep, ctx: AuthDep, now: Now, address: ClientAddress
+    body: EmailIn,
+    factory: SessionFactory,
+    ctx: AuthDep,
+    now: Now,
+    address: ClientAddress,
+    device: Device,
 ) -> JSONResponse:
-    """Same answer, same timing for known and unknown addresses (mail goes out in the
-    background after commit)."""
-    await ctx.throttle.hit("email_address", address)
-    await ctx.throttle.hit("email_account", service.normalize_email(body.email))
-    mails = await service.forgot_password(db, ctx, email=body.email, now=now)
-    await db.commit()
-    ctx.mailer.enqueue(*mails)
+    """Same answer, same work before answering for known and unknown addresses: the link is
+    made and mailed in the background. Budgets per account and address (or known device), so
+    nobody else can spend the owner's."""
+    await _mail_budget(ctx, body.email, address, device)
+    job = partial(service.forgot_password, ctx=ctx, email=body.email, now=now)
+    service.in_background(ctx, factory, job, what="forgot-password")
     return _accepted()
 
 
 @router.post("/reset-password", response_model=OkOut, summary="Set a new password")
 async def reset_password(
-    body: ResetPasswordIn, db: SessionDep, ctx: AuthDep, now: Now
+    body: ResetPasswordIn, db: SessionDep, ctx: AuthDep, now: Now, device: Device
 ) -> JSONResponse:
-    """Sets the password, signs every session out and mails a notice."""
-    mails = await service.reset_password(db, ctx, token=body.token, password=body.password, now=now)
+    """Sets the password, signs every session out and mails a notice. Following the emailed
+    link proves control of the mailbox, so the browser becomes a known device for the account
+    (the owner's way past a lock-out of unknown devices)."""
+    user, mails = await service.reset_password(
+        db, ctx, token=body.token, password=body.password, now=now
+    )
     await db.commit()
     ctx.mailer.enqueue(*mails)
     response = JSONResponse(OkOut(message="Your password was changed; sign in again.").model_dump())
     _clear_session_cookies(response, ctx)
+    ctx.devices.remember(response, device, user.email, now)
     return response
 
 
@@ -499,6 +548,7 @@ async def _google_sign_in(
     await db.commit()
     response = RedirectResponse(f"{ctx.settings.public_url}{pending.next_path}", status_code=303)
     _set_session_cookies(response, ctx, signed)
+    ctx.devices.remember(response, ctx.devices.from_request(request, now), user.email, now)
     response.delete_cookie(
         cookie_names(ctx.settings).google_state,
         path=STATE_COOKIE_PATH,
