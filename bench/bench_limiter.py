@@ -40,13 +40,9 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter as AioSlidingW
 from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 
+from room_cloud_runtime._limiter import MemoryLimiter, build_limiter
 from room_cloud_runtime._memstore import MemoryStore
-from room_cloud_runtime._ratelimit import (
-    AddressRateLimit,
-    MemoryLimiter,
-    PrincipalRateLimit,
-    build_limiter,
-)
+from room_cloud_runtime._ratelimit import AddressRateLimit, PrincipalRateLimit
 from room_cloud_runtime._scope import CLIENT_ADDRESS, PRINCIPAL, Principal
 
 ITEM = parse("1000000/minute")  # high enough that every check is allowed and counted

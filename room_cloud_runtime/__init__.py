@@ -20,19 +20,14 @@ from ._errors import (
     UnknownKeyError,
 )
 from ._headers import SecurityHeaders
-from ._jwks import JWKSCache, VerificationKey
+from ._jwk import VerificationKey
+from ._jwks import JWKSCache
+from ._limiter import Limiter, MemoryLimiter, RedisLimiter, build_limiter
 from ._limits import RequestLimits
 from ._local import LocalGuard
 from ._logging import AccessLog, configure_logging
 from ._memstore import Decision
-from ._ratelimit import (
-    AddressRateLimit,
-    Limiter,
-    MemoryLimiter,
-    PrincipalRateLimit,
-    RedisLimiter,
-    build_limiter,
-)
+from ._ratelimit import AddressRateLimit, PrincipalRateLimit
 from ._scope import Principal, principal_of
 from ._settings import RuntimeSettings, load_settings
 from ._stack import RuntimeStack, wrap

@@ -21,6 +21,8 @@ stores ``None`` and so wipes the keys it had (pyjwt#1162). This cache instead:
   default stays EdDSA/ES256 and its settings refuse RS256. An RSA modulus must be 2048..8192 bits
   and the public exponent odd with 2^16 < e < 2^256 (RFC 7518 §3.3, NIST FIPS 186-5 §5.4).
 
+Parsing and the key/algorithm binding are in :mod:`._jwk`; this module fetches and caches.
+
 The URL is always configured (pinned), never derived from a token: Pomerium's SDK derived it from
 the unverified ``iss`` and let an attacker plant keys.
 """
@@ -28,43 +30,28 @@ the unverified ``iss`` and let an attacker plant keys.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
 import math
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ._errors import ConfigError, KeysUnavailableError, UnknownKeyError
-from ._settings import SUPPORTED_ALGORITHMS
+from ._jwk import KEY_ALGORITHMS, JWKSetError, VerificationKey, parse_jwk_set
 
 if TYPE_CHECKING:
     from ._settings import RuntimeSettings
 
-__all__ = ["KEY_ALGORITHMS", "JWKSCache", "PublicKey", "VerificationKey"]
+__all__ = ["JWKSCache"]
 
 logger = logging.getLogger("room_cloud_runtime.jwks")
 
-PublicKey = Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
-
-#: What a cache may be configured with: the runtime's algorithms plus RS256, which only a caller
-#: that asks for it gets (Google signs ID tokens with RS256; the runtime's settings refuse it).
-KEY_ALGORITHMS = SUPPORTED_ALGORITHMS | frozenset({"RS256"})
-
 #: Responses larger than this are refused before JSON parsing (a JWKS of a few keys is ~1 KiB).
 MAX_RESPONSE_BYTES = 64 * 1024
-#: More keys than this in one set is not a key set we publish; refuse the whole response.
-MAX_KEYS = 64
-MAX_KID_LENGTH = 128
 #: Refresh interval when the response carries no usable ``max-age``.
 DEFAULT_REFRESH_SECONDS = 300.0
 #: First retry delay after a failed fetch; doubles per failure up to ``min_refresh``.
@@ -72,33 +59,11 @@ RETRY_BASE_SECONDS = 1.0
 #: Bound on the per-kid negative cache so random kids cannot grow memory without limit.
 MAX_NEGATIVE_KIDS = 4096
 
-# Which JWK shape each algorithm needs: (kty, crv, coordinate byte length); RSA has no curve.
-_KEY_SHAPES: dict[str, tuple[str, str | None, int]] = {
-    "EdDSA": ("OKP", "Ed25519", 32),
-    "ES256": ("EC", "P-256", 32),
-    "RS256": ("RSA", None, 0),
-}
-#: RSA modulus bounds in bits: below 2048 is breakable in practice (RFC 7518 §3.3 requires
-#: 2048); above 8192 only makes each verification slow (a cheap DoS for a hostile key set).
-RSA_MIN_BITS = 2048
-RSA_MAX_BITS = 8192
-# Members that only a private JWK has (RFC 7518 §6.2.2 / §6.3.2, RFC 8037 §2).
-_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-_B64URL_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 _RANDOM = secrets.SystemRandom()
 
 
 # Accept-Encoding: identity, so that the size cap counts what is parsed (see _fetch).
 _FETCH_HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
-
-
-@dataclass(frozen=True, slots=True)
-class VerificationKey:
-    """A public key from the JWKS, bound to the single algorithm it may verify."""
-
-    kid: str
-    algorithm: str
-    key: PublicKey
 
 
 class _FetchError(Exception):
@@ -436,7 +401,10 @@ class JWKSCache:
                     if len(body) > self._max_bytes:
                         raise _FetchError(f"response larger than {self._max_bytes} bytes")
                 max_age = _max_age(response.headers.get_list("cache-control"))
-        return self._parse(bytes(body)), max_age
+        try:
+            return parse_jwk_set(bytes(body), self.algorithms), max_age
+        except JWKSetError as exc:
+            raise _FetchError(str(exc)) from exc
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -444,136 +412,6 @@ class JWKSCache:
             # misconfiguration or an attempt to move where our keys come from.
             self._client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False)
         return self._client
-
-    def _parse(self, body: bytes) -> dict[str, VerificationKey]:
-        try:
-            document = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise _FetchError("response is not JSON") from exc
-        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-            raise _FetchError('response is not a JWK set (no "keys" list)')
-        entries = document["keys"]
-        if len(entries) > MAX_KEYS:
-            raise _FetchError(f"more than {MAX_KEYS} keys")
-        keys: dict[str, VerificationKey] = {}
-        duplicates: set[str] = set()
-        for index, jwk in enumerate(entries):
-            try:
-                key = self._parse_jwk(jwk)
-            except ValueError as exc:
-                logger.warning(
-                    "JWKS entry %d ignored: %s",
-                    index,
-                    exc,
-                    extra={"event": "jwks_key_ignored", "index": index, "reason": str(exc)},
-                )
-                continue
-            if key.kid in keys or key.kid in duplicates:
-                # Two keys under one kid: we cannot tell which one a token means. Fail closed.
-                duplicates.add(key.kid)
-                keys.pop(key.kid, None)
-                logger.warning(
-                    "JWKS kid %r appears more than once; ignoring it",
-                    key.kid,
-                    extra={"event": "jwks_duplicate_kid", "kid": key.kid},
-                )
-                continue
-            keys[key.kid] = key
-        if not keys:
-            raise _FetchError("no usable keys in the JWK set")
-        return keys
-
-    def _parse_jwk(self, jwk: object) -> VerificationKey:
-        """One JWK → a bound public key, or ``ValueError`` saying why it is not usable."""
-        if not isinstance(jwk, dict):
-            raise ValueError("not a JSON object")
-        kid = jwk.get("kid")
-        if not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH:
-            raise ValueError("missing or invalid kid")
-        private = _PRIVATE_MEMBERS.intersection(jwk)
-        if private:
-            # The control plane must never publish private material; a key that leaked is not
-            # one we should trust either. Log the member names only, never their values.
-            logger.error(
-                "JWKS key %r contains private members %s; ignored",
-                kid,
-                sorted(private),
-                extra={"event": "jwks_private_key_published", "kid": kid},
-            )
-            raise ValueError("contains private key members")
-        use = jwk.get("use")
-        if use is not None and use != "sig":
-            raise ValueError(f"use is {use!r}, not 'sig'")
-        key_ops = jwk.get("key_ops")
-        if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
-            raise ValueError("key_ops does not allow 'verify'")
-        kty, crv = jwk.get("kty"), jwk.get("crv")
-        algorithm = next((a for a, (t, c, _) in _KEY_SHAPES.items() if t == kty and c == crv), None)
-        if algorithm is None:
-            raise ValueError(f"unsupported key type kty={kty!r} crv={crv!r}")
-        if algorithm not in self.algorithms:
-            raise ValueError(f"algorithm {algorithm} is not allowed")
-        alg = jwk.get("alg")
-        if alg is not None and alg != algorithm:
-            # The key-type ↔ alg binding is what stops algorithm confusion: a key is used with
-            # exactly one algorithm, whatever a token's header claims (an RSA key is RS256 only,
-            # never PS256 or HS256 keyed with its public bytes).
-            shape = kty if crv is None else f"{kty}/{crv}"
-            raise ValueError(f"alg {alg!r} does not match key type {shape}")
-        key: PublicKey
-        if algorithm == "RS256":
-            key = _rsa_public_key(jwk.get("n"), jwk.get("e"))
-            return VerificationKey(kid=kid, algorithm=algorithm, key=key)
-        size = _KEY_SHAPES[algorithm][2]
-        x = _b64url_coordinate(jwk.get("x"), size, "x")
-        if algorithm == "EdDSA":
-            key = Ed25519PublicKey.from_public_bytes(x)
-        else:
-            y = _b64url_coordinate(jwk.get("y"), size, "y")
-            # public_key() checks that the point is on the curve (invalid-curve attacks).
-            key = ec.EllipticCurvePublicNumbers(
-                int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()
-            ).public_key()
-        return VerificationKey(kid=kid, algorithm=algorithm, key=key)
-
-
-def _b64url_coordinate(value: object, size: int, name: str) -> bytes:
-    raw = _b64url_decode(value, name)
-    if len(raw) != size:
-        raise ValueError(f"{name} must be {size} bytes")
-    return raw
-
-
-def _b64url_decode(value: object, name: str, max_chars: int = 4096) -> bytes:
-    if (
-        not isinstance(value, str)
-        or not 0 < len(value) <= max_chars
-        or not _B64URL_ALPHABET.issuperset(value)
-    ):
-        raise ValueError(f"{name} is not base64url")
-    try:
-        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"{name} is not base64url") from exc
-
-
-def _rsa_public_key(n_value: object, e_value: object) -> rsa.RSAPublicKey:
-    """An RSA public key from JWK ``n``/``e`` (RFC 7518 §6.3.1), or ``ValueError``."""
-    # 8192 bits is 1024 bytes, 1366 base64url characters; a leading zero octet is tolerated.
-    n = int.from_bytes(_b64url_decode(n_value, "n", max_chars=1368), "big")
-    e = int.from_bytes(_b64url_decode(e_value, "e", max_chars=44), "big")
-    bits = n.bit_length()
-    if bits < RSA_MIN_BITS:
-        raise ValueError(f"RSA modulus is {bits} bits, less than {RSA_MIN_BITS}")
-    if bits > RSA_MAX_BITS:
-        raise ValueError(f"RSA modulus is {bits} bits, more than {RSA_MAX_BITS}")
-    if n % 2 == 0:
-        raise ValueError("RSA modulus is even")
-    # FIPS 186-5 §5.4: e odd and 2^16 < e < 2^256. Rules out e = 1 (signature = message) and
-    # e = 3 (Bleichenbacher's 2006 forgery against lax PKCS#1 v1.5 parsers).
-    if e % 2 == 0 or not 2**16 < e < 2**256:
-        raise ValueError("RSA public exponent is not an odd value between 2^16 and 2^256")
-    return rsa.RSAPublicNumbers(e, n).public_key()
 
 
 def _max_age(values: Iterable[str]) -> float | None:

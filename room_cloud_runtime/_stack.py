@@ -28,10 +28,11 @@ from ._cors import CORSGuard
 from ._endpoints import CloudEndpoints
 from ._headers import SecurityHeaders
 from ._jwks import JWKSCache
+from ._limiter import Limiter, build_limiter
 from ._limits import RequestLimits
 from ._local import LocalGuard
 from ._logging import AccessLog
-from ._ratelimit import AddressRateLimit, Limiter, PrincipalRateLimit, build_limiter
+from ._ratelimit import AddressRateLimit, PrincipalRateLimit
 from ._settings import RuntimeSettings, load_settings
 from ._verify import TokenVerifier
 

@@ -35,7 +35,8 @@ import jwt
 from jwt import exceptions as jwt_errors
 
 from ._errors import ClaimError, ConfigError, KeysUnavailableError, TokenError
-from ._jwks import MAX_KID_LENGTH, JWKSCache, VerificationKey
+from ._jwk import MAX_KID_LENGTH, VerificationKey
+from ._jwks import JWKSCache
 from ._scope import ROLES, Principal
 from ._settings import AUDIENCE, MAX_LEEWAY_SECONDS, SUPPORTED_ALGORITHMS
 

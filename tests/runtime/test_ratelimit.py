@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from room_cloud_runtime import _memstore
 from room_cloud_runtime._errors import ConfigError, StorageUnavailableError
+from room_cloud_runtime._limiter import Limiter, MemoryLimiter, RedisLimiter, build_limiter
 from room_cloud_runtime._memstore import (
     DRAIN_PER_CALL,
     Decision,
@@ -27,15 +28,7 @@ from room_cloud_runtime._memstore import (
     WindowTable,
     retry_after_seconds,
 )
-from room_cloud_runtime._ratelimit import (
-    AddressRateLimit,
-    Limiter,
-    MemoryLimiter,
-    PrincipalRateLimit,
-    RedisLimiter,
-    address_key,
-    build_limiter,
-)
+from room_cloud_runtime._ratelimit import AddressRateLimit, PrincipalRateLimit, address_key
 from room_cloud_runtime._scope import CLIENT_ADDRESS, PRINCIPAL, Principal
 
 DOWN_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1: connection refused
