@@ -16,6 +16,7 @@ import math
 import os
 import secrets
 from collections import Counter
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -368,7 +369,7 @@ def _period(text: str) -> int:
     return len(text)
 
 
-def _shannon(items: list[object]) -> float:
+def _shannon(items: Sequence[object]) -> float:
     total = len(items)
     return -sum(n / total * math.log2(n / total) for n in Counter(items).values())
 

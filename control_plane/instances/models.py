@@ -69,6 +69,10 @@ class CloudInstance(Base):
     snapshot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     url: Mapped[str | None] = mapped_column(String(255), nullable=True)
     image: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # The app secrets version the provider answered for this instance's credentials (Fly's Set
+    # Secrets): machines are created with it as ``min_secrets_version``. Persisted, so a worker
+    # restarted between the secrets and the machine step still passes it (issue 12).
+    secrets_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # What runs (``reference`` | ``quoroom``): chosen at creation from RUNTIME_KIND, never changed
     # (the Room's data on the volume belongs to that kind).
     runtime_kind: Mapped[str] = mapped_column(

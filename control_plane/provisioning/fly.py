@@ -150,9 +150,6 @@ class FlyProvider:
         self._health_timeout = health_timeout
         self._poll = poll_interval
         self._owns_client = owns_client
-        # Secrets version per app, so a machine created right after sees them (best effort:
-        # after a restart the machine is created without the hint).
-        self._secrets_version: dict[str, int] = {}
 
     @classmethod
     def from_settings(
@@ -233,12 +230,16 @@ class FlyProvider:
                     await self._client.allocate_ip(name, ip_type=ip_type)
         return name
 
-    async def set_secrets(self, spec: InstanceSpec, app: str, values: Mapping[str, str]) -> None:
+    async def set_secrets(
+        self, spec: InstanceSpec, app: str, values: Mapping[str, str]
+    ) -> int | None:
+        """Set the app's secrets; the version returned is persisted by the worker (not kept
+        here: a restarted worker must still create the machine with it)."""
         check_secret_names(values)
         if not values:
-            return
+            return None
         async with _boundary("secrets"):
-            self._secrets_version[app] = await self._client.set_secrets(app, values)
+            return await self._client.set_secrets(app, values)
 
     # ---------------------------------------------------------------- volume
 
@@ -321,7 +322,8 @@ class FlyProvider:
                     config=config,
                     region=volume.region,  # the volume's region, not the requested one
                     name=machine_name(spec.instance_id),
-                    min_secrets_version=self._secrets_version.get(app),
+                    # The secrets set for this instance, never older (persisted version).
+                    min_secrets_version=spec.secrets_version,
                 )
             except FlyConflict:
                 # The deterministic name exists already: a create we lost track of.

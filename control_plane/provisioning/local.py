@@ -253,9 +253,12 @@ class LocalProvider:
             _write_json(path / "app.json", {"app": name, "instance_id": spec.instance_id})
         return name
 
-    async def set_secrets(self, spec: InstanceSpec, app: str, values: Mapping[str, str]) -> None:
+    async def set_secrets(
+        self, spec: InstanceSpec, app: str, values: Mapping[str, str]
+    ) -> int | None:
         check_secret_names(values)
         _write_json(self._dir(app) / "secrets.json", dict(values), mode=0o600)
+        return None  # a file has no versions
 
     async def ensure_volume(
         self, spec: InstanceSpec, app: str, volume_id: str | None

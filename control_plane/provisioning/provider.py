@@ -112,6 +112,8 @@ class InstanceSpec:
     memory_mb: int
     volume_gb: int
     runtime_kind: RuntimeKind = DEFAULT_RUNTIME_KIND
+    #: What :meth:`Provider.set_secrets` answered last (persisted on the instance), or ``None``.
+    secrets_version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +151,13 @@ class Provider(Protocol):
         """Find or create the instance's app (and its public addresses); return its name."""
         ...
 
-    async def set_secrets(self, spec: InstanceSpec, app: str, values: Mapping[str, str]) -> None:
-        """Hand ``values`` (decrypted provider credentials) to the runtime as secrets."""
+    async def set_secrets(
+        self, spec: InstanceSpec, app: str, values: Mapping[str, str]
+    ) -> int | None:
+        """Hand ``values`` (decrypted provider credentials) to the runtime as secrets.
+
+        Returns the provider's secrets version, if it has one: the worker persists it and
+        passes it back as :attr:`InstanceSpec.secrets_version`."""
         ...
 
     async def ensure_volume(

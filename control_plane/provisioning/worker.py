@@ -47,7 +47,7 @@ import random
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -460,6 +460,7 @@ class Worker:
             memory_mb=tier.memory_mb,
             volume_gb=tier.volume_gb,
             runtime_kind=kind,
+            secrets_version=inst.secrets_version,
         )
 
     def _app(self, inst: CloudInstance) -> str:
@@ -498,9 +499,17 @@ class Worker:
 
         if done < 1:
             secrets = credential_env(self._credentials(job.inst))
-            await self.provider.set_secrets(spec, app, secrets)
-            # The event records how many, never a name or a value.
-            await self._step(job, "secrets", f"{len(secrets)} secret(s) set", None)
+            version = await self.provider.set_secrets(spec, app, secrets)
+            # The event records how many (and the version), never a name or a value. The
+            # version is persisted: a restarted worker creates the machine with it.
+            await self._step(
+                job,
+                "secrets",
+                f"{len(secrets)} secret(s) set",
+                {"secrets_version": version} if version is not None else None,
+                secrets_version=version,
+            )
+            spec = replace(spec, secrets_version=version)
 
         volume = await self.provider.ensure_volume(spec, app, job.inst.volume_id)
         if done < 2 or volume.id != job.inst.volume_id:
