@@ -12,7 +12,7 @@ import json
 import httpx
 from starlette.applications import Starlette
 
-from room_cloud_runtime import reference_room
+from room_cloud_runtime import reference
 from room_cloud_runtime._jwks import JWKSCache
 from room_cloud_runtime._settings import RuntimeSettings
 from room_cloud_runtime._stack import RuntimeStack
@@ -40,7 +40,7 @@ def bench_settings(**overrides: object) -> RuntimeSettings:
 
 
 def bare_app():  # type: ignore[no-untyped-def]
-    return reference_room.create_room_app(local_token=LOCAL_TOKEN)
+    return reference.create_room_app(local_token=LOCAL_TOKEN)
 
 
 def stack_app(jwks: dict, settings: RuntimeSettings | None = None) -> RuntimeStack:
@@ -56,7 +56,7 @@ def stack_app(jwks: dict, settings: RuntimeSettings | None = None) -> RuntimeSta
 
     client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     cache = JWKSCache(settings.resolved_jwks_url, algorithms=settings.algorithms, client=client)
-    return RuntimeStack(reference_room.create_room_app(), settings, jwks=cache)
+    return RuntimeStack(reference.create_room_app(), settings, jwks=cache)
 
 
 def peer_app(jwks_url: str, settings: RuntimeSettings | None = None) -> Starlette:

@@ -41,7 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from room_cloud_runtime import reference_room
+from room_cloud_runtime import reference
 from room_cloud_runtime._scope import PRINCIPAL, Principal, state_of
 from room_cloud_runtime._settings import RuntimeSettings
 
@@ -136,7 +136,7 @@ class JWTAuth(BaseHTTPMiddleware):
 
 def peer_app(jwks_url: str, settings: RuntimeSettings) -> Starlette:
     """The reference Room with CORSMiddleware + slowapi + PyJWKClient, budgets from ``settings``."""
-    room = reference_room.create_room_app()
+    room = reference.create_room_app()
     limiter = Limiter(key_func=get_remote_address, default_limits=[settings.address_limit])
     room.state.limiter = limiter
     room.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ _REQUEST_LINE_ALLOWANCE = 16 * 1024
 
 def _load_app(spec: str | None, settings: RuntimeSettings) -> Any:
     if spec is None:
-        from .reference_room import create_room_app
+        from .reference import create_room_app
 
         return create_room_app(data_dir=settings.data_dir)
     module_name, _, attr = spec.partition(":")

@@ -617,7 +617,7 @@ async def test_the_guard_costs_about_a_microsecond_per_request() -> None:
 
 
 async def test_the_guard_in_front_of_the_reference_room_enforces_the_default_policy() -> None:
-    from room_cloud_runtime.reference_room import create_room_app
+    from room_cloud_runtime.reference import create_room_app
 
     app = FakeAuth(ACLGuard(create_room_app(), instance_id=INSTANCE))
     transport = httpx.ASGITransport(app=app)

@@ -14,7 +14,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from room_cloud_runtime import reference_room
+from room_cloud_runtime import reference
 from room_cloud_runtime._settings import RuntimeSettings
 from room_cloud_runtime._stack import RuntimeStack
 from room_cloud_runtime.cli import server_options
@@ -53,7 +53,7 @@ def jwks_and_tokens():
 def runtime(jwks_and_tokens, tmp_path):
     server, factory = jwks_and_tokens
     stack = RuntimeStack(
-        reference_room.create_room_app(data_dir=str(tmp_path)), cloud_settings(server.issuer)
+        reference.create_room_app(data_dir=str(tmp_path)), cloud_settings(server.issuer)
     )
     with live_server(stack, **server_options(stack.settings)) as base:
         yield base, factory, server
@@ -147,7 +147,7 @@ def test_cors_lets_the_allowed_origin_read_and_refuses_others(runtime) -> None:
 def test_a_chunked_body_over_the_cap_is_refused(jwks_and_tokens, tmp_path) -> None:
     server, factory = jwks_and_tokens
     stack = RuntimeStack(
-        reference_room.create_room_app(), cloud_settings(server.issuer, max_body_bytes=1024)
+        reference.create_room_app(), cloud_settings(server.issuer, max_body_bytes=1024)
     )
 
     def chunks():
@@ -170,7 +170,7 @@ def test_a_chunked_body_over_the_cap_is_refused(jwks_and_tokens, tmp_path) -> No
 def test_x_forwarded_for_does_not_buy_a_new_address_budget(jwks_and_tokens) -> None:
     server, _ = jwks_and_tokens
     stack = RuntimeStack(
-        reference_room.create_room_app(), cloud_settings(server.issuer, address_limit="5/minute")
+        reference.create_room_app(), cloud_settings(server.issuer, address_limit="5/minute")
     )
     with (
         live_server(stack, **server_options(stack.settings)) as base,
@@ -250,7 +250,7 @@ async def test_a_websocket_without_a_token_is_refused(runtime) -> None:
 
 
 def test_local_mode_keeps_the_room_handshake_and_stops_dns_rebinding(tmp_path) -> None:
-    stack = RuntimeStack(reference_room.create_room_app(), RuntimeSettings())
+    stack = RuntimeStack(reference.create_room_app(), RuntimeSettings())
     with (
         live_server(stack, **server_options(stack.settings)) as base,
         httpx.Client(base_url=base) as client,

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from room_cloud_runtime import reference_room
+from room_cloud_runtime import reference
 from room_cloud_runtime._settings import RuntimeSettings
 from room_cloud_runtime._stack import RuntimeStack
 from room_cloud_runtime.cli import server_options
@@ -37,7 +37,7 @@ def stack(tmp_path) -> Iterator[tuple[str, int, TokenFactory]]:
             access_log=False,
             body_timeout_seconds=1.0,
         )
-        app = RuntimeStack(reference_room.create_room_app(data_dir=str(tmp_path)), settings)
+        app = RuntimeStack(reference.create_room_app(data_dir=str(tmp_path)), settings)
         with live_server(app, **server_options(settings)) as base:
             host, port = base.removeprefix("http://").split(":")
             yield host, int(port), factory

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from control_plane.keys.service import KeyRing
 from room_cloud_runtime import JWKSCache, RuntimeSettings, RuntimeStack, TokenVerifier
-from room_cloud_runtime.reference_room import create_room_app
+from room_cloud_runtime.reference import create_room_app
 from tests.control_plane.conftest import PUBLIC_URL, login_cookie
 from tests.control_plane.instances.helpers import RUNTIME_URL, Cloud, S, User
 from tests.helpers.tokens import TokenFactory

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from room_cloud_runtime._errors import ConfigError
 from room_cloud_runtime._scope import PRINCIPAL, Principal, state_of
-from room_cloud_runtime.reference_room import SNAPSHOT_NAME, create_room_app
+from room_cloud_runtime.reference import SNAPSHOT_NAME, create_room_app
 
 TOKEN = "test-local-token-0123456789"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -569,7 +569,7 @@ def test_the_websocket_trusts_a_principal_from_the_stack() -> None:
 async def test_a_subscriber_that_cannot_keep_up_is_cut_off_not_buffered_forever() -> None:
     import anyio
 
-    from room_cloud_runtime.reference_room import EventHub, _Subscriber
+    from room_cloud_runtime.reference.events import EventHub, _Subscriber
 
     send, receive = anyio.create_memory_object_stream[dict[str, Any]](1)
     subscriber = _Subscriber(send)
