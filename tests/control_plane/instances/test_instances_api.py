@@ -467,7 +467,7 @@ async def test_a_failed_stripe_cancel_leaves_the_instance_untouched(cloud: Cloud
     assert await cloud.status(instance_id) == S.RUNNING
 
 
-async def test_an_unpaid_instance_is_canceled_without_calling_stripe(cloud: Cloud) -> None:
+async def test_an_unpaid_instance_is_canceled_without_a_subscription_cancel(cloud: Cloud) -> None:
     owner = await cloud.user("owner@example.com")
     instance_id = (await cloud.created(owner))["instance"]["id"]
     r = await cloud.client.delete(_path(instance_id), headers=owner.headers)
