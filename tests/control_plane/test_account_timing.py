@@ -5,8 +5,8 @@ Requests for a known and an unknown address alternate, in-process against the te
 mail and the account writes run in the background, which each round drains *outside* the timed
 part. Two statistics must both look like chance:
 
-- the median of the paired differences may be at most ``max(0.3 ms, 15 %)`` of the smaller
-  median either way;
+- the median of the paired differences may be at most 0.5 ms, or 20 % of the smaller median
+  when that is more, either way (before the fix it was 3-4 ms);
 - a sign test on the pairs: "the known address was slower" may happen in at most 80 % (or at least
   20 %) of the pairs. Under equal work that is ~50 % ± 5 %, so 80 % is six standard deviations
   away: a loaded machine adds noise to both sides alike and does not get there.
@@ -62,7 +62,7 @@ def _assert_indistinguishable(known: list[float], unknown: list[float]) -> None:
         f"{gap * 1000:+.3f} ms, known slower in {share:.0%} of {len(known)} pairs"
     )
     print(report)  # shown with -s: the measured gap
-    assert abs(gap) <= max(0.0003, 0.15 * min(mk, mu)), report
+    assert abs(gap) <= max(0.0005, 0.2 * min(mk, mu)), report
     assert 0.2 <= share <= 0.8, report
 
 
