@@ -305,8 +305,12 @@ async def test_canceling_on_stripe_returns_to_the_form_and_provisions_nothing(
             "awaiting_payment",
             "canceled",
         ], state
-        assert stripe.session(session_id)["status"] == "open"
-        assert stripe.subscriptions == [] and stripe.deliveries == []
+        # The abandoned Checkout Session is expired at Stripe (it can no longer be paid); its
+        # checkout.session.expired event is the only one delivered.
+        assert stripe.session(session_id)["status"] == "expired"
+        assert stripe.subscriptions == []
+        assert [e["type"] for e in stripe.events] == ["checkout.session.expired"]
+        assert all(d.status == 200 for d in stripe.deliveries)
         assert confirms == []
         assert runtimes_under(cp.var_dir) == []
 
