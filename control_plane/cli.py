@@ -69,22 +69,10 @@ def _serve_parser(parser: argparse.ArgumentParser) -> None:
 # -- migrate ------------------------------------------------------------------------------------
 
 
-async def _migrate_async(settings: Settings) -> str | None:
-    from control_plane.db import create_engine, private_dir
-    from control_plane.migrations import current_revision, upgrade
-
-    if settings.resolved_database_url.startswith("sqlite") and not settings.database_url:
-        private_dir(settings.var_dir)
-    engine = create_engine(settings.resolved_database_url)
-    try:
-        await upgrade(engine)
-        return await current_revision(engine)
-    finally:
-        await engine.dispose()
-
-
 def _migrate(args: argparse.Namespace) -> int:
-    revision = asyncio.run(_migrate_async(get_settings()))
+    from control_plane.migrations import migrate
+
+    revision = asyncio.run(migrate(get_settings()))
     print(f"database at revision {revision}")
     return 0
 

@@ -139,9 +139,9 @@ class DevServer:
 
 
 async def _migrate(settings: Settings) -> str | None:
-    from control_plane.cli import _migrate_async
+    from control_plane.migrations import migrate
 
-    return await _migrate_async(settings)
+    return await migrate(settings)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from limits import parse_many
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from control_plane.provisioning.provider import DEFAULT_RUNTIME_KIND, RUNTIME_KINDS, RuntimeKind
+from control_plane.runtime_kinds import DEFAULT_RUNTIME_KIND, RUNTIME_KINDS, RuntimeKind
 
 ENV_PREFIX = "QUOROOM_CP_"
 #: Access tokens and runtime tokens live at most this long (DESIGN.md: TTL ≤ 15 min).

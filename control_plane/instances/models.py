@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from control_plane.db import Base, UTCDateTime, new_id, utcnow
-from control_plane.provisioning.provider import DEFAULT_RUNTIME_KIND
+from control_plane.runtime_kinds import DEFAULT_RUNTIME_KIND
 
 
 class InstanceStatus(StrEnum):

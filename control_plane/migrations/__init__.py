@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+if TYPE_CHECKING:
+    from control_plane.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent
 
@@ -48,3 +52,19 @@ def head_revision() -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+async def migrate(settings: Settings) -> str | None:
+    """Bring the configured database to the latest revision and return it (``quoroom-cloud
+    migrate`` and ``quoroom-cloud dev`` both run this). The development SQLite file's folder is
+    created private first."""
+    from control_plane.db import create_engine, private_dir
+
+    if settings.resolved_database_url.startswith("sqlite") and not settings.database_url:
+        private_dir(settings.var_dir)
+    engine = create_engine(settings.resolved_database_url)
+    try:
+        await upgrade(engine)
+        return await current_revision(engine)
+    finally:
+        await engine.dispose()

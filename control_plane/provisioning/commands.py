@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
-from control_plane.provisioning.provider import DEFAULT_RUNTIME_KIND, RUNTIME_KINDS
+from control_plane.runtime_kinds import DEFAULT_RUNTIME_KIND, RUNTIME_KINDS
 from control_plane.settings import Settings, get_settings
 
 __all__ = ["configure_ops", "configure_worker", "update_image", "worker_main"]

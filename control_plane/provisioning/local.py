@@ -53,7 +53,6 @@ from control_plane.db import private_dir
 from control_plane.provisioning.fly import check_secret_names
 from control_plane.provisioning.provider import (
     APP_PREFIX,
-    DEFAULT_RUNTIME_KIND,
     InstanceSpec,
     MachineInfo,
     OwnedApp,
@@ -62,6 +61,7 @@ from control_plane.provisioning.provider import (
     app_name,
     instance_id_from_app,
 )
+from control_plane.runtime_kinds import DEFAULT_RUNTIME_KIND
 from control_plane.settings import SettingsError
 from room_cloud_runtime import ConfigError, load_settings
 

@@ -21,18 +21,17 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
+
+from control_plane.runtime_kinds import DEFAULT_RUNTIME_KIND, RuntimeKind
 
 __all__ = [
     "APP_PREFIX",
-    "DEFAULT_RUNTIME_KIND",
-    "RUNTIME_KINDS",
     "InstanceSpec",
     "MachineInfo",
     "OwnedApp",
     "Provider",
     "ProviderError",
-    "RuntimeKind",
     "VolumeInfo",
     "app_name",
     "credential_env",
@@ -44,12 +43,6 @@ __all__ = [
 #: deployments sharing one Fly organization must use different prefixes, or each would sweep
 #: the other's apps as orphans.
 APP_PREFIX = "qr"
-#: What runs in an instance (DESIGN.md "Gateway mode"): ``reference`` is the Python reference
-#: Room behind ``quoroom-runtime serve``; ``quoroom`` is the real (Node) Room behind
-#: ``quoroom-runtime gateway``. Fixed when the instance is created (``cloud_instances``).
-RuntimeKind = Literal["reference", "quoroom"]
-RUNTIME_KINDS: tuple[RuntimeKind, ...] = ("reference", "quoroom")
-DEFAULT_RUNTIME_KIND: RuntimeKind = "reference"
 _APP_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 

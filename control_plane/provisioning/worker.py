@@ -60,7 +60,6 @@ from control_plane.instances.lifecycle import IllegalTransition, record_event, t
 from control_plane.instances.lifecycle import update_fields as lifecycle_update_fields
 from control_plane.instances.models import CloudInstance, InstanceStatus, InstanceSubscription
 from control_plane.provisioning.provider import (
-    RUNTIME_KINDS,
     InstanceSpec,
     MachineInfo,
     Provider,
@@ -68,6 +67,7 @@ from control_plane.provisioning.provider import (
     app_name,
     credential_env,
 )
+from control_plane.runtime_kinds import RUNTIME_KINDS
 from control_plane.settings import Settings
 
 __all__ = [

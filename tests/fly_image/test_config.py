@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from control_plane.provisioning.provider import RUNTIME_KINDS
+from control_plane.runtime_kinds import RUNTIME_KINDS
 from fly_image.config import (
     DATA_DIR,
     HEALTH_PATH,
