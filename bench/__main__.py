@@ -4,6 +4,7 @@ python -m bench                 # everything below
 python -m bench stack           # the stack vs the bare Room (in-process and over loopback)
 python -m bench limiter         # the limiter at 1, 100k and 1M keys
 python -m bench control-plane   # runtime tokens/s, JWKS requests/s, payment → running
+python -m bench server          # the HTTP servers: safety probes and throughput, bare and stack
 
 The load tests (locust) have their own command: python -m bench.load (bench/README.md).
 """
@@ -80,13 +81,52 @@ def _limiter_section() -> str:
     return "\n".join(lines)
 
 
+SERVER_LABELS = {
+    "uvicorn": "uvicorn 0.54, httptools, as it comes",
+    "shipped": "**shipped**: uvicorn + the runtime's guarded httptools protocol and connection cap",
+    "h11": "uvicorn 0.54, h11 (incomplete-event bound = header budget)",
+    "hypercorn": "hypercorn 0.18 (h11, uvloop; incomplete-size bound = header budget)",
+    "granian": "granian 2.8 (ASGI, 1 worker, uvloop; header read timeout, buffer bound)",
+}
+
+
+def _server_section() -> str:
+    from . import bench_server
+
+    result = bench_server.run()
+    if result is None:
+        return "## Servers\n\nwrk not installed: not run."
+    lines = [
+        "## Servers (which HTTP server the runtime ships: safety and throughput)",
+        "",
+        f"`python -m bench server` (`bench/bench_server.py` says how each figure is taken). "
+        f"Throughput: authenticated `GET /api/rooms`, server on core 0, wrk -t1 "
+        f"-c{result['connections']} on core 1, best of {result['rounds']} interleaved "
+        f"{result['seconds']} s runs per app; CPU is the server's process tree. Safety: the stack "
+        f"with a {result['head_timeout']:.0f} s head timeout; a 32 MiB head that never ends, a "
+        "head trickled a byte every 0.5 s, an idle connection (probes end at 8 s).",
+        "",
+        "| server | bare req/s | stack req/s | stack / bare | stack CPU µs/req "
+        "| 32 MiB head: answer, RSS growth | trickled head | idle connection |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, each in result["servers"].items():
+        t, s = each["throughput"], each["safety"]
+        lines.append(
+            f"| {SERVER_LABELS.get(name, name)} | {t['bare_best']:,.0f} | {t['stack_best']:,.0f} "
+            f"| {t['ratio'] * 100:.1f} % | {t['cpu_stack_best']:.1f} "
+            f"| {s['outcome']}, +{s['rss_growth_mib']:.1f} MiB | {s['trickle']} | {s['idle']} |"
+        )
+    return "\n".join(lines)
+
+
 def _control_plane_section() -> str:
     from . import bench_control_plane
 
     return bench_control_plane.markdown(bench_control_plane.run())
 
 
-ALL = {"stack", "limiter", "control-plane"}
+ALL = {"stack", "server", "limiter", "control-plane"}
 # Sections other commands write into the same file (``scripts/bench gateway``): kept as they are.
 KEPT_PREFIXES = ("## Gateway",)
 
@@ -109,6 +149,8 @@ def main(argv: list[str]) -> int:
     sections = []
     if "stack" in which:
         sections.append(_stack_section())
+    if "server" in which:
+        sections.append(_server_section())
     if "limiter" in which:
         sections.append(_limiter_section())
     if "control-plane" in which:

@@ -274,15 +274,18 @@ def _wait_listening(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"bench server on port {port} did not start")
 
 
+_TASKSET_SERVE = ["taskset", "-c", "0", sys.executable, "-m", "bench.serve"]
+
+
 def _start_server(
-    kind: str, env: dict[str, str], attempts: int = 3
+    kind: str, env: dict[str, str], attempts: int = 3, http_server: str = "uvicorn"
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Serve ``kind`` pinned to core 0; retried on a fresh port (on a shared machine the port can
     be taken between choosing and binding it, or a start can starve)."""
     for attempt in range(attempts):
         port = _free_port()
         server = subprocess.Popen(
-            ["taskset", "-c", "0", sys.executable, "-m", "bench.serve", kind, "--port", str(port)],
+            [*_TASKSET_SERVE, kind, "--port", str(port), "--server", http_server],
             env=env,
         )
         try:

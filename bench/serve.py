@@ -1,8 +1,17 @@
-"""Serve one benchmark app with uvicorn (a subprocess of the bench, pinned to its own core).
+"""Serve one benchmark app (a subprocess of the bench, pinned to its own core).
 
-python -m bench.serve {bare|stack} --port P    (the JWKS comes in $BENCH_JWKS)
+python -m bench.serve {bare|stack} --port P [--server S]    (the JWKS comes in $BENCH_JWKS)
 python -m bench.serve peer --port P    (PyJWKClient fetches $BENCH_JWKS_URL)
 $BENCH_SETTINGS (JSON, optional): overrides of apps.bench_settings for stack and peer
+
+--server (bench/bench_server.py compares them; the default is what bench_stack measures):
+  uvicorn    uvicorn, httptools + uvloop, its defaults
+  shipped    what `quoroom-runtime serve` runs: uvicorn with the runtime's guarded httptools
+             protocol and connection cap (room_cloud_runtime.cli.server_options)
+  h11        uvicorn with h11, its incomplete-event bound at the stack's header budget
+  hypercorn  hypercorn (h11) on uvloop, its incomplete-size bound at the same budget
+  granian    granian's ASGI interface, 1 worker, uvloop, HTTP/1, header read timeout = the
+             stack's head timeout
 """
 
 from __future__ import annotations
@@ -11,35 +20,108 @@ import argparse
 import json
 import logging
 import os
+from typing import Any
 
 import uvicorn
 
 from . import apps
+
+SERVERS = ("uvicorn", "shipped", "h11", "hypercorn", "granian")
+
+
+def _settings() -> Any:
+    return apps.bench_settings(**json.loads(os.environ.get("BENCH_SETTINGS") or "{}"))
+
+
+def build_app(kind: str) -> Any:
+    logging.getLogger("room_cloud_runtime").setLevel(logging.WARNING)
+    if kind == "bare":
+        return apps.bare_app()
+    if kind == "peer":
+        return apps.peer_app(os.environ["BENCH_JWKS_URL"], _settings())
+    return apps.stack_app(json.loads(os.environ["BENCH_JWKS"]), _settings())
+
+
+def granian_app() -> Any:
+    """Granian imports its app by name in the worker process: the kind travels in the env."""
+    return build_app(os.environ["BENCH_KIND"])
+
+
+def _uvicorn(app: Any, port: int, **options: Any) -> None:
+    base: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "lifespan": "on",
+        "access_log": False,
+        "log_level": "warning",
+        "loop": "uvloop",
+        "http": "httptools",
+    }
+    uvicorn.run(app, **{**base, **options})
+
+
+def _hypercorn(app: Any, port: int) -> None:
+    import uvloop
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    settings = _settings()
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.h11_max_incomplete_size = settings.max_header_bytes
+    config.read_timeout = int(settings.head_timeout_seconds)
+    config.accesslog = None
+    config.errorlog = None
+    uvloop.run(serve(app, config))
+
+
+def _granian(kind: str, port: int) -> None:
+    from granian import Granian
+    from granian.http import HTTP1Settings
+
+    settings = _settings()
+    os.environ["BENCH_KIND"] = kind
+    Granian(
+        "bench.serve:granian_app",
+        factory=True,
+        address="127.0.0.1",
+        port=port,
+        interface="asgi",  # type: ignore[arg-type]
+        workers=1,
+        loop="uvloop",  # type: ignore[arg-type]
+        http="1",  # type: ignore[arg-type]
+        http1_settings=HTTP1Settings(
+            header_read_timeout=int(settings.head_timeout_seconds * 1000),
+            max_buffer_size=settings.max_header_bytes,
+        ),
+        log_enabled=False,
+    ).serve()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("kind", choices=["bare", "stack", "peer"])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--server", choices=SERVERS, default="uvicorn")
     args = parser.parse_args()
-    logging.getLogger("room_cloud_runtime").setLevel(logging.WARNING)
-    settings = apps.bench_settings(**json.loads(os.environ.get("BENCH_SETTINGS") or "{}"))
-    if args.kind == "bare":
-        app = apps.bare_app()
-    elif args.kind == "peer":
-        app = apps.peer_app(os.environ["BENCH_JWKS_URL"], settings)
+    if args.server == "granian":
+        _granian(args.kind, args.port)
+        return
+    app = build_app(args.kind)
+    if args.server == "hypercorn":
+        _hypercorn(app, args.port)
+    elif args.server == "shipped":
+        from room_cloud_runtime.cli import server_options
+
+        options = server_options(_settings())
+        options.update(access_log=False, log_level="warning", loop="uvloop")
+        _uvicorn(app, args.port, **options)
+    elif args.server == "h11":
+        _uvicorn(
+            app, args.port, http="h11", h11_max_incomplete_event_size=_settings().max_header_bytes
+        )
     else:
-        app = apps.stack_app(json.loads(os.environ["BENCH_JWKS"]), settings)
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=args.port,
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        loop="uvloop",
-        http="httptools",
-    )
+        _uvicorn(app, args.port)
 
 
 if __name__ == "__main__":
