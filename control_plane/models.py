@@ -13,6 +13,7 @@ MODEL_MODULES = (
     "control_plane.auth.models",
     "control_plane.keys.models",
     "control_plane.instances.models",
+    "control_plane.billing.models",
 )
 
 for _module in MODEL_MODULES:

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 
 from control_plane.auth.schemas import ErrorOut
 from control_plane.billing import limits, service
-from control_plane.billing.schemas import BillingOut, BillingPatchIn
+from control_plane.billing.schemas import BillingOut, BillingPatchIn, CatalogOut, RegionOut, TierOut
 from control_plane.billing.service import Billing
 from control_plane.billing.stripe_gateway import (
     CheckoutCompleted,
@@ -26,7 +26,6 @@ from control_plane.deps import Now, SessionDep
 from control_plane.errors import BillingDisabled, InvalidWebhookPayload, InvalidWebhookSignature
 from control_plane.instances import service as instances_
 from control_plane.instances.access import OwnedInstance
-from control_plane.instances.schemas import CatalogOut, RegionOut, TierOut
 from control_plane.instances.service import BillingState, InstancesContext
 
 logger = logging.getLogger("control_plane.billing")

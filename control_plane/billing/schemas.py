@@ -1,4 +1,5 @@
-"""Bodies of the owner's billing endpoints (``/api/cloud/instances/{id}/billing``)."""
+"""Bodies of the billing endpoints: the public catalog (``/api/cloud/catalog``) and the owner's
+subscription (``/api/cloud/instances/{id}/billing``)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,25 @@ class BillingPatchIn(BaseModel):
 
     #: ``true``: end the subscription (and the Room) when the paid period ends; ``false``: undo.
     cancelAtPeriodEnd: StrictBool
+
+
+class TierOut(BaseModel):
+    id: str
+    name: str
+    monthlyPriceCents: int
+    currency: str
+    cpus: int
+    cpuKind: str
+    memoryMb: int
+    volumeGb: int
+
+
+class RegionOut(BaseModel):
+    id: str
+    name: str
+
+
+class CatalogOut(BaseModel):
+    tiers: list[TierOut]
+    regions: list[RegionOut]
+    billingEnabled: bool

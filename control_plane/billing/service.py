@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.billing.catalog import Catalog, default_catalog, load_catalog
 from control_plane.billing.limits import CheckoutCache
+from control_plane.billing.models import InstanceSubscription, StripeEvent
 from control_plane.billing.stripe_gateway import (
     BillingError,
     BillingEvent,
@@ -50,12 +51,7 @@ from control_plane.errors import (
     PaymentProviderUnavailable,
 )
 from control_plane.instances.lifecycle import CANCELABLE, record_event, transition, update_fields
-from control_plane.instances.models import (
-    CloudInstance,
-    InstanceStatus,
-    InstanceSubscription,
-    StripeEvent,
-)
+from control_plane.instances.models import CloudInstance, InstanceStatus
 from control_plane.settings import ENV_PREFIX, Settings, SettingsError
 
 logger = logging.getLogger("control_plane.billing")

@@ -1,4 +1,5 @@
-"""Instance tables: instances, members (the private ACL), subscriptions, events, Stripe events.
+"""Instance tables: instances, members (the private ACL), events. Billing's own tables
+(subscriptions, Stripe events) are in ``control_plane/billing/models.py``.
 
 The lifecycle (DESIGN.md "Instance lifecycle") lives in ``lifecycle.py``; every status change goes
 through :func:`control_plane.instances.lifecycle.transition`, never a plain attribute write.
@@ -12,7 +13,6 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
-    Boolean,
     ForeignKey,
     Index,
     Integer,
@@ -20,7 +20,6 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -133,34 +132,6 @@ class CloudInstanceMember(Base):
     )
 
 
-class InstanceSubscription(Base):
-    """Billing state of an instance, from Stripe. ``grace_until`` is set while past due."""
-
-    __tablename__ = "instance_subscriptions"
-
-    instance_id: Mapped[str] = mapped_column(
-        String(36), ForeignKey("cloud_instances.id", ondelete="CASCADE"), primary_key=True
-    )
-    stripe_customer_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    stripe_subscription_id: Mapped[str | None] = mapped_column(
-        String(255), nullable=True, unique=True
-    )
-    status: Mapped[str] = mapped_column(String(24), nullable=False, default="incomplete")
-    grace_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    # Orders out-of-order events: an older event never overrides a newer one's effect.
-    last_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    # Cancel at period end (issue 12, item 8), from the owner's call and from
-    # ``customer.subscription.updated``; ``subscription_updated_at`` orders those snapshots.
-    cancel_at_period_end: Mapped[bool] = mapped_column(
-        Boolean, nullable=False, default=False, server_default=false()
-    )
-    current_period_end: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    subscription_updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    updated_at: Mapped[datetime] = mapped_column(
-        UTCDateTime(), nullable=False, default=utcnow, onupdate=utcnow
-    )
-
-
 class InstanceEvent(Base):
     """Audit and provisioning log: one row per transition, provider step, billing effect."""
 
@@ -178,13 +149,3 @@ class InstanceEvent(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
 
     __table_args__ = (Index("ix_instance_events_instance", "instance_id", "id"),)
-
-
-class StripeEvent(Base):
-    """A processed Stripe event id: each event's effect happens once (events arrive twice)."""
-
-    __tablename__ = "stripe_events"
-
-    id: Mapped[str] = mapped_column(String(255), primary_key=True)
-    type: Mapped[str] = mapped_column(String(64), nullable=False)
-    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)

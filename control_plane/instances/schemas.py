@@ -180,26 +180,4 @@ class RefreshTokenOut(BaseModel):
     token: str
 
 
-class TierOut(BaseModel):
-    id: str
-    name: str
-    monthlyPriceCents: int
-    currency: str
-    cpus: int
-    cpuKind: str
-    memoryMb: int
-    volumeGb: int
-
-
-class RegionOut(BaseModel):
-    id: str
-    name: str
-
-
-class CatalogOut(BaseModel):
-    tiers: list[TierOut]
-    regions: list[RegionOut]
-    billingEnabled: bool
-
-
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")

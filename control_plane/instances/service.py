@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.auth.models import User
 from control_plane.billing import service as billing_
+from control_plane.billing.models import InstanceSubscription
 from control_plane.billing.service import BILLING_DISABLED_NOTE, Billing
 from control_plane.db import new_id
 from control_plane.errors import (
@@ -58,7 +59,6 @@ from control_plane.instances.models import (
     CloudInstanceMember,
     InstanceEvent,
     InstanceStatus,
-    InstanceSubscription,
     MemberStatus,
 )
 from control_plane.instances.schemas import EventOut, InstanceCreateIn, InstanceOut, StatusOut

@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from control_plane.billing.models import InstanceSubscription
 from control_plane.db import transaction, utcnow
 from control_plane.instances.lifecycle import (
     IllegalTransition,
@@ -33,7 +34,7 @@ from control_plane.instances.lifecycle import (
     transition,
     update_fields,
 )
-from control_plane.instances.models import CloudInstance, InstanceStatus, InstanceSubscription
+from control_plane.instances.models import CloudInstance, InstanceStatus
 from control_plane.provisioning.provider import Provider, ProviderError
 from control_plane.settings import Settings
 

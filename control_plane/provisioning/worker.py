@@ -55,10 +55,11 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.billing.catalog import Catalog, default_catalog, load_catalog
+from control_plane.billing.models import InstanceSubscription
 from control_plane.db import transaction, utcnow
 from control_plane.instances.lifecycle import IllegalTransition, record_event, transition
 from control_plane.instances.lifecycle import update_fields as lifecycle_update_fields
-from control_plane.instances.models import CloudInstance, InstanceStatus, InstanceSubscription
+from control_plane.instances.models import CloudInstance, InstanceStatus
 from control_plane.provisioning.provider import (
     InstanceSpec,
     MachineInfo,

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from control_plane.instances.models import InstanceEvent, InstanceSubscription, StripeEvent
+from control_plane.billing.models import InstanceSubscription, StripeEvent
+from control_plane.instances.models import InstanceEvent
 from tests.control_plane.instances.helpers import (  # noqa: F401 - fixtures
     WEBHOOK,
     Cloud,

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from control_plane.instances.models import CloudInstance, InstanceSubscription
+from control_plane.billing.models import InstanceSubscription
+from control_plane.instances.models import CloudInstance
 from tests.control_plane.instances.helpers import (  # noqa: F401 - fixtures
     Cloud,
     S,

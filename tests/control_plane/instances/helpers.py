@@ -149,7 +149,7 @@ class Cloud:
         return member_id
 
     async def subscription_id(self, instance_id: str) -> str:
-        from control_plane.instances.models import InstanceSubscription
+        from control_plane.billing.models import InstanceSubscription
 
         async with self.h.app.state.session_factory() as db:
             sub = await db.get(InstanceSubscription, instance_id)

@@ -14,9 +14,10 @@ from sqlalchemy import select
 from control_plane.auth.models import User as UserRow
 from control_plane.auth.service import issue_access_token
 from control_plane.auth.sessions import create_session
+from control_plane.billing.models import InstanceSubscription
 from control_plane.errors import KeyDecryptionFailed
 from control_plane.instances.credentials import decrypt_credentials
-from control_plane.instances.models import CloudInstance, InstanceEvent, InstanceSubscription
+from control_plane.instances.models import CloudInstance, InstanceEvent
 from tests.control_plane.conftest import PUBLIC_URL
 from tests.control_plane.instances.helpers import Cloud, S, User
 

@@ -13,13 +13,9 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.auth.models import User
+from control_plane.billing.models import InstanceSubscription
 from control_plane.db import create_engine, create_session_factory, transaction
-from control_plane.instances.models import (
-    CloudInstance,
-    InstanceEvent,
-    InstanceStatus,
-    InstanceSubscription,
-)
+from control_plane.instances.models import CloudInstance, InstanceEvent, InstanceStatus
 from control_plane.provisioning.fly import FlyProvider
 from control_plane.provisioning.fly_api import FlyMachinesClient
 from control_plane.provisioning.worker import Worker
