@@ -19,7 +19,6 @@ from control_plane.auth.google import STATE_COOKIE_PATH, STATE_MAX_AGE, GoogleCl
 from control_plane.auth.models import User
 from control_plane.auth.schemas import (
     EmailIn,
-    ErrorOut,
     LoginIn,
     LogoutIn,
     OkOut,
@@ -55,6 +54,7 @@ from control_plane.errors import (
     SessionNotFound,
     status_and_code,
 )
+from control_plane.schemas import ErrorOut
 
 REFRESH_COOKIE_PATH = "/api/auth"
 ACCEPTED = "If the address can receive mail, a message is on its way."

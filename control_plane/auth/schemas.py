@@ -101,8 +101,3 @@ class SessionsOut(BaseModel):
 class RevokedOut(BaseModel):
     ok: bool = True
     revoked: int
-
-
-class ErrorOut(BaseModel):
-    error: str
-    code: str

@@ -13,7 +13,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from control_plane.auth.schemas import ErrorOut
 from control_plane.billing import limits, service
 from control_plane.billing.schemas import BillingOut, BillingPatchIn, CatalogOut, RegionOut, TierOut
 from control_plane.billing.service import Billing
@@ -27,6 +26,7 @@ from control_plane.errors import BillingDisabled, InvalidWebhookPayload, Invalid
 from control_plane.instances import service as instances_
 from control_plane.instances.access import OwnedInstance
 from control_plane.instances.service import BillingState, InstancesContext
+from control_plane.schemas import ErrorOut
 
 logger = logging.getLogger("control_plane.billing")
 

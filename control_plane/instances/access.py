@@ -8,7 +8,7 @@ dependencies every ``/api/cloud/instances/{id}`` route uses. An instance the cal
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import Depends, Path
 from sqlalchemy import select
@@ -17,9 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane.auth.models import User
 from control_plane.deps import CurrentAuth, SessionDep
 from control_plane.errors import InstanceNotFound, OwnerRequired
-from control_plane.instances.models import CloudInstance, CloudInstanceMember, MemberStatus
+from control_plane.instances.models import CloudInstance, CloudInstanceMember, MemberStatus, Role
 
-Role = Literal["owner", "member"]
 MAX_ID_LENGTH = 64
 
 

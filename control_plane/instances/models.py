@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     JSON,
@@ -25,6 +25,9 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from control_plane.db import Base, UTCDateTime, new_id, utcnow
 from control_plane.runtime_kinds import DEFAULT_RUNTIME_KIND
+
+#: How someone may open an instance: its owner, or an active member (``access.py`` decides).
+Role = Literal["owner", "member"]
 
 
 class InstanceStatus(StrEnum):

@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from control_plane.auth.schemas import ErrorOut
 from control_plane.billing import limits as billing_limits
 from control_plane.deps import CurrentUser, Now, ReadSessionDep, SessionDep
 from control_plane.errors import (
@@ -54,6 +53,7 @@ from control_plane.instances.schemas import (
     StatusOut,
 )
 from control_plane.instances.service import InstancesContext
+from control_plane.schemas import ErrorOut
 from control_plane.throttle import Throttle
 
 _ERRORS: dict[int | str, dict[str, Any]] = {

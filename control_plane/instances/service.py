@@ -45,7 +45,6 @@ from control_plane.errors import (
     UnknownRegion,
     UnknownTier,
 )
-from control_plane.instances.access import Role
 from control_plane.instances.credentials import decrypt_credentials, encrypt_credentials
 from control_plane.instances.lifecycle import (
     CANCELABLE,
@@ -60,6 +59,7 @@ from control_plane.instances.models import (
     InstanceEvent,
     InstanceStatus,
     MemberStatus,
+    Role,
 )
 from control_plane.instances.schemas import EventOut, InstanceCreateIn, InstanceOut, StatusOut
 from control_plane.settings import Settings

@@ -27,9 +27,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.auth.models import User, UserSession
 from control_plane.errors import InstanceNotRunning, InvalidRuntimeToken
-from control_plane.instances.access import Role, load_instance, role_of
+from control_plane.instances.access import load_instance, role_of
 from control_plane.instances.lifecycle import OPENABLE
-from control_plane.instances.models import CloudInstance, InstanceStatus
+from control_plane.instances.models import CloudInstance, InstanceStatus, Role
 from control_plane.keys.service import KeyRing
 from control_plane.settings import Settings
 
