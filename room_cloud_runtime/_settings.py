@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 from urllib.parse import urlsplit
 
 from limits import RateLimitItem, parse
@@ -19,6 +19,13 @@ from ._errors import ConfigError
 
 DeploymentMode = Literal["local", "cloud"]
 StorageFailMode = Literal["local", "open", "closed"]
+# The spellings the environment may use, each to its typed value.
+_DEPLOYMENT_MODES: Final[Mapping[str, DeploymentMode]] = {"local": "local", "cloud": "cloud"}
+_STORAGE_FAIL_MODES: Final[Mapping[str, StorageFailMode]] = {
+    "local": "local",
+    "open": "open",
+    "closed": "closed",
+}
 
 AUDIENCE = "quoroom-runtime"
 SUPPORTED_ALGORITHMS = frozenset({"EdDSA", "ES256"})
@@ -219,21 +226,22 @@ def _str(env: Mapping[str, str], name: str) -> str | None:
 def load_settings(environ: Mapping[str, str] | None = None) -> RuntimeSettings:
     """Parse the runtime settings from ``environ`` (default: ``os.environ``)."""
     env = os.environ if environ is None else environ
-    mode = (env.get("QUOROOM_DEPLOYMENT_MODE") or "local").strip().lower()
-    if mode not in ("local", "cloud"):
+    mode = _DEPLOYMENT_MODES.get((env.get("QUOROOM_DEPLOYMENT_MODE") or "local").strip().lower())
+    if mode is None:
         raise ConfigError(
             "QUOROOM_DEPLOYMENT_MODE",
             f"must be 'local' or 'cloud', got {env['QUOROOM_DEPLOYMENT_MODE']!r}",
         )
-    fail_mode = (env.get("QUOROOM_RATE_LIMIT_ON_STORAGE_ERROR") or "local").strip().lower()
-    if fail_mode not in ("local", "open", "closed"):
+    raw_fail_mode = (env.get("QUOROOM_RATE_LIMIT_ON_STORAGE_ERROR") or "local").strip().lower()
+    fail_mode = _STORAGE_FAIL_MODES.get(raw_fail_mode)
+    if fail_mode is None:
         raise ConfigError(
             "QUOROOM_RATE_LIMIT_ON_STORAGE_ERROR",
-            f"must be local, open or closed, got {fail_mode!r}",
+            f"must be local, open or closed, got {raw_fail_mode!r}",
         )
     defaults = RuntimeSettings()
     return RuntimeSettings(
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         instance_id=_str(env, "QUOROOM_CLOUD_INSTANCE_ID"),
         issuer=_str(env, "QUOROOM_CLOUD_ISSUER"),
         jwks_url=_str(env, "QUOROOM_CLOUD_JWKS_URL"),
@@ -264,7 +272,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> RuntimeSettings:
         ),
         behind_fly_proxy=_bool(env, "QUOROOM_BEHIND_FLY_PROXY", defaults.behind_fly_proxy),
         rate_limit_storage=_str(env, "QUOROOM_RATE_LIMIT_STORAGE") or defaults.rate_limit_storage,
-        rate_limit_on_storage_error=fail_mode,  # type: ignore[arg-type]
+        rate_limit_on_storage_error=fail_mode,
         address_limit=_str(env, "QUOROOM_RATE_LIMIT_ADDRESS") or defaults.address_limit,
         read_limit=_str(env, "QUOROOM_RATE_LIMIT_READ") or defaults.read_limit,
         write_limit=_str(env, "QUOROOM_RATE_LIMIT_WRITE") or defaults.write_limit,

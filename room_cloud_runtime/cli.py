@@ -12,11 +12,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Literal, TypedDict
+
+from starlette.types import ASGIApp
 
 from ._errors import ConfigError
 from ._logging import configure_logging
-from ._server import guarded_protocol
+from ._server import GuardedHttpToolsProtocol, guarded_protocol
 from ._settings import RuntimeSettings, load_settings
 
 log = logging.getLogger("room_cloud_runtime.cli")
@@ -24,7 +26,7 @@ log = logging.getLogger("room_cloud_runtime.cli")
 _REQUEST_LINE_ALLOWANCE = 16 * 1024
 
 
-def _load_app(spec: str | None, settings: RuntimeSettings) -> Any:
+def _load_app(spec: str | None, settings: RuntimeSettings) -> ASGIApp:
     if spec is None:
         from .reference import create_room_app
 
@@ -34,9 +36,10 @@ def _load_app(spec: str | None, settings: RuntimeSettings) -> Any:
         raise ConfigError("--app", f"must look like 'package.module:app', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
-        return getattr(module, attr)
+        app: ASGIApp = getattr(module, attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError("--app", f"cannot load {spec!r}: {exc}") from exc
+    return app
 
 
 def _port(value: str) -> int:
@@ -49,7 +52,19 @@ def _port(value: str) -> int:
     return port
 
 
-def server_options(settings: RuntimeSettings) -> dict[str, object]:
+class ServerOptions(TypedDict):
+    """The keyword arguments :func:`server_options` gives ``uvicorn.run``/``uvicorn.Config``."""
+
+    lifespan: Literal["auto", "on", "off"]
+    access_log: bool
+    proxy_headers: bool
+    server_header: bool
+    ws_max_size: int
+    http: type[GuardedHttpToolsProtocol]
+    limit_concurrency: int
+
+
+def server_options(settings: RuntimeSettings) -> ServerOptions:
     """uvicorn options the stack relies on (shared by the CLI and the integration tests)."""
     return {
         "lifespan": "on",
@@ -155,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=port,
         log_config=None,
         log_level=args.log_level.lower(),
-        **server_options(settings),  # type: ignore[arg-type]
+        **server_options(settings),
     )
     return 0
 
@@ -183,7 +198,7 @@ def _gateway(args: argparse.Namespace, command: list[str]) -> int:
         port=port,
         log_config=None,
         log_level=args.log_level.lower(),
-        **server_options(settings),  # type: ignore[arg-type]
+        **server_options(settings),
     )
     server = uvicorn.Server(config)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Any, Final
 
@@ -28,10 +28,15 @@ from .ws_protocol import _serve_socket
 MAX_ROOMS: Final = 1000
 MAX_REPLIES: Final = 1000
 
-try:
-    VERSION: Final = metadata.version("quoroom-cloud")
-except metadata.PackageNotFoundError:  # running from a source tree that was never installed
-    VERSION = "0.0.0+source"  # type: ignore[misc]
+
+def _version() -> str:
+    try:
+        return metadata.version("quoroom-cloud")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "0.0.0+source"
+
+
+VERSION: Final = _version()
 
 
 def _actor(request: Request | WebSocket) -> str:
@@ -113,7 +118,7 @@ def create_room_app(*, data_dir: str | None = None, local_token: str | None = No
         related["decisions"] = [_tally(d) for d in related["decisions"]]
         return JSONResponse({**room, **related})
 
-    def voter(keeper: bool) -> Callable[[Request], Any]:
+    def voter(keeper: bool) -> Callable[[Request], Awaitable[Response]]:
         async def vote(request: Request) -> Response:
             decision = store.get("decisions", request.path_params["decision_id"], "decision")
             choice = _vote(await _json_object(request, frozenset({"vote"})))

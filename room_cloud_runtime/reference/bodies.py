@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from starlette.requests import Request
 
@@ -13,7 +13,7 @@ MAX_BODY_BYTES: Final = 64 * 1024
 VOTES: Final = ("yes", "no", "abstain")
 
 
-def _reject_constant(name: str) -> Any:
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 

@@ -8,7 +8,7 @@ import os
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, TypedDict, cast
 
 import anyio
 
@@ -16,6 +16,22 @@ from .._errors import CloudRuntimeError, ConfigError
 
 SNAPSHOT_NAME: Final = "room.json"
 SNAPSHOT_FORMAT: Final = 1
+
+# One record as the API answers it: JSON, so its values are as varied as the Room's own.
+Record = dict[str, Any]
+Collection = Literal["rooms", "decisions", "messages", "escalations", "credentials"]
+
+
+class Snapshot(TypedDict):
+    """``room.json``: what the store holds and saves."""
+
+    format: int
+    counters: dict[str, int]
+    rooms: dict[str, Record]
+    decisions: dict[str, Record]
+    messages: dict[str, Record]
+    escalations: dict[str, Record]
+    credentials: dict[str, Record]
 
 
 class ApiError(CloudRuntimeError):
@@ -40,7 +56,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _seed() -> dict[str, Any]:
+def _seed() -> Snapshot:
     """A couple of rooms with open decisions, unread messages and an escalation."""
     at = _now()
     return {
@@ -71,7 +87,7 @@ def _seed() -> dict[str, Any]:
     }
 
 
-def _room(rid: str, name: str, goal: str | None, at: str, by: str = "system") -> dict[str, Any]:
+def _room(rid: str, name: str, goal: str | None, at: str, by: str = "system") -> Record:
     return {
         "id": rid,
         "name": name,
@@ -82,7 +98,7 @@ def _room(rid: str, name: str, goal: str | None, at: str, by: str = "system") ->
     }
 
 
-def _decision(did: str, room_id: str, proposal: str, at: str) -> dict[str, Any]:
+def _decision(did: str, room_id: str, proposal: str, at: str) -> Record:
     return {
         "id": did,
         "roomId": room_id,
@@ -94,7 +110,7 @@ def _decision(did: str, room_id: str, proposal: str, at: str) -> dict[str, Any]:
     }
 
 
-def _message(mid: str, room_id: str, sender: str, text: str, at: str) -> dict[str, Any]:
+def _message(mid: str, room_id: str, sender: str, text: str, at: str) -> Record:
     return {
         "id": mid,
         "roomId": room_id,
@@ -107,7 +123,7 @@ def _message(mid: str, room_id: str, sender: str, text: str, at: str) -> dict[st
     }
 
 
-def _escalation(eid: str, room_id: str, question: str, at: str) -> dict[str, Any]:
+def _escalation(eid: str, room_id: str, question: str, at: str) -> Record:
     return {
         "id": eid,
         "roomId": room_id,
@@ -120,7 +136,7 @@ def _escalation(eid: str, room_id: str, question: str, at: str) -> dict[str, Any
     }
 
 
-def _credential(cid: str, room_id: str, name: str, kind: str, at: str) -> dict[str, Any]:
+def _credential(cid: str, room_id: str, name: str, kind: str, at: str) -> Record:
     # Never a real secret: the record only ever holds the mask the Room answers with.
     return {
         "id": cid,
@@ -132,10 +148,16 @@ def _credential(cid: str, room_id: str, name: str, kind: str, at: str) -> dict[s
     }
 
 
-_COLLECTIONS: Final = ("rooms", "decisions", "messages", "escalations", "credentials")
+_COLLECTIONS: Final[tuple[Collection, ...]] = (
+    "rooms",
+    "decisions",
+    "messages",
+    "escalations",
+    "credentials",
+)
 
 
-def _check_snapshot(data: Any) -> dict[str, Any]:
+def _check_snapshot(data: object) -> Snapshot:
     if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
         raise ValueError(f"expected an object with format {SNAPSHOT_FORMAT}")
     counters = data.get("counters")
@@ -147,7 +169,8 @@ def _check_snapshot(data: Any) -> dict[str, Any]:
             isinstance(v, dict) for v in collection.values()
         ):
             raise ValueError(f"{name} must be an object of records")
-    return data
+    # Checked above, key by key, as far as the store relies on it.
+    return cast(Snapshot, data)
 
 
 def _write_atomically(path: Path, payload: bytes) -> None:
@@ -187,7 +210,7 @@ class RoomStore:
         self._saved_version = 0
         self._save_lock = anyio.Lock()
 
-    def _load(self) -> dict[str, Any]:
+    def _load(self) -> Snapshot:
         if self.path is None:
             return _seed()
         try:
@@ -203,17 +226,17 @@ class RoomStore:
             # Refuse to start rather than overwrite the operator's data with a fresh seed.
             raise ConfigError("data_dir", f"{self.path} is not a valid snapshot: {exc}") from exc
 
-    def collection(self, name: str) -> dict[str, dict[str, Any]]:
+    def collection(self, name: Collection) -> dict[str, Record]:
         return self.data[name]
 
-    def get(self, name: str, key: str, what: str) -> dict[str, Any]:
+    def get(self, name: Collection, key: str, what: str) -> Record:
         record = self.data[name].get(key)
         if record is None:
             raise _not_found(what)
         return record
 
     def next_id(self, prefix: str) -> str:
-        counters: dict[str, int] = self.data["counters"]
+        counters = self.data["counters"]
         counters[prefix] = counters.get(prefix, 0) + 1
         return f"{prefix}{counters[prefix]}"
 
