@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -249,7 +249,7 @@ def _entries_for(method: str, compiled: Sequence[_Compiled]) -> list[tuple[_Comp
     return entries
 
 
-def _compile(index: int, rule: Any) -> _Compiled:
+def _compile(index: int, rule: object) -> _Compiled:
     source = f"policy rule #{index} {rule!r}"
 
     def bad(message: str) -> ConfigError:

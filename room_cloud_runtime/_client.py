@@ -31,6 +31,7 @@ import ipaddress
 import itertools
 import re
 from collections.abc import Iterable
+from typing import Literal
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -179,12 +180,14 @@ class ClientAddress:
 
     def _key(self, scope: Scope, fly: bytes | None) -> str:
         cache = self._cache
+        # False: not looked at yet; None: looked at, not an IP address.
+        key: str | Literal[False] | None
         if fly is not None:
             key = cache.get(fly, False)
             if key is False:
                 key = self._remember(fly, fly.decode("latin-1"))
             if key is not None:
-                return key  # type: ignore[return-value]
+                return key
             # Not an IP: fall back to the socket address, as for Fly's health checks.
         client = scope.get("client")
         if not client:
@@ -193,7 +196,7 @@ class ClientAddress:
         key = cache.get(host, False)
         if key is False:
             key = self._remember(host, host)
-        return key if key is not None else host  # type: ignore[return-value]
+        return key if key is not None else host
 
     def _remember(self, raw: bytes | str, text: str) -> str | None:
         key = self._parse(text)

@@ -290,7 +290,8 @@ class CORSGuard:
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
     """The first value of request header ``name`` (ASGI servers give lowercase names)."""
-    for key, value in scope["headers"]:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for key, value in headers:
         if key == name:
             return value
     return None

@@ -376,7 +376,7 @@ class JWKSCache:
     def _retry_delay(self) -> float:
         # Exponential backoff with jitter, never slower than the normal refresh floor, so an
         # outage recovers quickly without every runtime retrying in lockstep.
-        base = RETRY_BASE_SECONDS * 2 ** min(self._failures - 1, 16)
+        base = RETRY_BASE_SECONDS * 2.0 ** min(self._failures - 1, 16)
         return min(base, self._min_refresh) * _RANDOM.uniform(0.8, 1.0)
 
     async def _fetch(self) -> tuple[dict[str, VerificationKey], float | None]:

@@ -43,7 +43,6 @@ import json
 import logging
 import re
 from itertools import accumulate
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -103,7 +102,7 @@ def _is_json(content_type: bytes) -> bool:
     return media == b"application/json" or (media.endswith(b"+json") and b"/" in media)
 
 
-def _positive(setting: str, value: Any) -> int:
+def _positive(setting: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(setting, f"must be a positive integer, got {value!r}")
     return value

@@ -46,7 +46,8 @@ class LocalGuard:
 
 def _host(scope: Scope) -> str | None:
     """The Host header's name part, lowercased, without port and trailing dot; None if absent."""
-    for name, value in scope["headers"]:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for name, value in headers:
         if name == b"host":
             raw = value.decode("latin-1").strip().lower()
             if raw.startswith("["):

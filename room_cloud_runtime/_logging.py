@@ -13,7 +13,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -85,7 +85,7 @@ class _DropSpuriousHandshakeError(logging.Filter):
         )
 
 
-def configure_logging(level: str | int = "INFO", stream: Any = None) -> None:
+def configure_logging(level: str | int = "INFO", stream: TextIO | None = None) -> None:
     """Send ``room_cloud_runtime`` and uvicorn's error logs as JSON lines to ``stream``."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())

@@ -36,10 +36,10 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import aiohttp
+from starlette.types import Message, Receive, Scope, Send
 
 from ._responses import deny_websocket, send_error
 from ._scope import Principal, principal_of
@@ -206,7 +206,7 @@ class UpstreamProxy:
 
     # -- ASGI -------------------------------------------------------------------------------------
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             await self._http(scope, receive, send)
@@ -215,7 +215,7 @@ class UpstreamProxy:
         elif kind == "lifespan":
             await _lifespan(receive, send)
 
-    async def _http(self, scope: Any, receive: Any, send: Any) -> None:
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         reason = self.ready()
         if reason is not None:
             await send_error(send, 503, "the Room is not running yet", reason, (_RETRY_AFTER,))
@@ -267,10 +267,11 @@ class UpstreamProxy:
                 head_only=scope["method"] == "HEAD",
             )
             try:
-                start: dict[str, Any] = {
+                response_headers = _response_headers(response.headers)
+                start: Message = {
                     "type": "http.response.start",
                     "status": response.status,
-                    "headers": _response_headers(response.headers),
+                    "headers": response_headers,
                 }
                 length = response.content_length()
                 if (length is not None and length <= _INLINE_BODY) or response.arrived_whole():
@@ -282,7 +283,7 @@ class UpstreamProxy:
                         and scope["method"] != "HEAD"
                         and response.status not in (204, 304)
                     ):
-                        start["headers"].append((b"content-length", b"%d" % len(payload)))
+                        response_headers.append((b"content-length", b"%d" % len(payload)))
                     started = True
                     await send(start)
                     await send({"type": "http.response.body", "body": payload})
@@ -298,7 +299,7 @@ class UpstreamProxy:
             await self._fail(send, started, exc.status, _MESSAGES[exc.status], exc)
 
     async def _stream(
-        self, response: UpstreamResponse, receive: Any, send: Any, *, watch: bool
+        self, response: UpstreamResponse, receive: Receive, send: Send, *, watch: bool
     ) -> None:
         """Stream the body; with ``watch``, a client disconnect cancels it (uvicorn drops sends
         to a gone client silently, so without the watch a large download would run on)."""
@@ -330,7 +331,7 @@ class UpstreamProxy:
                     await watcher
 
     async def _fail(
-        self, send: Any, started: bool, status: int, message: str, exc: BaseException
+        self, send: Send, started: bool, status: int, message: str, exc: BaseException
     ) -> None:
         code = _CODES[status]
         logger.warning("upstream failed", extra={"code": code, "error": type(exc).__name__})
@@ -340,7 +341,7 @@ class UpstreamProxy:
         extra = (_RETRY_AFTER,) if status == 503 else ()
         await send_error(send, status, message, code, extra)
 
-    def _request_headers(self, scope: Any, principal: Principal | None) -> list[Header]:
+    def _request_headers(self, scope: Scope, principal: Principal | None) -> list[Header]:
         raw: list[Header] = scope["headers"]
         drop: frozenset[bytes] = _DROP_REQUEST
         host = b""
@@ -383,7 +384,7 @@ class UpstreamProxy:
 
     # -- WebSocket --------------------------------------------------------------------------------
 
-    async def _websocket(self, scope: Any, receive: Any, send: Any) -> None:
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         first = await receive()
         if first["type"] != "websocket.connect":
             return
@@ -434,7 +435,7 @@ class UpstreamProxy:
             await _pump(upstream, receive, send)
 
 
-async def _pump(upstream: aiohttp.ClientWebSocketResponse, receive: Any, send: Any) -> None:
+async def _pump(upstream: aiohttp.ClientWebSocketResponse, receive: Receive, send: Send) -> None:
     """Both directions at once; the first side to close closes the other with its code."""
 
     async def client_to_room() -> None:
@@ -481,7 +482,7 @@ async def _pump(upstream: aiohttp.ClientWebSocketResponse, receive: Any, send: A
             logger.info("websocket relay ended", extra={"error": type(result).__name__})
 
 
-def _sendable(code: Any) -> int:
+def _sendable(code: object) -> int:
     code = int(code) if isinstance(code, int) else 1000
     return _WS_UNSENDABLE.get(code, code)
 
@@ -490,7 +491,7 @@ class _UpstreamAborted(Exception):
     """Raised after the response started: the server closes the connection mid-body."""
 
 
-def _target(scope: Any) -> str:
+def _target(scope: Scope) -> str:
     path = scope.get("raw_path") or scope["path"].encode()
     target = path.decode("latin-1")
     query = _strip_token(scope.get("query_string", b""))
@@ -514,7 +515,7 @@ def _response_headers(raw: list[Header]) -> list[Header]:
     return [(name, value) for name, value in raw if name not in drop]
 
 
-async def _lifespan(receive: Any, send: Any) -> None:
+async def _lifespan(receive: Receive, send: Send) -> None:
     """Answer the lifespan protocol; the stack starts and stops the gateway's resources."""
     while True:
         message = await receive()

@@ -6,7 +6,7 @@ parse the token again. The client-address layer stores the address key the limit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,15 +44,16 @@ class Principal:
         }
 
 
-def state_of(scope: Mapping[str, Any]) -> dict[str, Any]:
+def state_of(scope: MutableMapping[str, Any]) -> dict[str, Any]:
     """The mutable per-request state dict, created on first use."""
-    state = scope.get("state")
+    state: dict[str, Any] | None = scope.get("state")
     if state is None:
         state = {}
-        scope["state"] = state  # type: ignore[index]
+        scope["state"] = state
     return state
 
 
 def principal_of(scope: Mapping[str, Any]) -> Principal | None:
-    state = scope.get("state")
-    return state.get(PRINCIPAL) if state else None
+    state: dict[str, Any] | None = scope.get("state")
+    principal: Principal | None = state.get(PRINCIPAL) if state else None
+    return principal

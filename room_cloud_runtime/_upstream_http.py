@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import AsyncIterator
+from typing import cast
 
 import httptools
 
@@ -87,7 +88,8 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream connection's transport (asyncio's and uvloop's) is always a Transport.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.received = True
@@ -386,9 +388,10 @@ class UpstreamPool:
                 done, _ = await asyncio.wait(
                     (writer, head_task), return_when=asyncio.FIRST_COMPLETED
                 )
-                if writer in done and writer.exception() is not None:
+                failed = writer.exception() if writer in done else None
+                if failed is not None:
                     head_task.cancel()
-                    raise writer.exception()  # type: ignore[misc]
+                    raise failed
                 await head_task
             else:
                 await conn.read_head()

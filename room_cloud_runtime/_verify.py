@@ -41,6 +41,8 @@ from ._scope import ROLES, Principal
 from ._settings import AUDIENCE, MAX_LEEWAY_SECONDS, SUPPORTED_ALGORITHMS
 
 if TYPE_CHECKING:
+    from jwt.types import Options
+
     from ._settings import RuntimeSettings
 
 __all__ = ["REQUIRED_CLAIMS", "TokenVerifier"]
@@ -138,7 +140,7 @@ class TokenVerifier:
         self._refused: dict[str, _Refusal] = {}
         # Time claims are checked below on our clock (strict types, one clock for cache and
         # fresh verification); PyJWT checks the signature, iss, aud and presence.
-        self._options: Any = {
+        self._options: Options = {
             "require": list(REQUIRED_CLAIMS),
             "verify_signature": True,
             "verify_exp": False,
