@@ -191,6 +191,7 @@ class RedisLimiter(Limiter):
                 f"async+{url}",
                 implementation="redispy",
                 key_prefix=key_prefix,
+                # limits types **options as float | str | bool; redis-py takes the pool.
                 connection_pool=self._pool,  # type: ignore[arg-type]
             )
         except (ValueError, ConfigurationError) as exc:
