@@ -222,8 +222,9 @@ async def _payment_to_running(runs: int = 3) -> list[dict[str, Any]]:
 
     from control_plane.app import create_app
     from control_plane.auth.models import User
-    from control_plane.billing.service import fulfil, wake
+    from control_plane.billing.service import fulfil
     from control_plane.db import transaction, utcnow
+    from control_plane.instances.lifecycle import wake
     from control_plane.instances.models import CloudInstance, InstanceEvent
 
     totals: list[float] = []

@@ -17,10 +17,10 @@ from control_plane.auth.passwords import PasswordHasher
 from control_plane.auth.routes import router as auth_router
 from control_plane.auth.service import AuthContext
 from control_plane.billing.routes import router as billing_router
+from control_plane.billing.setup import start_billing
 from control_plane.db import create_engine, create_session_factory, private_dir, utcnow
 from control_plane.errors import install_error_handlers
 from control_plane.instances.routes import router as instances_router
-from control_plane.instances.setup import start_instances
 from control_plane.keys.fastpath import JWKSFastPath
 from control_plane.keys.routes import router as keys_router
 from control_plane.keys.service import KeyRing
@@ -77,7 +77,7 @@ def create_app(
             app.state.mailer = mailer
             app.state.throttle = throttle
             app.state.google = google
-            resources.append(start_instances(app, cfg, factory, clock))
+            resources.append(start_billing(app, cfg, factory, clock))
             # Provisioning: the worker in this process (default in development, `dev`); billing
             # pokes app.state.worker_wakeup after fulfilment so it starts without a poll delay.
             from control_plane.provisioning.runner import WorkerRunner, should_run_worker

@@ -13,9 +13,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from control_plane.billing import limits, service
+from control_plane.billing import service
 from control_plane.billing.schemas import BillingOut, BillingPatchIn, CatalogOut, RegionOut, TierOut
-from control_plane.billing.service import Billing
+from control_plane.billing.service import Billing, BillingState
 from control_plane.billing.stripe_gateway import (
     CheckoutCompleted,
     WebhookPayloadError,
@@ -23,9 +23,8 @@ from control_plane.billing.stripe_gateway import (
 )
 from control_plane.deps import Now, SessionDep
 from control_plane.errors import BillingDisabled, InvalidWebhookPayload, InvalidWebhookSignature
-from control_plane.instances import service as instances_
 from control_plane.instances.access import OwnedInstance
-from control_plane.instances.service import BillingState, InstancesContext
+from control_plane.instances.service import InstancesContext
 from control_plane.schemas import ErrorOut
 
 logger = logging.getLogger("control_plane.billing")
@@ -115,8 +114,7 @@ def _billing_out(state: BillingState) -> BillingOut:
     responses=_OWNER_ERRORS,
 )
 async def instance_billing(access: OwnedInstance, request: Request, db: SessionDep) -> BillingOut:
-    ctx: InstancesContext = request.app.state.instances
-    state = await instances_.billing_of(db, ctx, access.instance)
+    state = await service.billing_of(db, _billing(request), access.instance)
     await db.commit()
     return _billing_out(state)
 
@@ -129,12 +127,11 @@ async def instance_billing(access: OwnedInstance, request: Request, db: SessionD
 async def change_instance_billing(
     body: BillingPatchIn, access: OwnedInstance, request: Request, db: SessionDep
 ) -> BillingOut:
-    ctx: InstancesContext = request.app.state.instances
-    if ctx.billing.enabled:
-        await limits.limit(
-            request.app.state.throttle, ctx.settings, limits.BILLING_POLICY, access.user.id
-        )
-    state = await instances_.set_cancel_at_period_end(
-        db, ctx, access.instance, body.cancelAtPeriodEnd
+    billing = _billing(request)
+    ctx: InstancesContext = request.app.state.instances  # its clock
+    if billing.enabled:
+        await billing.limit_requests(request.app.state.throttle, access.user.id)
+    state = await service.change_period_end(
+        db, billing, access.instance, body.cancelAtPeriodEnd, clock=ctx.clock
     )
     return _billing_out(state)

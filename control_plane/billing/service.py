@@ -12,12 +12,17 @@ newer ``invoice.paid``. ``customer.subscription.deleted`` is terminal and always
 
 Calls to Stripe never run inside a database transaction; effects that need one after the commit
 (cancelling a subscription nobody can use) are returned as :class:`Outcome` for the caller.
+
+Billing sits above instances (issue 16): it drives the instance lifecycle from here, and the
+instance operations call back only through the port they define,
+:class:`control_plane.instances.payments.Payments`, which :class:`Billing` implements.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -25,6 +30,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from control_plane.billing import limits
 from control_plane.billing.catalog import Catalog, default_catalog, load_catalog
 from control_plane.billing.limits import CheckoutCache
 from control_plane.billing.models import InstanceSubscription, StripeEvent
@@ -45,14 +51,25 @@ from control_plane.billing.stripe_gateway import (
     SubscriptionUpdated,
 )
 from control_plane.errors import (
+    BillingDisabled,
     CheckoutMismatch,
     ControlPlaneError,
+    InvalidInstanceState,
     PaymentProviderError,
     PaymentProviderUnavailable,
 )
-from control_plane.instances.lifecycle import CANCELABLE, record_event, transition, update_fields
+from control_plane.instances.lifecycle import (
+    cancel_now,
+    lock_instance,
+    record_event,
+    transition,
+    update_fields,
+    wake,
+)
 from control_plane.instances.models import CloudInstance, InstanceStatus
+from control_plane.instances.payments import BILLING_DISABLED_NOTE
 from control_plane.settings import ENV_PREFIX, Settings, SettingsError
+from control_plane.throttle import Throttle
 
 logger = logging.getLogger("control_plane.billing")
 
@@ -64,13 +81,15 @@ SUB_INCOMPLETE, SUB_ACTIVE, SUB_PAST_DUE, SUB_CANCELED = (
     "past_due",
     "canceled",
 )
-BILLING_DISABLED_NOTE = "billing disabled (development)"
 _ENDED = frozenset({S.CANCELED, S.DESTROYING, S.DESTROYED})
 
 
 @dataclass
 class Billing:
-    """The catalog and (when Stripe is configured) the gateway, built once at start-up."""
+    """The catalog and (when Stripe is configured) the gateway, built once at start-up.
+
+    Implements the instances' :class:`~control_plane.instances.payments.Payments` port: the
+    methods below are what the instance operations may ask of billing."""
 
     settings: Settings
     catalog: Catalog
@@ -85,6 +104,55 @@ class Billing:
     async def aclose(self) -> None:
         if self.gateway is not None:
             await self.gateway.aclose()
+
+    # -- the Payments port -----------------------------------------------------------------------
+
+    async def limit_requests(self, throttle: Throttle, user_id: str) -> None:
+        await limits.limit(throttle, self.settings, limits.BILLING_POLICY, user_id)
+
+    async def limit_checkouts(self, throttle: Throttle, user_id: str) -> None:
+        await limits.limit(throttle, self.settings, limits.CHECKOUT_POLICY, user_id)
+
+    async def open_subscription(
+        self, db: AsyncSession, *, instance_id: str, owner_id: str, now: datetime
+    ) -> None:
+        db.add(
+            InstanceSubscription(
+                instance_id=instance_id,
+                status=SUB_INCOMPLETE,
+                stripe_customer_id=await _known_customer(db, owner_id),
+                updated_at=now,
+            )
+        )
+
+    async def start_checkout(
+        self, db: AsyncSession, instance: CloudInstance, *, email: str
+    ) -> CheckoutSession:
+        customer = await db.scalar(
+            select(InstanceSubscription.stripe_customer_id).where(
+                InstanceSubscription.instance_id == instance.id
+            )
+        )
+        await db.commit()  # no transaction (nor SQLite write lock) held across the Stripe call
+        return await start_checkout(self, instance, email=email, customer_id=customer)
+
+    async def confirm_checkout(
+        self,
+        db: AsyncSession,
+        instance: CloudInstance,
+        *,
+        session_id: str,
+        clock: Callable[[], datetime],
+        wakeup: Callable[[], object | None],
+    ) -> bool:
+        return await confirm_checkout(
+            db, self, instance, session_id=session_id, clock=clock, wakeup=wakeup
+        )
+
+    async def cancel(
+        self, db: AsyncSession, instance: CloudInstance, *, clock: Callable[[], datetime]
+    ) -> None:
+        await cancel_instance(db, self, instance, clock=clock)
 
 
 def build_billing(settings: Settings) -> Billing:
@@ -270,16 +338,6 @@ def _event_type(event: BillingEvent) -> str:
         SubscriptionDeleted: "customer.subscription.deleted",
         SubscriptionUpdated: "customer.subscription.updated",
     }.get(type(event), "unknown")
-
-
-async def lock_instance(db: AsyncSession, instance_id: str) -> CloudInstance | None:
-    """The instance, freshly read and locked for the rest of the transaction."""
-    return await db.scalar(
-        select(CloudInstance)
-        .where(CloudInstance.id == instance_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
 
 
 async def _subscription_row(db: AsyncSession, instance_id: str) -> InstanceSubscription | None:
@@ -594,22 +652,6 @@ async def _updated(db: AsyncSession, event: SubscriptionUpdated, now: datetime) 
     return Outcome("period end updated" if changed else "subscription updated")
 
 
-async def cancel_now(
-    db: AsyncSession, settings: Settings, instance_id: str, *, now: datetime, message: str
-) -> CloudInstance:
-    """``→ canceled``; the worker stops and snapshots now and destroys after the retention."""
-    return await transition(
-        db,
-        instance_id,
-        expected=CANCELABLE,
-        to=S.CANCELED,
-        message=message,
-        now=now,
-        run_after=now,
-        destroy_after=now + timedelta(days=settings.retention_days),
-    )
-
-
 async def apply_event(
     db: AsyncSession, settings: Settings, event: BillingEvent, now: datetime
 ) -> Outcome:
@@ -656,8 +698,165 @@ async def after_commit(billing: Billing, outcome: Outcome, wakeup: object | None
         wake(wakeup)
 
 
-def wake(wakeup: object | None) -> None:
-    """Poke the in-process worker, if one registered ``app.state.worker_wakeup``."""
-    setter = getattr(wakeup, "set", None)
-    if callable(setter):
-        setter()
+# -- billing's side of the instance operations (the Payments port) -------------------------------
+
+
+async def _known_customer(db: AsyncSession, user_id: str) -> str | None:
+    """The Stripe customer of this user's earlier subscriptions, so invoices stay together."""
+    return await db.scalar(
+        select(InstanceSubscription.stripe_customer_id)
+        .join(CloudInstance, CloudInstance.id == InstanceSubscription.instance_id)
+        .where(
+            CloudInstance.owner_id == user_id,
+            InstanceSubscription.stripe_customer_id.is_not(None),
+        )
+        .order_by(InstanceSubscription.updated_at.desc())
+        .limit(1)
+    )
+
+
+async def confirm_checkout(
+    db: AsyncSession,
+    billing: Billing,
+    instance: CloudInstance,
+    *,
+    session_id: str,
+    clock: Callable[[], datetime],
+    wakeup: Callable[[], object | None],
+) -> bool:
+    """Ask Stripe about the checkout and run the webhook's fulfil step (the success page can
+    load before ``checkout.session.completed`` arrives). ``False``: not paid yet."""
+    await db.commit()  # nothing held across the Stripe call
+    state = await retrieve_checkout(billing, session_id, clock())
+    if state.instance_id is None or state.instance_id != instance.id:
+        raise CheckoutMismatch()
+    if not state.paid:
+        return False
+    outcome = await fulfil(
+        db,
+        billing.settings,
+        instance_id=instance.id,
+        subscription_id=state.subscription_id,
+        customer_id=state.customer_id,
+        user_id=state.metadata.get("user_id"),
+        event_at=None,
+        now=clock(),
+        source="confirm",
+    )
+    await db.commit()
+    await after_commit(billing, outcome, wakeup())
+    return True
+
+
+async def cancel_instance(
+    db: AsyncSession, billing: Billing, instance: CloudInstance, *, clock: Callable[[], datetime]
+) -> None:
+    """Cancel the subscription at Stripe, then ``→ canceled`` (committed). Stripe refusing or
+    unreachable raises before anything changes."""
+    canceled: set[str] = set()
+    subscription_id = await _live_subscription(db, instance.id)
+    unpaid_checkout = (
+        instance.checkout_session_id
+        if S(instance.status) in (S.DRAFT, S.AWAITING_PAYMENT)
+        else None
+    )
+    await db.commit()  # nothing held across the Stripe call
+    if unpaid_checkout is not None:
+        # The customer must not be able to pay an abandoned checkout (issue 12, item 8). Stripe
+        # unreachable: raises, nothing changes; no longer open: the webhook path handles it.
+        await expire_checkout(billing, unpaid_checkout)
+    if subscription_id is not None:
+        await cancel_subscription(billing, subscription_id)  # raises: no change
+        canceled.add(subscription_id)
+    now = clock()
+    locked = await lock_instance(db, instance.id)
+    if locked is not None and S(locked.status) not in _ENDED:
+        await cancel_now(
+            db, billing.settings, instance.id, now=now, message="canceled by the owner"
+        )
+        sub = await _subscription_row(db, instance.id)
+        if sub is not None and sub.stripe_subscription_id in canceled:
+            sub.status = SUB_CANCELED
+            sub.grace_until = None
+            sub.updated_at = now
+    late = await _live_subscription(db, instance.id)
+    await db.commit()
+    if late is not None and late not in canceled:
+        # Paid between our read and the cancel: the fulfil step saw it live, so cancel it too.
+        outcome = Outcome("late subscription", cancel_subscriptions=[late])
+        await after_commit(billing, outcome, None)
+
+
+async def _live_subscription(db: AsyncSession, instance_id: str) -> str | None:
+    return await db.scalar(
+        select(InstanceSubscription.stripe_subscription_id).where(
+            InstanceSubscription.instance_id == instance_id,
+            InstanceSubscription.stripe_subscription_id.is_not(None),
+            InstanceSubscription.status != SUB_CANCELED,
+        )
+    )
+
+
+# -- the owner's subscription: cancel at period end ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class BillingState:
+    enabled: bool
+    status: str | None
+    cancel_at_period_end: bool
+    current_period_end: datetime | None
+
+
+async def billing_of(db: AsyncSession, billing: Billing, instance: CloudInstance) -> BillingState:
+    sub = await _subscription_row(db, instance.id)
+    return BillingState(
+        enabled=billing.enabled,
+        status=sub.status if sub is not None else None,
+        cancel_at_period_end=bool(sub.cancel_at_period_end) if sub is not None else False,
+        current_period_end=sub.current_period_end if sub is not None else None,
+    )
+
+
+async def change_period_end(
+    db: AsyncSession,
+    billing: Billing,
+    instance: CloudInstance,
+    at_period_end: bool,
+    *,
+    clock: Callable[[], datetime],
+) -> BillingState:
+    """Schedule (or undo) the end of the instance's subscription at the end of the paid period.
+    Stripe first (nothing held across the call); then its answer is stored with the instance
+    locked, and an event row says what changed. ``customer.subscription.updated`` stores the
+    same, so a change made at Stripe directly (dashboard, portal) shows too."""
+    if not billing.enabled:
+        raise BillingDisabled()
+    sub = await _subscription_row(db, instance.id)
+    if (
+        S(instance.status) in _ENDED
+        or sub is None
+        or sub.stripe_subscription_id is None
+        or sub.status == SUB_CANCELED
+    ):
+        raise InvalidInstanceState("this instance has no live subscription to change")
+    subscription_id = sub.stripe_subscription_id
+    await db.commit()
+    state = await set_cancel_at_period_end(billing, subscription_id, at_period_end)
+    now = clock()
+    await lock_instance(db, instance.id)
+    sub = await _subscription_row(db, instance.id)
+    if sub is not None and sub.stripe_subscription_id == subscription_id:
+        changed = store_period_end(
+            sub,
+            at_period_end=state.cancel_at_period_end,
+            period_end=state.current_period_end,
+            seen_at=now,
+            now=now,
+        )
+        await db.flush()
+        if changed:
+            message = period_end_message(state.cancel_at_period_end, sub.current_period_end)
+            await record_event(db, instance.id, "billing", f"{message} (by the owner)", now=now)
+    await db.commit()
+    return await billing_of(db, billing, instance)

@@ -13,7 +13,7 @@ there first or the move is illegal: :class:`IllegalTransition` is raised and not
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane.db import utcnow
 from control_plane.errors import InvalidInstanceState
 from control_plane.instances.models import CloudInstance, InstanceEvent, InstanceStatus
+from control_plane.settings import Settings
 
 S = InstanceStatus
 
@@ -159,3 +160,36 @@ async def update_fields(
     if row is None:
         raise IllegalTransition(instance_id, (str(status),), str(status))
     return row
+
+
+async def lock_instance(db: AsyncSession, instance_id: str) -> CloudInstance | None:
+    """The instance, freshly read and locked for the rest of the transaction."""
+    return await db.scalar(
+        select(CloudInstance)
+        .where(CloudInstance.id == instance_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+
+
+async def cancel_now(
+    db: AsyncSession, settings: Settings, instance_id: str, *, now: datetime, message: str
+) -> CloudInstance:
+    """``→ canceled``; the worker stops and snapshots now and destroys after the retention."""
+    return await transition(
+        db,
+        instance_id,
+        expected=CANCELABLE,
+        to=S.CANCELED,
+        message=message,
+        now=now,
+        run_after=now,
+        destroy_after=now + timedelta(days=settings.retention_days),
+    )
+
+
+def wake(wakeup: object | None) -> None:
+    """Poke the in-process worker, if one registered ``app.state.worker_wakeup``."""
+    setter = getattr(wakeup, "set", None)
+    if callable(setter):
+        setter()

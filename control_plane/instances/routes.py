@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from control_plane.billing import limits as billing_limits
 from control_plane.deps import CurrentUser, Now, ReadSessionDep, SessionDep
 from control_plane.errors import (
     ControlPlaneError,
@@ -91,9 +90,7 @@ def _member_out(member: CloudInstanceMember, *, show_email: bool = True) -> Memb
 async def _limit_billing(request: Request, ctx: InstancesContext, user_id: str) -> None:
     """The per-user budget of requests that may call Stripe (``billing/limits.py``)."""
     if ctx.billing.enabled:
-        await billing_limits.limit(
-            request.app.state.throttle, ctx.settings, billing_limits.BILLING_POLICY, user_id
-        )
+        await ctx.billing.limit_requests(request.app.state.throttle, user_id)
 
 
 # -- instances -----------------------------------------------------------------------------------
@@ -119,9 +116,7 @@ async def create_instance(
     await _limit_billing(request, ctx, user_id)
 
     async def new_checkout() -> None:
-        await billing_limits.limit(
-            request.app.state.throttle, ctx.settings, billing_limits.CHECKOUT_POLICY, user_id
-        )
+        await ctx.billing.limit_checkouts(request.app.state.throttle, user_id)
 
     instance, checkout_url = await service.create_instance(
         db, ctx, user, body, idempotency_key=idempotency_key, before_new_checkout=new_checkout

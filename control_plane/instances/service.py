@@ -30,13 +30,9 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.auth.models import User
-from control_plane.billing import service as billing_
-from control_plane.billing.models import InstanceSubscription
-from control_plane.billing.service import BILLING_DISABLED_NOTE, Billing
 from control_plane.db import new_id
 from control_plane.errors import (
     BillingDisabled,
-    CheckoutMismatch,
     ControlPlaneError,
     EmailNotVerified,
     IdempotencyConflict,
@@ -49,9 +45,11 @@ from control_plane.instances.credentials import decrypt_credentials, encrypt_cre
 from control_plane.instances.lifecycle import (
     CANCELABLE,
     IllegalTransition,
+    cancel_now,
     record_event,
     transition,
     update_fields,
+    wake,
 )
 from control_plane.instances.models import (
     CloudInstance,
@@ -61,6 +59,7 @@ from control_plane.instances.models import (
     MemberStatus,
     Role,
 )
+from control_plane.instances.payments import BILLING_DISABLED_NOTE, Payments
 from control_plane.instances.schemas import EventOut, InstanceCreateIn, InstanceOut, StatusOut
 from control_plane.settings import Settings
 
@@ -79,7 +78,8 @@ class InstancesContext:
     """The long-lived collaborators of the instance operations (built once in the lifespan)."""
 
     settings: Settings
-    billing: Billing
+    #: Billing, through the port instances define (billing sits above instances).
+    billing: Payments
     factory: async_sessionmaker[AsyncSession]
     clock: Callable[[], datetime]
     wakeup: Callable[[], object | None]
@@ -281,31 +281,10 @@ async def _insert_draft(
             raise
         return existing, False
     if ctx.billing.enabled:
-        db.add(
-            InstanceSubscription(
-                instance_id=instance.id,
-                status=billing_.SUB_INCOMPLETE,
-                stripe_customer_id=await _known_customer(db, user_id),
-                updated_at=now,
-            )
-        )
+        await ctx.billing.open_subscription(db, instance_id=instance.id, owner_id=user_id, now=now)
     await record_event(db, instance.id, "created", f"{body.tier} in {body.region}", now=now)
     await db.commit()
     return instance, True
-
-
-async def _known_customer(db: AsyncSession, user_id: str) -> str | None:
-    """The Stripe customer of this user's earlier subscriptions, so invoices stay together."""
-    return await db.scalar(
-        select(InstanceSubscription.stripe_customer_id)
-        .join(CloudInstance, CloudInstance.id == InstanceSubscription.instance_id)
-        .where(
-            CloudInstance.owner_id == user_id,
-            InstanceSubscription.stripe_customer_id.is_not(None),
-        )
-        .order_by(InstanceSubscription.updated_at.desc())
-        .limit(1)
-    )
 
 
 async def _proceed(
@@ -337,22 +316,15 @@ async def _proceed(
                     attempts=0,
                 )
                 await db.commit()
-                billing_.wake(ctx.wakeup())
+                wake(ctx.wakeup())
             except IllegalTransition:
                 await db.rollback()
         return await _reload(db, instance_id), None
     if status not in (S.DRAFT, S.AWAITING_PAYMENT):
         return instance, None
-    customer = await db.scalar(
-        select(InstanceSubscription.stripe_customer_id).where(
-            InstanceSubscription.instance_id == instance.id
-        )
-    )
-    await db.commit()  # no transaction (nor SQLite write lock) held across the Stripe call
     try:
-        session = await billing_.start_checkout(
-            ctx.billing, instance, email=email, customer_id=customer
-        )
+        # Commits first: no transaction (nor SQLite write lock) held across the Stripe call.
+        session = await ctx.billing.start_checkout(db, instance, email=email)
     except ControlPlaneError:
         if status == S.DRAFT and not keep_draft:
             await _abandon(db, ctx, instance.id)
@@ -389,7 +361,7 @@ async def _abandon(db: AsyncSession, ctx: InstancesContext, instance_id: str) ->
     """A draft whose checkout could not start and that no Idempotency-Key can resume: cancel it
     so it neither lingers nor counts against the quota."""
     try:
-        await billing_.cancel_now(
+        await cancel_now(
             db, ctx.settings, instance_id, now=ctx.clock(), message="checkout could not be started"
         )
         await db.commit()
@@ -458,25 +430,10 @@ async def confirm_checkout(
     session_id = session_id or instance.checkout_session_id
     if session_id is None:
         raise InvalidInstanceState("no checkout was started for this instance")
-    await db.commit()  # nothing held across the Stripe call
-    state = await billing_.retrieve_checkout(ctx.billing, session_id, ctx.clock())
-    if state.instance_id is None or state.instance_id != instance.id:
-        raise CheckoutMismatch()
-    if not state.paid:
+    if not await ctx.billing.confirm_checkout(
+        db, instance, session_id=session_id, clock=ctx.clock, wakeup=ctx.wakeup
+    ):
         return await _reload(db, instance.id)
-    outcome = await billing_.fulfil(
-        db,
-        ctx.settings,
-        instance_id=instance.id,
-        subscription_id=state.subscription_id,
-        customer_id=state.customer_id,
-        user_id=state.metadata.get("user_id"),
-        event_at=None,
-        now=ctx.clock(),
-        source="confirm",
-    )
-    await db.commit()
-    await billing_.after_commit(ctx.billing, outcome, ctx.wakeup())
     instance = await _reload(db, instance.id)
     await db.commit()
     return instance
@@ -497,7 +454,7 @@ async def retry(db: AsyncSession, ctx: InstancesContext, instance: CloudInstance
         deadline_at=None,
     )
     await db.commit()
-    billing_.wake(ctx.wakeup())
+    wake(ctx.wakeup())
     instance = await _reload(db, instance.id)
     await db.commit()
     return instance
@@ -510,125 +467,8 @@ async def cancel(db: AsyncSession, ctx: InstancesContext, instance: CloudInstanc
         return instance
     if S(instance.status) not in CANCELABLE:  # pragma: no cover - every live state is
         raise InvalidInstanceState()
-    canceled: set[str] = set()
-    subscription_id = await _live_subscription(db, instance.id)
-    unpaid_checkout = (
-        instance.checkout_session_id
-        if S(instance.status) in (S.DRAFT, S.AWAITING_PAYMENT)
-        else None
-    )
-    await db.commit()  # nothing held across the Stripe call
-    if unpaid_checkout is not None:
-        # The customer must not be able to pay an abandoned checkout (issue 12, item 8). Stripe
-        # unreachable: raises, nothing changes; no longer open: the webhook path handles it.
-        await billing_.expire_checkout(ctx.billing, unpaid_checkout)
-    if subscription_id is not None:
-        await billing_.cancel_subscription(ctx.billing, subscription_id)  # raises: no change
-        canceled.add(subscription_id)
-    now = ctx.clock()
-    locked = await billing_.lock_instance(db, instance.id)
-    if locked is not None and S(locked.status) not in _ENDED:
-        await billing_.cancel_now(
-            db, ctx.settings, instance.id, now=now, message="canceled by the owner"
-        )
-        sub = await db.scalar(
-            select(InstanceSubscription)
-            .where(InstanceSubscription.instance_id == instance.id)
-            .execution_options(populate_existing=True)
-        )
-        if sub is not None and sub.stripe_subscription_id in canceled:
-            sub.status = billing_.SUB_CANCELED
-            sub.grace_until = None
-            sub.updated_at = now
-    late = await _live_subscription(db, instance.id)
-    await db.commit()
-    if late is not None and late not in canceled:
-        # Paid between our read and the cancel: the fulfil step saw it live, so cancel it too.
-        outcome = billing_.Outcome("late subscription", cancel_subscriptions=[late])
-        await billing_.after_commit(ctx.billing, outcome, None)
-    billing_.wake(ctx.wakeup())
+    await ctx.billing.cancel(db, instance, clock=ctx.clock)
+    wake(ctx.wakeup())
     instance = await _reload(db, instance.id)
     await db.commit()
     return instance
-
-
-async def _live_subscription(db: AsyncSession, instance_id: str) -> str | None:
-    return await db.scalar(
-        select(InstanceSubscription.stripe_subscription_id).where(
-            InstanceSubscription.instance_id == instance_id,
-            InstanceSubscription.stripe_subscription_id.is_not(None),
-            InstanceSubscription.status != billing_.SUB_CANCELED,
-        )
-    )
-
-
-# -- cancel at period end ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BillingState:
-    enabled: bool
-    status: str | None
-    cancel_at_period_end: bool
-    current_period_end: datetime | None
-
-
-async def _subscription(db: AsyncSession, instance_id: str) -> InstanceSubscription | None:
-    return await db.scalar(
-        select(InstanceSubscription)
-        .where(InstanceSubscription.instance_id == instance_id)
-        .execution_options(populate_existing=True)
-    )
-
-
-async def billing_of(
-    db: AsyncSession, ctx: InstancesContext, instance: CloudInstance
-) -> BillingState:
-    sub = await _subscription(db, instance.id)
-    return BillingState(
-        enabled=ctx.billing.enabled,
-        status=sub.status if sub is not None else None,
-        cancel_at_period_end=bool(sub.cancel_at_period_end) if sub is not None else False,
-        current_period_end=sub.current_period_end if sub is not None else None,
-    )
-
-
-async def set_cancel_at_period_end(
-    db: AsyncSession, ctx: InstancesContext, instance: CloudInstance, at_period_end: bool
-) -> BillingState:
-    """Schedule (or undo) the end of the instance's subscription at the end of the paid period.
-    Stripe first (nothing held across the call); then its answer is stored with the instance
-    locked, and an event row says what changed. ``customer.subscription.updated`` stores the
-    same, so a change made at Stripe directly (dashboard, portal) shows too."""
-    if not ctx.billing.enabled:
-        raise BillingDisabled()
-    sub = await _subscription(db, instance.id)
-    if (
-        S(instance.status) in _ENDED
-        or sub is None
-        or sub.stripe_subscription_id is None
-        or sub.status == billing_.SUB_CANCELED
-    ):
-        raise InvalidInstanceState("this instance has no live subscription to change")
-    subscription_id = sub.stripe_subscription_id
-    await db.commit()
-    state = await billing_.set_cancel_at_period_end(ctx.billing, subscription_id, at_period_end)
-    now = ctx.clock()
-    await billing_.lock_instance(db, instance.id)
-    sub = await _subscription(db, instance.id)
-    if sub is not None and sub.stripe_subscription_id == subscription_id:
-        changed = billing_.store_period_end(
-            sub,
-            at_period_end=state.cancel_at_period_end,
-            period_end=state.current_period_end,
-            seen_at=now,
-            now=now,
-        )
-        await db.flush()
-        if changed:
-            message = billing_.period_end_message(
-                state.cancel_at_period_end, sub.current_period_end
-            )
-            await record_event(db, instance.id, "billing", f"{message} (by the owner)", now=now)
-    await db.commit()
-    return await billing_of(db, ctx, instance)

@@ -11,8 +11,9 @@ import httpx
 import pytest
 
 from control_plane.app import create_app
-from control_plane.billing.service import fulfil, wake
+from control_plane.billing.service import fulfil
 from control_plane.db import transaction, utcnow
+from control_plane.instances.lifecycle import wake
 from control_plane.instances.models import InstanceStatus
 from control_plane.provisioning.local import _pid_running
 from control_plane.settings import Settings

@@ -1,4 +1,7 @@
-"""Wiring for the app factory: what the instances and billing routes need on ``app.state``."""
+"""Wiring for the app factory: what the instances and billing routes need on ``app.state``.
+
+Here in billing, not in instances: billing sits above instances, and the instances' context gets
+billing injected as its ``Payments`` port (control_plane/instances/payments.py)."""
 
 from __future__ import annotations
 
@@ -14,15 +17,15 @@ from control_plane.instances.service import InstancesContext
 from control_plane.settings import Settings
 
 
-def start_instances(
+def start_billing(
     app: FastAPI,
     settings: Settings,
     factory: async_sessionmaker[AsyncSession],
     clock: Callable[[], datetime],
 ) -> Billing:
-    """Build the catalog and Stripe gateway and put them on ``app.state`` (``catalog``,
-    ``stripe_gateway``, ``billing``, ``instances``, ``invite_links``). The caller closes the
-    returned object.
+    """Build the catalog and Stripe gateway, and the instances' context that uses them, and put
+    them on ``app.state`` (``catalog``, ``stripe_gateway``, ``billing``, ``instances``,
+    ``invite_links``). The caller closes the returned object.
 
     ``app.state.worker_wakeup`` (an ``asyncio.Event``-like object), when an in-process worker
     registers one, is poked whenever there is new work for it.
