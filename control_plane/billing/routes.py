@@ -16,11 +16,8 @@ from fastapi import APIRouter, Request
 from control_plane.billing import service
 from control_plane.billing.schemas import BillingOut, BillingPatchIn, CatalogOut, RegionOut, TierOut
 from control_plane.billing.service import Billing, BillingState
-from control_plane.billing.stripe_gateway import (
-    CheckoutCompleted,
-    WebhookPayloadError,
-    WebhookSignatureError,
-)
+from control_plane.billing.stripe_errors import WebhookPayloadError, WebhookSignatureError
+from control_plane.billing.stripe_events import CheckoutCompleted
 from control_plane.deps import Now, SessionDep
 from control_plane.errors import BillingDisabled, InvalidWebhookPayload, InvalidWebhookSignature
 from control_plane.instances.access import OwnedInstance

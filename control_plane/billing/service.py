@@ -34,21 +34,21 @@ from control_plane.billing import limits
 from control_plane.billing.catalog import Catalog, default_catalog, load_catalog
 from control_plane.billing.limits import CheckoutCache
 from control_plane.billing.models import InstanceSubscription, StripeEvent
-from control_plane.billing.stripe_gateway import (
-    BillingError,
+from control_plane.billing.stripe_errors import BillingError, BillingNotFound, BillingRejected
+from control_plane.billing.stripe_events import (
     BillingEvent,
-    BillingNotFound,
-    BillingRejected,
     CheckoutCompleted,
-    CheckoutSession,
-    CheckoutSessionState,
     Ignored,
     InvoicePaid,
     InvoicePaymentFailed,
-    StripeGateway,
     SubscriptionDeleted,
-    SubscriptionState,
     SubscriptionUpdated,
+)
+from control_plane.billing.stripe_gateway import (
+    CheckoutSession,
+    CheckoutSessionState,
+    StripeGateway,
+    SubscriptionState,
 )
 from control_plane.errors import (
     BillingDisabled,

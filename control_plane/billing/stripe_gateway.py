@@ -1,9 +1,11 @@
-"""The one boundary to Stripe.
+"""The one boundary to Stripe: the client.
 
 Everything the control plane asks of Stripe, and everything Stripe tells it through webhooks,
-passes through ``StripeGateway``. Above this module there are no ``stripe`` types: calls return
-small frozen dataclasses, webhook deliveries become a typed ``BillingEvent`` union, and every
-``stripe`` exception is translated into ``BillingError`` (``raise ... from exc``).
+passes through ``StripeGateway``. Above it there are no ``stripe`` types: calls return small
+frozen dataclasses, webhook deliveries (verified here) become a typed ``BillingEvent`` union
+(translated in ``stripe_events.py``), and every ``stripe`` exception is translated into
+``BillingError`` (``stripe_errors.py``; ``raise ... from exc``). Replies are validated against
+``stripe_shapes.py``.
 
 Calls use the SDK's native async methods (``*_async``) over its httpx client, so nothing blocks
 the event loop and no thread pool is involved. Every reply is validated before it is trusted.
@@ -13,112 +15,53 @@ shown by ``repr``.
 
 from __future__ import annotations
 
-import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from datetime import datetime
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
 import httpx
 import stripe
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from stripe.params import CustomerCreateParams
 from stripe.params.checkout import SessionCreateParams
 
+from control_plane.billing.stripe_errors import (
+    BillingError,
+    BillingNotFound,
+    BillingRejected,
+    BillingReplyError,
+    BillingUnavailable,
+    WebhookSignatureError,
+)
+from control_plane.billing.stripe_events import BillingEvent, parse_event, translate_event
+from control_plane.billing.stripe_shapes import (
+    PAID_STATUSES,
+    STRIPE_API_VERSION,
+    CustomerShape,
+    SessionShape,
+    ShapeT,
+    SubscriptionShape,
+    describe,
+    ref_id,
+    timestamp,
+)
+
 __all__ = [
-    "STRIPE_API_VERSION",
-    "BillingError",
-    "BillingEvent",
-    "BillingNotFound",
-    "BillingRejected",
-    "BillingReplyError",
-    "BillingUnavailable",
-    "CheckoutCompleted",
     "CheckoutSession",
     "CheckoutSessionState",
-    "Ignored",
-    "InvoicePaid",
-    "InvoicePaymentFailed",
     "StripeGateway",
-    "SubscriptionDeleted",
     "SubscriptionState",
-    "SubscriptionUpdated",
-    "WebhookPayloadError",
-    "WebhookSignatureError",
 ]
 
 log = logging.getLogger(__name__)
 
-# The API version this module's reply and event parsing was written against. Requests pin it
-# explicitly, so an SDK upgrade cannot silently move the shapes under us (API 2026-10-28 moved an
-# invoice's subscription to ``invoice.parent.subscription_details``; see PITFALLS.md, "Stripe").
-STRIPE_API_VERSION = "2026-10-28.endive"
-
 # Stripe rejects longer idempotency keys.
 _MAX_IDEMPOTENCY_KEY = 255
-_PAID_STATUSES = frozenset({"paid", "no_payment_required"})
-
-
-# --------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------
-
-
-class BillingError(Exception):
-    """Root of every error raised by the billing boundary."""
-
-
-class BillingUnavailable(BillingError):
-    """Stripe could not be reached, timed out, rate-limited us or failed (5xx, 409 lock
-    conflicts). Safe to retry later with the same idempotency key."""
-
-    def __init__(self, message: str, *, status: int | None = None, request_id: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.request_id = request_id
-
-
-class BillingReplyError(BillingUnavailable):
-    """Stripe answered 2xx with a body we cannot use (missing or malformed fields)."""
-
-
-class BillingRejected(BillingError):
-    """Stripe refused the request (4xx): bad parameters, bad key, idempotency key reused with
-    different parameters. Retrying the same request will not help."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        code: str | None = None,
-        error_type: str | None = None,
-        param: str | None = None,
-        request_id: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.error_type = error_type
-        self.param = param
-        self.request_id = request_id
-
-
-class BillingNotFound(BillingRejected):
-    """The object does not exist (404 ``resource_missing``) — or, for a subscription being
-    canceled, no longer accepts the call because it is already canceled."""
-
-
-class WebhookSignatureError(BillingError):
-    """The webhook delivery is not authentic or is too old: answer 400 and process nothing."""
-
-
-class WebhookPayloadError(BillingError):
-    """The webhook is authentic but its payload lacks fields we need or has the wrong shape."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +96,7 @@ class CheckoutSessionState:
     @property
     def paid(self) -> bool:
         """Complete and paid (or nothing to pay): the fulfil step may run."""
-        return self.status == "complete" and self.payment_status in _PAID_STATUSES
+        return self.status == "complete" and self.payment_status in PAID_STATUSES
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -171,216 +114,6 @@ class SubscriptionState:
     @property
     def instance_id(self) -> str | None:
         return self.metadata.get("instance_id")
-
-
-# --------------------------------------------------------------------------------------------
-# Webhook events, translated
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CheckoutCompleted:
-    """``checkout.session.completed`` (or ``checkout.session.async_payment_succeeded``) for one
-    of our subscription checkouts. Fulfil only when ``paid``."""
-
-    event_id: str
-    created: datetime
-    session_id: str
-    instance_id: str
-    user_id: str | None
-    subscription_id: str | None
-    customer_id: str | None
-    paid: bool
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class InvoicePaid:
-    """``invoice.paid`` for a subscription invoice: the subscription is (again) in good standing."""
-
-    event_id: str
-    created: datetime
-    invoice_id: str
-    subscription_id: str
-    customer_id: str | None
-    instance_id: str | None
-    billing_reason: str | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class InvoicePaymentFailed:
-    """``invoice.payment_failed`` for a subscription invoice: start or extend the grace period."""
-
-    event_id: str
-    created: datetime
-    invoice_id: str
-    subscription_id: str
-    customer_id: str | None
-    instance_id: str | None
-    attempt_count: int
-    next_payment_attempt: datetime | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SubscriptionDeleted:
-    """``customer.subscription.deleted``: the subscription has ended; wind the instance down."""
-
-    event_id: str
-    created: datetime
-    subscription_id: str
-    customer_id: str | None
-    instance_id: str | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SubscriptionUpdated:
-    """``customer.subscription.updated``: we keep its cancel-at-period-end flag and period end
-    (the dashboard, the customer portal or our own API changed them)."""
-
-    event_id: str
-    created: datetime
-    subscription_id: str
-    customer_id: str | None
-    instance_id: str | None
-    status: str
-    cancel_at_period_end: bool
-    current_period_end: datetime | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Ignored:
-    """An authentic event we take no action on (another type, or not one of our objects).
-    Acknowledge it with 2xx so Stripe stops redelivering it."""
-
-    event_id: str
-    created: datetime
-    type: str
-    reason: str
-
-
-BillingEvent = (
-    CheckoutCompleted
-    | InvoicePaid
-    | InvoicePaymentFailed
-    | SubscriptionDeleted
-    | SubscriptionUpdated
-    | Ignored
-)
-
-
-# --------------------------------------------------------------------------------------------
-# Shapes we accept from Stripe (replies and event payloads). Unknown fields are ignored: Stripe
-# adds fields without a version change.
-# --------------------------------------------------------------------------------------------
-
-
-class _Shape(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class _Ref(_Shape):
-    """An expanded object in an expandable field: only its id matters to us."""
-
-    id: str
-
-
-_Expandable = str | _Ref | None
-
-
-def _ref_id(value: _Expandable) -> str | None:
-    return value.id if isinstance(value, _Ref) else value
-
-
-class _SessionShape(_Shape):
-    id: str = Field(pattern=r"^cs_")
-    object: Literal["checkout.session"]
-    mode: str
-    status: str | None = None
-    payment_status: str
-    url: str | None = None
-    subscription: _Expandable = None
-    customer: _Expandable = None
-    client_reference_id: str | None = None
-    metadata: dict[str, str] | None = None
-
-
-class _CustomerShape(_Shape):
-    id: str = Field(pattern=r"^cus_")
-    object: Literal["customer"]
-
-
-class _SubscriptionItemShape(_Shape):
-    current_period_end: int | None = None
-
-
-class _SubscriptionItems(_Shape):
-    data: list[_SubscriptionItemShape] = Field(default_factory=list)
-
-
-class _SubscriptionShape(_Shape):
-    id: str = Field(pattern=r"^sub_")
-    object: Literal["subscription"]
-    status: str
-    customer: _Expandable = None
-    cancel_at_period_end: bool = False
-    canceled_at: int | None = None
-    metadata: dict[str, str] | None = None
-    # Since API 2025-03-31 the billing period lives on the subscription items.
-    items: _SubscriptionItems | None = None
-
-
-class _SubscriptionDetails(_Shape):
-    subscription: str | _Ref
-    metadata: dict[str, str] | None = None
-
-
-class _InvoiceParent(_Shape):
-    type: str
-    subscription_details: _SubscriptionDetails | None = None
-
-
-class _LegacySubscriptionDetails(_Shape):
-    metadata: dict[str, str] | None = None
-
-
-class _InvoiceShape(_Shape):
-    id: str = Field(pattern=r"^in_")
-    object: Literal["invoice"]
-    customer: _Expandable = None
-    billing_reason: str | None = None
-    attempt_count: int = Field(default=0, ge=0)
-    next_payment_attempt: int | None = None
-    parent: _InvoiceParent | None = None
-    # Endpoints pinned to an API version older than 2025-03-31 still send these.
-    subscription: _Expandable = None
-    subscription_details: _LegacySubscriptionDetails | None = None
-
-
-class _EventData(_Shape):
-    object: dict[str, Any]
-
-
-class _EventShape(_Shape):
-    id: str = Field(pattern=r"^evt_")
-    object: Literal["event"]
-    type: str = Field(min_length=1)
-    created: int
-    livemode: bool
-    api_version: str | None = None
-    data: _EventData
-
-
-_S = TypeVar("_S", bound=_Shape)
-
-
-def _describe(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
-        for err in exc.errors(include_url=False)
-    )
-
-
-def _timestamp(value: int | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, tz=UTC)
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,7 +242,7 @@ class StripeGateway:
                 params, {"idempotency_key": _idempotency_key(idempotency_key)}
             ),
         )
-        return self._reply("create customer", _CustomerShape, obj).id
+        return self._reply("create customer", CustomerShape, obj).id
 
     async def create_checkout_session(
         self,
@@ -557,7 +290,7 @@ class StripeGateway:
                 params, {"idempotency_key": _idempotency_key(idempotency_key)}
             ),
         )
-        session = self._reply("create checkout session", _SessionShape, obj)
+        session = self._reply("create checkout session", SessionShape, obj)
         if session.mode != "subscription" or not session.url:
             raise BillingReplyError(
                 f"create checkout session: reply for {session.id} has mode={session.mode!r} "
@@ -580,7 +313,7 @@ class StripeGateway:
             "retrieve checkout session",
             lambda: self._client.v1.checkout.sessions.retrieve_async(_object_id(session_id)),
         )
-        session = self._reply("retrieve checkout session", _SessionShape, obj)
+        session = self._reply("retrieve checkout session", SessionShape, obj)
         if session.id != session_id:
             raise BillingReplyError(
                 f"retrieve checkout session: asked for {session_id}, got {session.id}"
@@ -589,8 +322,8 @@ class StripeGateway:
             id=session.id,
             status=session.status,
             payment_status=session.payment_status,
-            subscription_id=_ref_id(session.subscription),
-            customer_id=_ref_id(session.customer),
+            subscription_id=ref_id(session.subscription),
+            customer_id=ref_id(session.customer),
             client_reference_id=session.client_reference_id,
             metadata=dict(session.metadata or {}),
         )
@@ -608,7 +341,7 @@ class StripeGateway:
                 {"idempotency_key": _idempotency_key(idempotency_key)},
             ),
         )
-        session = self._reply("expire checkout session", _SessionShape, obj)
+        session = self._reply("expire checkout session", SessionShape, obj)
         if session.id != session_id:
             raise BillingReplyError(
                 f"expire checkout session: asked for {session_id}, got {session.id}"
@@ -698,15 +431,8 @@ class StripeGateway:
             )
         except stripe.SignatureVerificationError as exc:
             raise WebhookSignatureError(f"invalid Stripe-Signature: {exc.user_message}") from exc
-        try:
-            document = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise WebhookPayloadError(f"webhook body is not JSON: {exc}") from exc
-        try:
-            event = _EventShape.model_validate(document)
-        except ValidationError as exc:
-            raise WebhookPayloadError(f"not a Stripe event: {_describe(exc)}") from exc
-        translated = _translate_event(event)
+        event = parse_event(text)
+        translated = translate_event(event)
         log.info(
             "stripe webhook verified",
             extra={"stripe_event_id": event.id, "stripe_event_type": event.type},
@@ -762,16 +488,16 @@ class StripeGateway:
             text = text.replace(secret, "[redacted]")
         return text
 
-    def _reply(self, operation: str, shape: type[_S], obj: Any) -> _S:
+    def _reply(self, operation: str, shape: type[ShapeT], obj: Any) -> ShapeT:
         try:
             data = obj.to_dict()
             return shape.model_validate(data)
         except (AttributeError, ValidationError) as exc:
-            detail = _describe(exc) if isinstance(exc, ValidationError) else "not an object"
+            detail = describe(exc) if isinstance(exc, ValidationError) else "not an object"
             raise BillingReplyError(f"{operation}: unexpected reply: {detail}") from exc
 
     def _subscription_state(self, operation: str, expected_id: str, obj: Any) -> SubscriptionState:
-        sub = self._reply(operation, _SubscriptionShape, obj)
+        sub = self._reply(operation, SubscriptionShape, obj)
         if sub.id != expected_id:
             raise BillingReplyError(f"{operation}: asked for {expected_id}, got {sub.id}")
         period_ends = [i.current_period_end for i in (sub.items.data if sub.items else [])]
@@ -779,10 +505,10 @@ class StripeGateway:
         return SubscriptionState(
             id=sub.id,
             status=sub.status,
-            customer_id=_ref_id(sub.customer),
+            customer_id=ref_id(sub.customer),
             cancel_at_period_end=sub.cancel_at_period_end,
-            canceled_at=_timestamp(sub.canceled_at),
-            current_period_end=_timestamp(max(known)) if known else None,
+            canceled_at=timestamp(sub.canceled_at),
+            current_period_end=timestamp(max(known)) if known else None,
             metadata=dict(sub.metadata or {}),
         )
 
@@ -797,165 +523,3 @@ def _object_id(value: str) -> str:
     if not value or not value.isascii() or not value.replace("_", "").isalnum():
         raise ValueError("a Stripe object id is letters, digits and underscores")
     return value
-
-
-# --------------------------------------------------------------------------------------------
-# Event translation
-# --------------------------------------------------------------------------------------------
-
-
-def _translate_event(event: _EventShape) -> BillingEvent:
-    created = datetime.fromtimestamp(event.created, tz=UTC)
-    handler = _HANDLERS.get(event.type)
-    if handler is None:
-        return Ignored(event_id=event.id, created=created, type=event.type, reason="unhandled type")
-    return handler(event, created)
-
-
-def _payload(event: _EventShape, shape: type[_S]) -> _S:
-    try:
-        return shape.model_validate(event.data.object)
-    except ValidationError as exc:
-        raise WebhookPayloadError(
-            f"event {event.id} ({event.type}): data.object: {_describe(exc)}"
-        ) from exc
-
-
-def _checkout_completed(event: _EventShape, created: datetime) -> BillingEvent:
-    session = _payload(event, _SessionShape)
-    if session.mode != "subscription":
-        return Ignored(
-            event_id=event.id, created=created, type=event.type, reason="not a subscription"
-        )
-    metadata = session.metadata or {}
-    from_metadata = metadata.get("instance_id")
-    reference = session.client_reference_id
-    if from_metadata and reference and from_metadata != reference:
-        raise WebhookPayloadError(
-            f"event {event.id} ({event.type}): metadata.instance_id and client_reference_id "
-            "disagree"
-        )
-    instance_id = from_metadata or reference
-    if not instance_id:
-        # Another integration's checkout on the same account: not ours to fulfil.
-        return Ignored(event_id=event.id, created=created, type=event.type, reason="no instance_id")
-    paid = session.status == "complete" and session.payment_status in _PAID_STATUSES
-    subscription_id = _ref_id(session.subscription)
-    if paid and not subscription_id:
-        raise WebhookPayloadError(
-            f"event {event.id} ({event.type}): a paid subscription checkout has no subscription"
-        )
-    return CheckoutCompleted(
-        event_id=event.id,
-        created=created,
-        session_id=session.id,
-        instance_id=instance_id,
-        user_id=metadata.get("user_id"),
-        subscription_id=subscription_id,
-        customer_id=_ref_id(session.customer),
-        paid=paid,
-    )
-
-
-def _invoice_subscription(
-    event: _EventShape, invoice: _InvoiceShape
-) -> tuple[str, dict[str, str]] | None:
-    """(subscription id, subscription metadata) of an invoice, or None for a standalone one.
-
-    API 2026-10-28 puts them at ``invoice.parent.subscription_details``; webhook payloads follow
-    the endpoint's API version rather than the SDK's, so an endpoint still on a version before
-    2025-03-31 sends the old top-level ``invoice.subscription`` (PITFALLS.md, "Stripe")."""
-    where = f"event {event.id} ({event.type})"
-    if invoice.parent is not None:
-        if invoice.parent.type != "subscription_details":
-            return None
-        details = invoice.parent.subscription_details
-        if details is None:
-            raise WebhookPayloadError(
-                f"{where}: invoice.parent.type is subscription_details but "
-                "parent.subscription_details is missing"
-            )
-        sub_id = _ref_id(details.subscription)
-        assert sub_id is not None  # a str | _Ref field
-        return sub_id, dict(details.metadata or {})
-    fields = invoice.model_fields_set
-    if "parent" in fields:
-        return None  # parent: null — an invoice not created by a subscription
-    if "subscription" in fields:
-        legacy = _ref_id(invoice.subscription)
-        if legacy is None:
-            return None
-        legacy_meta = invoice.subscription_details.metadata if invoice.subscription_details else {}
-        return legacy, dict(legacy_meta or {})
-    raise WebhookPayloadError(
-        f"{where}: invoice has neither parent.subscription_details.subscription (API "
-        f"{STRIPE_API_VERSION}) nor subscription (API versions before 2025-03-31)"
-    )
-
-
-def _invoice_event(event: _EventShape, created: datetime) -> BillingEvent:
-    invoice = _payload(event, _InvoiceShape)
-    found = _invoice_subscription(event, invoice)
-    if found is None:
-        return Ignored(
-            event_id=event.id, created=created, type=event.type, reason="not a subscription invoice"
-        )
-    subscription_id, metadata = found
-    if event.type == "invoice.paid":
-        return InvoicePaid(
-            event_id=event.id,
-            created=created,
-            invoice_id=invoice.id,
-            subscription_id=subscription_id,
-            customer_id=_ref_id(invoice.customer),
-            instance_id=metadata.get("instance_id"),
-            billing_reason=invoice.billing_reason,
-        )
-    return InvoicePaymentFailed(
-        event_id=event.id,
-        created=created,
-        invoice_id=invoice.id,
-        subscription_id=subscription_id,
-        customer_id=_ref_id(invoice.customer),
-        instance_id=metadata.get("instance_id"),
-        attempt_count=invoice.attempt_count,
-        next_payment_attempt=_timestamp(invoice.next_payment_attempt),
-    )
-
-
-def _subscription_deleted(event: _EventShape, created: datetime) -> BillingEvent:
-    sub = _payload(event, _SubscriptionShape)
-    return SubscriptionDeleted(
-        event_id=event.id,
-        created=created,
-        subscription_id=sub.id,
-        customer_id=_ref_id(sub.customer),
-        instance_id=(sub.metadata or {}).get("instance_id"),
-    )
-
-
-def _subscription_updated(event: _EventShape, created: datetime) -> BillingEvent:
-    sub = _payload(event, _SubscriptionShape)
-    ends = [i.current_period_end for i in (sub.items.data if sub.items else [])]
-    known = [end for end in ends if end is not None]
-    return SubscriptionUpdated(
-        event_id=event.id,
-        created=created,
-        subscription_id=sub.id,
-        customer_id=_ref_id(sub.customer),
-        instance_id=(sub.metadata or {}).get("instance_id"),
-        status=sub.status,
-        cancel_at_period_end=sub.cancel_at_period_end,
-        current_period_end=_timestamp(max(known)) if known else None,
-    )
-
-
-_HANDLERS: Mapping[str, Callable[[_EventShape, datetime], BillingEvent]] = {
-    "checkout.session.completed": _checkout_completed,
-    # Delayed payment methods complete the session unpaid and confirm payment later.
-    "checkout.session.async_payment_succeeded": _checkout_completed,
-    "invoice.paid": _invoice_event,
-    "invoice.payment_failed": _invoice_event,
-    "customer.subscription.deleted": _subscription_deleted,
-    "customer.subscription.updated": _subscription_updated,
-}

@@ -7,15 +7,15 @@ from typing import Any
 
 import pytest
 
-from control_plane.billing.stripe_gateway import (
-    STRIPE_API_VERSION,
+from control_plane.billing.stripe_errors import (
     BillingError,
     BillingNotFound,
     BillingRejected,
     BillingReplyError,
     BillingUnavailable,
-    StripeGateway,
 )
+from control_plane.billing.stripe_gateway import StripeGateway
+from control_plane.billing.stripe_shapes import STRIPE_API_VERSION
 from tests.fakes.stripe_api import DEFAULT_SECRET_KEY, DEFAULT_WEBHOOK_SECRET, FakeStripe
 
 from .conftest import STARTER_PRICE

@@ -9,16 +9,15 @@ from typing import Any
 
 import pytest
 
-from control_plane.billing.stripe_gateway import (
+from control_plane.billing.stripe_errors import WebhookPayloadError, WebhookSignatureError
+from control_plane.billing.stripe_events import (
     CheckoutCompleted,
     Ignored,
     InvoicePaid,
     InvoicePaymentFailed,
-    StripeGateway,
     SubscriptionDeleted,
-    WebhookPayloadError,
-    WebhookSignatureError,
 )
+from control_plane.billing.stripe_gateway import StripeGateway
 from tests.fakes.stripe_api import DEFAULT_WEBHOOK_SECRET, FakeStripe, encode_event, sign_webhook
 
 from .conftest import STARTER_PRICE
