@@ -13,7 +13,6 @@ between a password and a brute-force attack, so we refuse rather than let attemp
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import time
 
@@ -25,6 +24,7 @@ from starlette.requests import Request
 
 from control_plane.errors import Throttled, ThrottleUnavailable
 from control_plane.settings import Settings
+from room_cloud_runtime import client_address_key
 
 logger = logging.getLogger("control_plane.throttle")
 
@@ -123,8 +123,9 @@ class Throttle:
 
 def client_address(request: Request, settings: Settings) -> str:
     """The client's address for throttling: ``Fly-Client-IP`` only when configured (Fly's proxy
-    overwrites it), never ``X-Forwarded-For`` (client-controlled). IPv6 is grouped by /64, since
-    one subscriber typically holds a whole /64 (express-rate-limit#502)."""
+    overwrites it), never ``X-Forwarded-For`` (client-controlled). Grouped as the runtime groups
+    it (:func:`room_cloud_runtime.client_address_key`: IPv6 by /64); anything that is not an IP
+    address is ``"unknown"``."""
     raw: str | None = None
     if settings.trust_fly_client_ip:
         raw = request.headers.get("fly-client-ip")
@@ -132,12 +133,4 @@ def client_address(request: Request, settings: Settings) -> str:
         raw = request.client.host
     if not raw:
         return "unknown"
-    try:
-        address = ipaddress.ip_address(raw.strip())
-    except ValueError:
-        return "unknown"
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
+    return client_address_key(raw) or "unknown"

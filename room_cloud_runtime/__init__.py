@@ -7,7 +7,7 @@ docs/runtime.md.
 
 from ._acl import DEFAULT_POLICY, ACLGuard, BadPathError, Policy, Rule, normalize_path
 from ._auth import WS_CLOSE_TOKEN_EXPIRED, WS_PROTOCOL, WS_TOKEN_PREFIX, Authenticate
-from ._client import ClientAddress
+from ._client import ClientAddress, client_address_key
 from ._cors import CORSGuard
 from ._endpoints import CloudEndpoints
 from ._errors import (
@@ -70,6 +70,7 @@ __all__ = [
     "UnknownKeyError",
     "VerificationKey",
     "build_limiter",
+    "client_address_key",
     "configure_logging",
     "load_settings",
     "normalize_path",

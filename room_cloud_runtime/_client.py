@@ -99,7 +99,7 @@ class ClientAddress:
     The only state that changes after construction is a bounded parse cache.
     """
 
-    __slots__ = ("_cache", "_ipv6_shift", "_prefix", "_strip", "_trust_fly", "app")
+    __slots__ = ("_cache", "_prefix", "_strip", "_trust_fly", "app")
 
     def __init__(
         self,
@@ -131,7 +131,6 @@ class ClientAddress:
         self.app = app
         self._trust_fly = trust_fly_client_ip
         self._prefix = ipv6_prefix
-        self._ipv6_shift = 128 - ipv6_prefix
         self._strip = frozenset(strip)
         # bytes keys are Fly-Client-IP values, str keys socket hosts; they never collide.
         self._cache: dict[bytes | str, str | None] = {}
@@ -208,17 +207,34 @@ class ClientAddress:
 
     def _parse(self, text: str) -> str | None:
         """The limiter key for an address, or None when ``text`` is not an IP address."""
-        try:
-            address = ipaddress.ip_address(text.strip())
-        except ValueError:
-            return None
-        if isinstance(address, ipaddress.IPv4Address):
-            return str(address)
-        mapped = address.ipv4_mapped
-        if mapped is not None:
-            return str(mapped)
-        # Drop any zone ("%eth0") and the host bits.
-        network = ipaddress.IPv6Network(
-            ((int(address) >> self._ipv6_shift) << self._ipv6_shift, self._prefix)
-        )
-        return str(network)
+        return client_address_key(text, ipv6_prefix=self._prefix)
+
+
+def client_address_key(address: str, *, ipv6_prefix: int = 64) -> str | None:
+    """The key one client's budget is counted under, or ``None`` when ``address`` is not an IP
+    address.
+
+    An IPv4 address as is; an IPv4-mapped IPv6 address as its IPv4 address (one host must not get
+    two budgets); any other IPv6 address as its network of ``ipv6_prefix`` bits, zone dropped
+    (``2001:db8:1:2::/64``), since one subscriber usually holds a whole /64
+    (express-rate-limit#502). Surrounding whitespace is ignored.
+
+    :class:`ClientAddress` keys the runtime's limits with it; the control plane's throttles use it
+    so both group addresses the same way.
+
+    :raises ValueError: ``ipv6_prefix`` is not from 1 to 128.
+    """
+    if not 1 <= ipv6_prefix <= 128:
+        raise ValueError(f"ipv6_prefix must be from 1 to 128, got {ipv6_prefix!r}")
+    try:
+        parsed = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return None
+    if isinstance(parsed, ipaddress.IPv4Address):
+        return str(parsed)
+    mapped = parsed.ipv4_mapped
+    if mapped is not None:
+        return str(mapped)
+    # Drop any zone ("%eth0") and the host bits.
+    shift = 128 - ipv6_prefix
+    return str(ipaddress.IPv6Network(((int(parsed) >> shift) << shift, ipv6_prefix)))

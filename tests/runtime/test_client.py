@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from room_cloud_runtime import client_address_key
 from room_cloud_runtime._client import ClientAddress
 from room_cloud_runtime._errors import ConfigError
 from room_cloud_runtime._scope import CLIENT_ADDRESS
@@ -95,6 +96,15 @@ async def test_ipv6_is_grouped_by_64_and_mapped_ipv4_unwrapped(raw: str, key: st
     )
     via_socket = await ask(ClientAddress(room()), client=(raw, 1))
     assert via_fly["address"] == via_socket["address"] == key
+    assert client_address_key(raw) == key  # the public helper the control plane's throttles use
+
+
+@pytest.mark.parametrize("raw", ["testclient", "", "192.0.2.9.1", "2001:db8::/64"])
+def test_the_public_helper_gives_none_for_what_is_not_an_ip_address(raw: str) -> None:
+    assert client_address_key(raw) is None
+    assert client_address_key("2001:db8:1:2::1", ipv6_prefix=48) == "2001:db8:1::/48"
+    with pytest.raises(ValueError, match="ipv6_prefix"):
+        client_address_key("192.0.2.9", ipv6_prefix=0)
 
 
 async def test_the_ipv6_prefix_is_configurable() -> None:

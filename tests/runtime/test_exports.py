@@ -9,8 +9,8 @@ EXPECTED = {
     "KeysUnavailableError", "Limiter", "LocalGuard", "MemoryLimiter", "Policy", "Principal",
     "PrincipalRateLimit", "RedisLimiter", "RequestLimits", "Rule", "RuntimeSettings",
     "RuntimeStack", "SecurityHeaders", "StorageUnavailableError", "TokenError", "TokenVerifier",
-    "UnknownKeyError", "VerificationKey", "build_limiter", "configure_logging", "load_settings",
-    "normalize_path", "principal_of", "wrap",
+    "UnknownKeyError", "VerificationKey", "build_limiter", "client_address_key",
+    "configure_logging", "load_settings", "normalize_path", "principal_of", "wrap",
 }  # fmt: skip
 
 
