@@ -1,8 +1,9 @@
-"""The Fly runtime image's machine configuration and the rolling image update.
+"""The Fly runtime image's machine configuration.
 
 ``Dockerfile.runtime`` (repository root) builds the image; :func:`build_machine_config` is what the
-Fly provider sends for each instance; :func:`run_update_image` backs
-``quoroom-cloud ops update-image IMAGE``.
+Fly provider sends for each instance. The rolling image update, which drives the Machines API,
+lives in the control plane (``control_plane.provisioning.rollout``): this package imports only the
+runtime's public API.
 """
 
 from .config import (
@@ -23,15 +24,6 @@ from .config import (
     runtime_command,
     runtime_env,
 )
-from .rollout import (
-    InstanceResult,
-    Outcome,
-    RolloutReport,
-    RolloutTarget,
-    format_report,
-    rolling_update,
-    run_update_image,
-)
 
 __all__ = [
     "DATA_DIR",
@@ -43,18 +35,11 @@ __all__ = [
     "ROOM_PORT",
     "RUNTIME_KINDS",
     "Concurrency",
-    "InstanceResult",
     "MachineConfigError",
-    "Outcome",
-    "RolloutReport",
-    "RolloutTarget",
     "Tier",
     "TierLike",
     "build_machine_config",
     "check_image_reference",
-    "format_report",
-    "rolling_update",
-    "run_update_image",
     "runtime_command",
     "runtime_env",
 ]

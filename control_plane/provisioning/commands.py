@@ -123,8 +123,13 @@ async def update_image(
     from control_plane.db import create_engine, create_session_factory, transaction
     from control_plane.instances.lifecycle import IllegalTransition, record_event, update_fields
     from control_plane.instances.models import CloudInstance, InstanceStatus
+    from control_plane.provisioning.rollout import (
+        Outcome,
+        RolloutTarget,
+        format_report,
+        run_update_image,
+    )
     from fly_image.config import MachineConfigError, check_image_reference
-    from fly_image.rollout import Outcome, RolloutTarget, format_report, run_update_image
 
     if settings.provider != "fly":
         print("ops update-image needs QUOROOM_CP_PROVIDER=fly", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""Fixtures for the provisioning drills: a migrated database, the fake Machines API, a Fly
-provider pointed at it, and helpers that create instances and read their event trail."""
+"""Fixtures for the provisioning drills: a migrated database, the fake Machines API, a Machines
+API client and a Fly provider pointed at it, and helpers that create instances and read their
+event trail."""
 
 from __future__ import annotations
 
@@ -56,6 +57,21 @@ def prov_settings(make_settings: Callable[..., Settings]) -> Settings:
         provision_deadline_seconds=3600,
         retention_days=7,
     )
+
+
+@pytest.fixture
+async def fly_client(
+    fly_machines_fake: FlyMachinesFake,  # noqa: F811
+) -> AsyncIterator[FlyMachinesClient]:
+    """A client pointed at the fake, with fast retries."""
+    async with FlyMachinesClient(
+        DEFAULT_TOKEN,
+        org_slug=DEFAULT_ORG,
+        base_url=fly_machines_fake.url,
+        retry_backoff=0.01,
+        timeout=10.0,
+    ) as client:
+        yield client
 
 
 @pytest.fixture

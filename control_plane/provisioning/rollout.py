@@ -27,8 +27,7 @@ from control_plane.provisioning.fly_api import (
     FlyMachine,
     FlyMachinesClient,
 )
-
-from .config import check_image_reference
+from fly_image.config import check_image_reference
 
 __all__ = [
     "EventCallback",

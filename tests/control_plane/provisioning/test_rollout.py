@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from control_plane.provisioning.fly_api import FlyMachinesClient
-from fly_image.config import MachineConfigError, Tier, build_machine_config
-from fly_image.rollout import (
+from control_plane.provisioning.rollout import (
     Outcome,
     RolloutTarget,
     format_report,
     rolling_update,
     run_update_image,
 )
+from fly_image.config import MachineConfigError, Tier, build_machine_config
 from tests.fakes.fly_machines import DEFAULT_ORG, DEFAULT_TOKEN
 
 OLD = "registry.fly.io/quoroom-runtime@sha256:" + "1" * 64
