@@ -187,11 +187,16 @@ class RequestLimits:
             await self.app(scope, receive, send)
             return
         await self._body(
-            scope, receive, send, is_json=bool(content_type) and _is_json(content_type)
+            self.app, scope, receive, send, is_json=bool(content_type) and _is_json(content_type)
         )
 
-    async def _body(self, scope: Scope, receive: Receive, send: Send, *, is_json: bool) -> None:
-        """Hand the app a ``receive`` that checks the body lazily, when the app first asks for it.
+    async def _body(
+        self, app: ASGIApp, scope: Scope, receive: Receive, send: Send, *, is_json: bool
+    ) -> None:
+        """Call ``app`` with a ``receive`` that checks the body lazily, when it first asks for it.
+
+        (``app`` is this layer's own app, or in the fused pipeline, ``_fused``, the Room app once
+        every check has let the request through.)
 
         Nothing is read before the inner layers (CORS, the rate limits, auth, the ACL) have let
         the request through: a refused request never has its body read (nor, with ``Expect:
@@ -266,7 +271,7 @@ class RequestLimits:
             await send(message)
 
         try:
-            await self.app(scope, counted_receive, tracked_send)
+            await app(scope, counted_receive, tracked_send)
         except Exception:
             if not answered:
                 raise

@@ -26,6 +26,7 @@ from ._auth import WS_TOKEN_PREFIX, Authenticate
 from ._client import ClientAddress
 from ._cors import CORSGuard
 from ._endpoints import CloudEndpoints
+from ._fused import FusedStack
 from ._headers import SecurityHeaders
 from ._jwks import JWKSCache
 from ._limiter import Limiter, build_limiter
@@ -52,6 +53,10 @@ class RuntimeStack:
 
     Build with :func:`wrap`. ``jwks``, ``verifier`` and ``limiter`` are exposed (None in local
     mode) for status reporting and tests.
+
+    In cloud mode the request path is one :class:`~room_cloud_runtime._fused.FusedStack` pass
+    over the layers built here (issue 13); ``fused=False`` serves the same layers composed one
+    inside the other instead (``layered``; the parity tests compare the two).
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class RuntimeStack:
         health: Callable[[], tuple[int, bytes]] | None = None,
         query_token_route: Callable[[str, str], bool] | None = None,
         resources: Sequence[Resource] = (),
+        fused: bool = True,
     ) -> None:
         self.settings = settings
         self.resources = tuple(resources)
@@ -72,9 +78,13 @@ class RuntimeStack:
         self.jwks: JWKSCache | None = None
         self.verifier: TokenVerifier | None = None
         self.limiter: Limiter | None = None
+        #: The layers composed one inside the other (cloud mode: what the fused pass reproduces
+        #: and hands WebSocket upgrades to).
+        self.layered: ASGIApp
         self._started = False
         if settings.mode == "local":
             self.app: ASGIApp = LocalGuard(app)
+            self.layered = self.app
             return
         assert settings.issuer and settings.instance_id  # checked by RuntimeSettings
         self.jwks = jwks or JWKSCache(
@@ -99,37 +109,53 @@ class RuntimeStack:
         self.limiter = limiter or build_limiter(
             settings.rate_limit_storage, on_storage_error=settings.rate_limit_on_storage_error
         )
-        inner: ASGIApp = ACLGuard(app, policy=policy, instance_id=settings.instance_id)
-        inner = PrincipalRateLimit(
-            inner,
+        acl = ACLGuard(app, policy=policy, instance_id=settings.instance_id)
+        principal = PrincipalRateLimit(
+            acl,
             limiter=self.limiter,
             read_limit=settings.read_limit,
             write_limit=settings.write_limit,
         )
-        inner = CloudEndpoints(inner, capabilities=self.capabilities, health=health)
-        inner = Authenticate(inner, verifier=self.verifier, query_token_route=query_token_route)
-        inner = AddressRateLimit(inner, limiter=self.limiter, limit=settings.address_limit)
-        inner = ClientAddress(inner, trust_fly_client_ip=settings.behind_fly_proxy)
+        endpoints = CloudEndpoints(principal, capabilities=self.capabilities, health=health)
+        auth = Authenticate(endpoints, verifier=self.verifier, query_token_route=query_token_route)
+        address = AddressRateLimit(auth, limiter=self.limiter, limit=settings.address_limit)
+        client = ClientAddress(address, trust_fly_client_ip=settings.behind_fly_proxy)
         # Inside CORS (not outside, as DESIGN.md first had it): the limits' own refusals (413,
         # 400, 408, 431) must carry the CORS headers, or a page sees a network error instead of
         # the reason. Bodies are read lazily, so nothing is read before auth either way.
-        inner = RequestLimits(
-            inner,
+        limits = RequestLimits(
+            client,
             max_body_bytes=settings.max_body_bytes,
             max_header_bytes=settings.max_header_bytes,
             max_json_depth=settings.max_json_depth,
             max_ws_message_bytes=settings.max_ws_message_bytes,
             body_timeout_seconds=settings.body_timeout_seconds,
         )
-        inner = CORSGuard(
-            inner, allowed_origins=settings.allowed_origins, max_age=settings.cors_max_age_seconds
+        cors = CORSGuard(
+            limits, allowed_origins=settings.allowed_origins, max_age=settings.cors_max_age_seconds
         )
-        inner = SecurityHeaders(
-            inner, hsts_max_age=settings.hsts_max_age_seconds, coep=settings.coep
+        headers = SecurityHeaders(
+            cors, hsts_max_age=settings.hsts_max_age_seconds, coep=settings.coep
         )
-        if settings.access_log:
-            inner = AccessLog(inner)
-        self.app = inner
+        access_log = AccessLog(headers) if settings.access_log else None
+        self.layered = access_log if access_log is not None else headers
+        if not fused:
+            self.app = self.layered
+            return
+        self.app = FusedStack(
+            self.layered,
+            app,
+            access_log=access_log,
+            headers=headers,
+            cors=cors,
+            limits=limits,
+            client=client,
+            address=address,
+            auth=auth,
+            endpoints=endpoints,
+            principal=principal,
+            acl=acl,
+        )
 
     def capabilities(self) -> dict[str, Any]:
         """What ``/api/status`` tells any caller about cloud auth. No secrets, no key material."""
