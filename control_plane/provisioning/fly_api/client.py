@@ -1,24 +1,7 @@
-"""An async client for the Fly Machines API (https://api.machines.dev), over httpx.
-
-The contract is the public OpenAPI description (``tests/fakes/fly-machines-openapi.json``, a
-verbatim copy of superfly/docs ``api/machines/openapi.json``). The client is deliberately thin: one
-method per endpoint the control plane uses, every reply parsed into a small validated model, and
-every failure translated at one boundary (:meth:`FlyMachinesClient._request`) into a subclass of
-:class:`FlyError`.
-
-Rules it follows (see ``PITFALLS.md``, "Fly Machines API"):
-
-- **Never blind-retry a create.** Only Create App carries an ``idempotency_key``; other creates
-  (volume, machine, IP, snapshot) are sent once. A transport failure after the request was sent is
-  raised as :class:`FlyUnavailable` / :class:`FlyTimeout` with ``maybe_applied=True``; the caller
-  reconciles by listing (e.g. :meth:`list_machines` by metadata) before trying again.
-- **Idempotent reads retry** (5xx, 429 with ``Retry-After``, connection failures), bounded.
-- ``/wait`` takes a timeout of 1-60 s and answers 408 when it expires: loop until the overall
-  deadline; waiting for ``stopped`` needs the machine version (superfly/flyctl#1751).
-- ``/stop`` is sent with a JSON body (``{}`` at least): no body can give a 400 (superfly/docs#2187).
-- App names are global: a 422 ``name_taken`` on Create App is followed by a GET that must show the
-  app in our organization before we treat it as ours.
-- The API token is never logged, never put in an exception and never in ``repr``.
+"""The Fly Machines API client: one method per endpoint the control plane uses, every reply
+parsed into a model from :mod:`.models`, every failure translated at one boundary
+(:meth:`FlyMachinesClient._request`, with :func:`_error_from` as the status-code table) into an
+error from :mod:`.errors`. The package docstring lists the rules it follows.
 """
 
 from __future__ import annotations
@@ -33,37 +16,46 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
-__all__ = [
-    "DEFAULT_BASE_URL",
-    "FlyApp",
-    "FlyAuthError",
-    "FlyBadRequest",
-    "FlyCapacity",
-    "FlyCheckStatus",
-    "FlyConflict",
-    "FlyError",
-    "FlyIPAssignment",
-    "FlyLease",
-    "FlyMachine",
-    "FlyMachinesClient",
-    "FlyNameTaken",
-    "FlyNotFound",
-    "FlyPreconditionFailed",
-    "FlyProtocolError",
-    "FlyRateLimited",
-    "FlyServerError",
-    "FlySnapshot",
-    "FlyTimeout",
-    "FlyUnavailable",
-    "FlyUnhealthy",
-    "FlyUnprocessable",
-    "FlyVolume",
-    "FlyWaitResult",
-]
+from control_plane.provisioning.fly_api.errors import (
+    FlyAuthError,
+    FlyBadRequest,
+    FlyCapacity,
+    FlyConflict,
+    FlyError,
+    FlyNameTaken,
+    FlyNotFound,
+    FlyPreconditionFailed,
+    FlyProtocolError,
+    FlyRateLimited,
+    FlyServerError,
+    FlyTimeout,
+    FlyUnavailable,
+    FlyUnhealthy,
+    FlyUnprocessable,
+)
+from control_plane.provisioning.fly_api.models import (
+    FlyApp,
+    FlyIPAssignment,
+    FlyLease,
+    FlyMachine,
+    FlySnapshot,
+    FlyVolume,
+    FlyWaitResult,
+    _AppList,
+    _CreateAppReply,
+    _ErrorBody,
+    _IPList,
+    _LeaseReply,
+    _Org,
+    _SecretsReply,
+)
 
-logger = logging.getLogger(__name__)
+__all__ = ["DEFAULT_BASE_URL", "MAX_WAIT_SECONDS", "FlyMachinesClient", "WaitState"]
+
+# The name the client logged under when it was one module, kept so log filters still match.
+logger = logging.getLogger("control_plane.provisioning.fly_api")
 
 DEFAULT_BASE_URL = "https://api.machines.dev"
 MAX_WAIT_SECONDS = 60  # the /wait endpoint's ceiling (superfly/flyctl#1751)
@@ -72,272 +64,7 @@ _CAPACITY_STATUSES = frozenset({"insufficient_capacity", "volume_placement_capac
 
 WaitState = Literal["started", "stopped", "suspended", "destroyed", "failed", "settled"]
 
-
-# --------------------------------------------------------------------------------------------
-# Errors: one root, translated at one boundary.
-# --------------------------------------------------------------------------------------------
-
-
-class FlyError(Exception):
-    """Root of every error this client raises.
-
-    ``status_code`` is the HTTP status (``None`` for transport failures), ``fly_status`` the
-    ``status`` field of Fly's ``ErrorResponse`` (e.g. ``name_taken``), ``method``/``path`` the
-    request (never its headers or body).
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status_code: int | None = None,
-        fly_status: str | None = None,
-        method: str | None = None,
-        path: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status_code = status_code
-        self.fly_status = fly_status
-        self.method = method
-        self.path = path
-
-    def __str__(self) -> str:
-        where = f"{self.method} {self.path}: " if self.method and self.path else ""
-        code = f" (HTTP {self.status_code})" if self.status_code is not None else ""
-        return f"{where}{self.message}{code}"
-
-
-class FlyBadRequest(FlyError):
-    """400: Fly refused the request as malformed. A bug on our side; never retried."""
-
-
-class FlyAuthError(FlyError):
-    """401/403: the API token is missing, wrong or lacks access to the org or app."""
-
-
-class FlyNotFound(FlyError):
-    """404: the app, volume or machine does not exist (or is not visible to this token)."""
-
-
-class FlyConflict(FlyError):
-    """409: e.g. ``current_version`` no longer matches, or a lease is held by someone else."""
-
-
-class FlyPreconditionFailed(FlyError):
-    """412 ``failed_precondition: ...``: the machine is not in a state that allows the action
-    (e.g. destroying a started machine without ``force``)."""
-
-
-class FlyCapacity(FlyError):
-    """412 (or a capacity ``status``): no room on the host/region, e.g. for a pinned volume.
-
-    Kilo-Org/cloud#388: creating a machine for a volume whose host is full gives 412; the caller
-    decides whether to try another region (with a new volume) or retry later. A 412 whose message
-    says ``failed_precondition`` is :class:`FlyPreconditionFailed` instead.
-    """
-
-
-class FlyUnprocessable(FlyError):
-    """422 other than ``name_taken``."""
-
-
-class FlyNameTaken(FlyUnprocessable):
-    """422 ``name_taken`` on Create App, and the existing app is not provably ours."""
-
-
-class FlyRateLimited(FlyError):
-    """429. ``retry_after`` is the delay Fly asked for in seconds, when it said."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any) -> None:
-        super().__init__(message, **kw)
-        self.retry_after = retry_after
-
-
-class FlyServerError(FlyError):
-    """5xx from Fly. For a write the outcome is unknown: reconcile before retrying."""
-
-
-class FlyTimeout(FlyError):
-    """No answer in time (HTTP timeout, or a wait's overall deadline passed).
-
-    ``maybe_applied`` is true when the request may have reached Fly (a write may have happened).
-    """
-
-    def __init__(self, message: str, *, maybe_applied: bool = True, **kw: Any) -> None:
-        super().__init__(message, **kw)
-        self.maybe_applied = maybe_applied
-
-
-class FlyUnavailable(FlyError):
-    """The connection failed or was dropped before a complete reply.
-
-    ``maybe_applied`` is false only when the connection was never established; a reply lost
-    after sending (the "lost response" case) means the write may have happened.
-    """
-
-    def __init__(self, message: str, *, maybe_applied: bool = True, **kw: Any) -> None:
-        super().__init__(message, **kw)
-        self.maybe_applied = maybe_applied
-
-
-class FlyProtocolError(FlyError):
-    """Fly answered 2xx with a body that does not match the contract (missing fields, not JSON)."""
-
-
-class FlyUnhealthy(FlyError):
-    """The machine started but its checks did not all pass before the deadline."""
-
-    def __init__(self, message: str, *, checks: Sequence[FlyCheckStatus] = (), **kw: Any) -> None:
-        super().__init__(message, **kw)
-        self.checks = tuple(checks)
-
-
-# --------------------------------------------------------------------------------------------
-# Reply models: the fields we rely on are required; everything else is ignored.
-# --------------------------------------------------------------------------------------------
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class _Org(_Model):
-    slug: str | None = None
-    name: str | None = None
-
-
-class FlyApp(_Model):
-    id: str = Field(min_length=1)
-    name: str = Field(min_length=1)
-    organization: _Org | None = None
-    status: str | None = None
-
-    @property
-    def org_slug(self) -> str | None:
-        return self.organization.slug if self.organization else None
-
-
-class _CreateAppReply(_Model):
-    id: str = Field(min_length=1)
-
-
-class _AppList(_Model):
-    apps: list[FlyApp] = Field(default_factory=list)
-    next_cursor: str | None = None
-
-
-class _SecretsReply(_Model):
-    version: int
-
-
-class FlyIPAssignment(_Model):
-    ip: str = Field(min_length=1)
-    region: str | None = None
-    service_name: str | None = None
-    shared: bool | None = None
-
-
-class _IPList(_Model):
-    ips: list[FlyIPAssignment] = Field(default_factory=list)
-
-
-class FlyVolume(_Model):
-    id: str = Field(min_length=1)
-    name: str
-    region: str = Field(min_length=1)
-    size_gb: int
-    state: str
-    zone: str | None = None
-    attached_machine_id: str | None = None
-    encrypted: bool | None = None
-
-
-class FlySnapshot(_Model):
-    id: str = Field(min_length=1)
-    status: str | None = None
-    created_at: str | None = None
-    size: int | None = None
-
-
-class FlyCheckStatus(_Model):
-    name: str
-    status: str
-    output: str | None = None
-    updated_at: str | None = None
-
-
-class FlyMachine(_Model):
-    id: str = Field(min_length=1)
-    name: str | None = None
-    state: str = Field(min_length=1)
-    region: str | None = None
-    version: str | None = None
-    instance_id: str | None = None  # deprecated alias of ``version`` in the spec
-    private_ip: str | None = None
-    config: dict[str, Any] = Field(default_factory=dict)
-    checks: list[FlyCheckStatus] = Field(default_factory=list)
-    created_at: str | None = None
-    updated_at: str | None = None
-
-    @property
-    def current_version(self) -> str:
-        """The machine version (``version``, or the deprecated ``instance_id``)."""
-        value = self.version or self.instance_id
-        if not value:  # both missing: _parse() refuses such replies, this is for the type checker
-            raise FlyProtocolError("machine reply has no version")
-        return value
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        raw = self.config.get("metadata") or {}
-        return {str(k): str(v) for k, v in raw.items()}
-
-    @property
-    def image(self) -> str | None:
-        image = self.config.get("image")
-        return str(image) if image else None
-
-    @property
-    def healthy(self) -> bool:
-        """Started and every check passing (``started`` alone is not ready: PITFALLS.md)."""
-        return self.state == "started" and all(c.status == "passing" for c in self.checks)
-
-
-class FlyWaitResult(_Model):
-    ok: bool = True
-    state: str | None = None
-    version: str | None = None
-    event_id: str | None = None
-
-
-class FlyLease(_Model):
-    nonce: str = Field(min_length=1)
-    expires_at: int | None = None
-    owner: str | None = None
-    version: str | None = None
-
-
-class _LeaseReply(_Model):
-    # The Create Lease reply wraps the lease in ``data`` on the real API; accept both shapes.
-    data: FlyLease | None = None
-    nonce: str | None = None
-    expires_at: int | None = None
-    owner: str | None = None
-    version: str | None = None
-
-
-class _ErrorBody(_Model):
-    error: str | None = None
-    status: str | None = None
-
-
 M = TypeVar("M", bound=BaseModel)
-
-
-# --------------------------------------------------------------------------------------------
-# The client.
-# --------------------------------------------------------------------------------------------
 
 
 class FlyMachinesClient:
