@@ -235,7 +235,7 @@ async def _payment_to_running(runs: int = 3) -> list[dict[str, Any]]:
         )
         app = create_app(settings)
         async with app.router.lifespan_context(app):
-            factory = app.state.session_factory
+            factory = app.state.services.core.session_factory
             for n in range(runs + 1):  # the first run warms imports and the database
                 async with transaction(factory) as db:
                     user = User(email=f"bench{n}@example.test", email_verified=True)
@@ -257,7 +257,7 @@ async def _payment_to_running(runs: int = 3) -> list[dict[str, Any]]:
                         source="bench",
                     )  # fmt: skip
                 if outcome.wake_worker:  # what billing's after_commit does
-                    wake(app.state.worker_wakeup)
+                    wake(app.state.services.core.wakeup)
                 while True:
                     async with factory() as db:
                         status = await db.scalar(

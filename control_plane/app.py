@@ -1,5 +1,7 @@
 """The FastAPI application factory. Nothing is built at import time: ``create_app`` wires the
-routes, and the lifespan builds the engine, key ring, mailer, throttle and Google client."""
+routes, and the lifespan builds the engine, key ring, mailer, throttle, Google client, billing and
+the in-process worker, and hands them to the routes as one typed ``Services`` object
+(control_plane/services.py) on ``app.state.services``."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from control_plane.auth.passwords import PasswordHasher
 from control_plane.auth.routes import router as auth_router
 from control_plane.auth.service import AuthContext
 from control_plane.billing.routes import router as billing_router
-from control_plane.billing.setup import start_billing
+from control_plane.billing.service import build_billing
+from control_plane.billing.setup import provide_billing
 from control_plane.db import create_engine, create_session_factory, private_dir, utcnow
 from control_plane.errors import install_error_handlers
 from control_plane.instances.routes import router as instances_router
@@ -26,7 +29,8 @@ from control_plane.keys.routes import router as keys_router
 from control_plane.keys.service import KeyRing
 from control_plane.mail import Mailer, Transport
 from control_plane.migrations import upgrade
-from control_plane.pages import install_pages
+from control_plane.pages import build_templates, install_pages
+from control_plane.services import Core, Services, Wakeup
 from control_plane.settings import Settings, get_settings
 from control_plane.throttle import Throttle
 from room_cloud_runtime import RequestLimits, SecurityHeaders
@@ -39,10 +43,12 @@ def create_app(
     *,
     clock: Callable[[], datetime] = utcnow,
     mail_transport: Transport | None = None,
+    wakeup: Wakeup | None = None,
 ) -> FastAPI:
     """The control-plane ASGI app. ``settings`` defaults to the environment (``get_settings()``).
 
-    ``clock`` and ``mail_transport`` are seams for tests.
+    ``clock``, ``mail_transport`` and ``wakeup`` (poked where the in-process worker would be,
+    when none runs in this process) are seams for tests.
     """
 
     @asynccontextmanager
@@ -69,39 +75,49 @@ def create_app(
             google = GoogleClient(cfg) if cfg.google_enabled else None
             if google is not None:
                 resources.append(google)
-            app.state.settings = cfg
-            app.state.engine = engine
-            app.state.session_factory = factory
-            app.state.read_session_factory = create_session_factory(engine, readonly=True)
-            app.state.key_ring = ring
-            app.state.mailer = mailer
-            app.state.throttle = throttle
-            app.state.google = google
-            resources.append(start_billing(app, cfg, factory, clock))
+            billing = build_billing(cfg)
+            resources.append(billing)
             # Provisioning: the worker in this process (default in development, `dev`); billing
-            # pokes app.state.worker_wakeup after fulfilment so it starts without a poll delay.
+            # and the instance routes poke its wake-up after fulfilment, so it starts without a
+            # poll delay.
             from control_plane.provisioning.runner import WorkerRunner, should_run_worker
 
-            app.state.worker_wakeup = None
+            worker_wakeup = wakeup
             if should_run_worker(cfg):
-                runner = WorkerRunner(cfg, factory, clock=clock, catalog=app.state.catalog)
+                runner = WorkerRunner(cfg, factory, clock=clock, catalog=billing.catalog)
                 runner.start()
                 resources.append(runner)
-                app.state.worker_wakeup = runner.wakeup
-            app.state.clock = clock
-            app.state.jwks_headers = {
-                "Cache-Control": f"public, max-age={cfg.jwks_max_age_seconds}",
-                "Access-Control-Allow-Origin": "*",
-            }
-            app.state.auth = AuthContext(
-                settings=cfg,
-                key_ring=ring,
-                hasher=hasher,
-                throttle=throttle,
-                mailer=mailer,
-                csrf=CsrfProtector(cfg),
-                google_state=StateCookie(cfg.secret_key_bytes()),
+                worker_wakeup = runner.wakeup
+            services = Services(
+                Core(
+                    settings=cfg,
+                    engine=engine,
+                    session_factory=factory,
+                    read_session_factory=create_session_factory(engine, readonly=True),
+                    clock=clock,
+                    wakeup=worker_wakeup,
+                )
             )
+            services.provide(ring)
+            services.provide(mailer)
+            services.provide(throttle)
+            if google is not None:
+                services.provide(google)
+            services.provide(
+                AuthContext(
+                    settings=cfg,
+                    key_ring=ring,
+                    hasher=hasher,
+                    throttle=throttle,
+                    mailer=mailer,
+                    csrf=CsrfProtector(cfg),
+                    google_state=StateCookie(cfg.secret_key_bytes()),
+                )
+            )
+            provide_billing(services, billing)
+            services.provide(templates)
+            services.freeze()
+            app.state.services = services
             yield
         finally:
             for resource in reversed(resources):
@@ -122,6 +138,7 @@ def create_app(
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
     )
+    templates = build_templates()
     install_error_handlers(app)
     app.include_router(keys_router)
     app.include_router(auth_router)

@@ -8,7 +8,7 @@ the token's ``sid`` must still be live, so signing out takes effect at once on t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Literal
@@ -16,13 +16,14 @@ from typing import Annotated, Literal
 import jwt
 from fastapi import Depends, Request
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.auth.cookies import cookie_names
 from control_plane.auth.csrf import SAFE_METHODS
 from control_plane.auth.models import User, UserSession
 from control_plane.auth.service import ACCESS_AUDIENCE, AuthContext
 from control_plane.errors import InvalidAccessToken, NotAuthenticated
+from control_plane.services import services_of
 from control_plane.settings import Settings
 from control_plane.throttle import client_address
 
@@ -34,34 +35,29 @@ MAX_BEARER_LENGTH = 4096
 
 
 def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+    return services_of(request).core.settings
 
 
 async def _session(request: Request) -> AsyncIterator[AsyncSession]:
-    factory: async_sessionmaker[AsyncSession] = request.app.state.session_factory
-    async with factory() as session:
+    async with services_of(request).core.session_factory() as session:
         yield session
 
 
 async def _read_session(request: Request) -> AsyncIterator[AsyncSession]:
-    factory: async_sessionmaker[AsyncSession] = request.app.state.read_session_factory
-    async with factory() as session:
+    async with services_of(request).core.read_session_factory() as session:
         yield session
 
 
 def _auth_context(request: Request) -> AuthContext:
-    ctx: AuthContext = request.app.state.auth
-    return ctx
+    return services_of(request).get(AuthContext)
 
 
 def _now(request: Request) -> datetime:
-    clock: Callable[[], datetime] = request.app.state.clock
-    return clock()
+    return services_of(request).core.clock()
 
 
 def _address(request: Request) -> str:
-    return client_address(request, request.app.state.settings)
+    return client_address(request, services_of(request).core.settings)
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]

@@ -55,6 +55,7 @@ from control_plane.errors import (
     status_and_code,
 )
 from control_plane.schemas import ErrorOut
+from control_plane.services import services_of
 
 REFRESH_COOKIE_PATH = "/api/auth"
 ACCEPTED = "If the address can receive mail, a message is on its way."
@@ -63,8 +64,7 @@ ACCEPTED = "If the address can receive mail, a message is on its way."
 def _origin_guard(request: Request) -> None:
     """Every unsafe account request from a browser must come from our own origin (login CSRF)."""
     if request.method not in ("GET", "HEAD", "OPTIONS"):
-        ctx: AuthContext = request.app.state.auth
-        ctx.csrf.check_origin(request)
+        services_of(request).get(AuthContext).csrf.check_origin(request)
 
 
 _ERRORS: dict[int | str, dict[str, object]] = {
@@ -162,15 +162,13 @@ def _accepted() -> JSONResponse:
 
 
 def _session_factory(request: Request) -> async_sessionmaker[AsyncSession]:
-    factory: async_sessionmaker[AsyncSession] = request.app.state.session_factory
-    return factory
+    return services_of(request).core.session_factory
 
 
 def _known_device(request: Request) -> KnownDevice | None:
     """The browser's known-device cookie, verified; ``None`` when missing or not valid."""
-    ctx: AuthContext = request.app.state.auth
-    now: datetime = request.app.state.clock()
-    return ctx.devices.from_request(request, now)
+    services = services_of(request)
+    return services.get(AuthContext).devices.from_request(request, services.core.clock())
 
 
 #: Opens a session for work done after the answer (``SessionDep``'s closes with the request).
@@ -434,7 +432,7 @@ async def revoke_all(auth: CurrentAuth, db: SessionDep, ctx: AuthDep, now: Now) 
 
 
 def _google(request: Request) -> GoogleClient:
-    client: GoogleClient | None = request.app.state.google
+    client = services_of(request).find(GoogleClient)
     if client is None:
         raise OAuthNotConfigured()
     return client

@@ -21,8 +21,9 @@ from control_plane.billing.stripe_events import CheckoutCompleted
 from control_plane.deps import Now, SessionDep
 from control_plane.errors import BillingDisabled, InvalidWebhookPayload, InvalidWebhookSignature
 from control_plane.instances.access import OwnedInstance
-from control_plane.instances.service import InstancesContext
 from control_plane.schemas import ErrorOut
+from control_plane.services import services_of
+from control_plane.throttle import Throttle
 
 logger = logging.getLogger("control_plane.billing")
 
@@ -30,8 +31,7 @@ router = APIRouter(tags=["billing"])
 
 
 def _billing(request: Request) -> Billing:
-    billing: Billing = request.app.state.billing
-    return billing
+    return services_of(request).get(Billing)
 
 
 @router.get("/api/cloud/catalog", summary="Tiers and regions (public)")
@@ -85,7 +85,7 @@ async def stripe_webhook(request: Request, db: SessionDep, now: Now) -> dict[str
         "stripe event applied",
         extra={"stripe_event_id": event.event_id, "billing_effect": outcome.effect},
     )
-    await service.after_commit(billing, outcome, getattr(request.app.state, "worker_wakeup", None))
+    await service.after_commit(billing, outcome, services_of(request).core.wakeup)
     return {"ok": True}
 
 
@@ -124,11 +124,11 @@ async def instance_billing(access: OwnedInstance, request: Request, db: SessionD
 async def change_instance_billing(
     body: BillingPatchIn, access: OwnedInstance, request: Request, db: SessionDep
 ) -> BillingOut:
-    billing = _billing(request)
-    ctx: InstancesContext = request.app.state.instances  # its clock
+    services = services_of(request)
+    billing = services.get(Billing)
     if billing.enabled:
-        await billing.limit_requests(request.app.state.throttle, access.user.id)
+        await billing.limit_requests(services.get(Throttle), access.user.id)
     state = await service.change_period_end(
-        db, billing, access.instance, body.cancelAtPeriodEnd, clock=ctx.clock
+        db, billing, access.instance, body.cancelAtPeriodEnd, clock=services.core.clock
     )
     return _billing_out(state)

@@ -68,6 +68,7 @@ from control_plane.instances.lifecycle import (
 )
 from control_plane.instances.models import CloudInstance, InstanceStatus
 from control_plane.instances.payments import BILLING_DISABLED_NOTE
+from control_plane.services import Wakeup
 from control_plane.settings import ENV_PREFIX, Settings, SettingsError
 from control_plane.throttle import Throttle
 
@@ -143,7 +144,7 @@ class Billing:
         *,
         session_id: str,
         clock: Callable[[], datetime],
-        wakeup: Callable[[], object | None],
+        wakeup: Wakeup | None,
     ) -> bool:
         return await confirm_checkout(
             db, self, instance, session_id=session_id, clock=clock, wakeup=wakeup
@@ -686,7 +687,7 @@ async def apply_event(
     return Outcome(f"ignored: {event.reason}")
 
 
-async def after_commit(billing: Billing, outcome: Outcome, wakeup: object | None) -> None:
+async def after_commit(billing: Billing, outcome: Outcome, wakeup: Wakeup | None) -> None:
     """The follow-ups of an effect, once its transaction committed. Best effort: a failure is
     logged and left for the reconciler (the subscription ids are stored)."""
     for subscription_id in outcome.cancel_subscriptions:
@@ -722,7 +723,7 @@ async def confirm_checkout(
     *,
     session_id: str,
     clock: Callable[[], datetime],
-    wakeup: Callable[[], object | None],
+    wakeup: Wakeup | None,
 ) -> bool:
     """Ask Stripe about the checkout and run the webhook's fulfil step (the success page can
     load before ``checkout.session.completed`` arrives). ``False``: not paid yet."""
@@ -744,7 +745,7 @@ async def confirm_checkout(
         source="confirm",
     )
     await db.commit()
-    await after_commit(billing, outcome, wakeup())
+    await after_commit(billing, outcome, wakeup)
     return True
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane.db import utcnow
 from control_plane.errors import InvalidInstanceState
 from control_plane.instances.models import CloudInstance, InstanceEvent, InstanceStatus
+from control_plane.services import Wakeup
 from control_plane.settings import Settings
 
 S = InstanceStatus
@@ -188,8 +189,7 @@ async def cancel_now(
     )
 
 
-def wake(wakeup: object | None) -> None:
-    """Poke the in-process worker, if one registered ``app.state.worker_wakeup``."""
-    setter = getattr(wakeup, "set", None)
-    if callable(setter):
-        setter()
+def wake(wakeup: Wakeup | None) -> None:
+    """Poke the in-process worker, if one runs in this process."""
+    if wakeup is not None:
+        wakeup.set()

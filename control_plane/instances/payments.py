@@ -16,6 +16,7 @@ from typing import Protocol
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.instances.models import CloudInstance
+from control_plane.services import Wakeup
 from control_plane.throttle import Throttle
 
 #: Said in the log and in the event of an instance provisioned without payment (development).
@@ -79,7 +80,7 @@ class Payments(Protocol):
         *,
         session_id: str,
         clock: Callable[[], datetime],
-        wakeup: Callable[[], object | None],
+        wakeup: Wakeup | None,
     ) -> bool:
         """Ask Stripe about the checkout and, if it is paid, fulfil it (committed); ``False``
         if it is not paid yet."""

@@ -52,7 +52,10 @@ from control_plane.instances.schemas import (
     StatusOut,
 )
 from control_plane.instances.service import InstancesContext
+from control_plane.keys.service import KeyRing
+from control_plane.mail import Mailer
 from control_plane.schemas import ErrorOut
+from control_plane.services import services_of
 from control_plane.throttle import Throttle
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -63,16 +66,14 @@ InstanceId = Annotated[str, Path(max_length=MAX_ID_LENGTH)]
 
 
 def _context(request: Request) -> InstancesContext:
-    ctx: InstancesContext = request.app.state.instances
-    return ctx
+    return services_of(request).get(InstancesContext)
 
 
 Ctx = Annotated[InstancesContext, Depends(_context)]
 
 
 def _invite_links(request: Request) -> InviteLinks:
-    links: InviteLinks = request.app.state.invite_links
-    return links
+    return services_of(request).get(InviteLinks)
 
 
 Links = Annotated[InviteLinks, Depends(_invite_links)]
@@ -90,7 +91,7 @@ def _member_out(member: CloudInstanceMember, *, show_email: bool = True) -> Memb
 async def _limit_billing(request: Request, ctx: InstancesContext, user_id: str) -> None:
     """The per-user budget of requests that may call Stripe (``billing/limits.py``)."""
     if ctx.billing.enabled:
-        await ctx.billing.limit_requests(request.app.state.throttle, user_id)
+        await ctx.billing.limit_requests(services_of(request).get(Throttle), user_id)
 
 
 # -- instances -----------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ async def create_instance(
     await _limit_billing(request, ctx, user_id)
 
     async def new_checkout() -> None:
-        await ctx.billing.limit_checkouts(request.app.state.throttle, user_id)
+        await ctx.billing.limit_checkouts(services_of(request).get(Throttle), user_id)
 
     instance, checkout_url = await service.create_instance(
         db, ctx, user, body, idempotency_key=idempotency_key, before_new_checkout=new_checkout
@@ -196,7 +197,7 @@ async def list_members(access: VisibleInstance, db: SessionDep) -> MembersOut:
 
 
 async def _throttle_invites(request: Request, access: OwnedInstance) -> None:
-    throttle: Throttle = request.app.state.throttle
+    throttle = services_of(request).get(Throttle)
     try:
         await throttle.hit("invite_owner", f"owner:{access.user.id}")
         await throttle.hit("invite_instance", f"instance:{access.instance.id}")
@@ -234,7 +235,7 @@ async def add_member(
     mail = links.mail(member, access.instance, access.user.email, now) if mail_now else None
     await db.commit()
     if mail is not None:
-        request.app.state.mailer.enqueue(mail)
+        services_of(request).get(Mailer).enqueue(mail)
     return out
 
 
@@ -330,7 +331,7 @@ async def runtime_token(
     access: VisibleInstance, request: Request, db: SessionDep, ctx: Ctx, now: Now
 ) -> RuntimeTokenOut:
     issued = tokens.issue(
-        request.app.state.key_ring,
+        services_of(request).get(KeyRing),
         ctx.settings,
         user=access.user,
         instance=access.instance,
@@ -360,7 +361,7 @@ async def _allowed_origin(request: Request, db: SessionDep, instance_id: str) ->
     origin = request.headers.get("origin")
     if origin is None:
         return None
-    settings = request.app.state.settings
+    settings = services_of(request).core.settings
     if hmac.compare_digest(origin.encode(), settings.public_origin.encode()):
         return None  # our own dashboard: same origin, no CORS headers needed
     instance = await load_instance(db, instance_id)
@@ -405,7 +406,7 @@ async def refresh_token(
             )
         issued = await tokens.refresh(
             db,
-            request.app.state.key_ring,
+            services_of(request).get(KeyRing),
             ctx.settings,
             instance_id=instance_id,
             token=body.token,

@@ -61,6 +61,7 @@ from control_plane.instances.models import (
 )
 from control_plane.instances.payments import BILLING_DISABLED_NOTE, Payments
 from control_plane.instances.schemas import EventOut, InstanceCreateIn, InstanceOut, StatusOut
+from control_plane.services import Wakeup
 from control_plane.settings import Settings
 
 logger = logging.getLogger("control_plane.instances")
@@ -82,7 +83,8 @@ class InstancesContext:
     billing: Payments
     factory: async_sessionmaker[AsyncSession]
     clock: Callable[[], datetime]
-    wakeup: Callable[[], object | None]
+    #: The in-process worker's wake-up (None when no worker runs in this process).
+    wakeup: Wakeup | None
 
 
 def to_out(instance: CloudInstance, role: Role) -> InstanceOut:
@@ -316,7 +318,7 @@ async def _proceed(
                     attempts=0,
                 )
                 await db.commit()
-                wake(ctx.wakeup())
+                wake(ctx.wakeup)
             except IllegalTransition:
                 await db.rollback()
         return await _reload(db, instance_id), None
@@ -454,7 +456,7 @@ async def retry(db: AsyncSession, ctx: InstancesContext, instance: CloudInstance
         deadline_at=None,
     )
     await db.commit()
-    wake(ctx.wakeup())
+    wake(ctx.wakeup)
     instance = await _reload(db, instance.id)
     await db.commit()
     return instance
@@ -468,7 +470,7 @@ async def cancel(db: AsyncSession, ctx: InstancesContext, instance: CloudInstanc
     if S(instance.status) not in CANCELABLE:  # pragma: no cover - every live state is
         raise InvalidInstanceState()
     await ctx.billing.cancel(db, instance, clock=ctx.clock)
-    wake(ctx.wakeup())
+    wake(ctx.wakeup)
     instance = await _reload(db, instance.id)
     await db.commit()
     return instance

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from control_plane.keys.service import KeyRing
+from control_plane.services import Services
+
 JWKS_PATH = "/.well-known/jwks.json"
 
 
@@ -27,16 +30,16 @@ class JWKSFastPath:
         ):
             await self.app(scope, receive, send)
             return
-        state = scope["app"].state
-        ring = getattr(state, "key_ring", None)
-        if ring is None:  # lifespan not run (or failed): let the route answer or fail
+        services = getattr(scope["app"].state, "services", None)
+        if not isinstance(services, Services):  # lifespan not run (or failed): the route answers
             await self.app(scope, receive, send)
             return
+        ring = services.get(KeyRing)
         body = ring.jwks_bytes()
         headers = [
             (b"content-type", b"application/jwk-set+json"),
             (b"content-length", str(len(body)).encode()),
-            *((k.lower().encode(), v.encode()) for k, v in state.jwks_headers.items()),
+            *((k.lower().encode(), v.encode()) for k, v in ring.jwks_headers.items()),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send(

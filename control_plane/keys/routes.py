@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from control_plane.keys.service import KeyRing
+from control_plane.services import services_of
 
 router = APIRouter(tags=["keys"])
 
@@ -16,9 +17,7 @@ router = APIRouter(tags=["keys"])
     responses={200: {"content": {"application/jwk-set+json": {}}}},
 )
 async def jwks(request: Request) -> Response:
-    ring: KeyRing = request.app.state.key_ring
+    ring = services_of(request).get(KeyRing)
     return Response(
-        ring.jwks_bytes(),
-        media_type="application/jwk-set+json",
-        headers=request.app.state.jwks_headers,
+        ring.jwks_bytes(), media_type="application/jwk-set+json", headers=ring.jwks_headers
     )

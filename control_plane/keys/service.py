@@ -162,6 +162,11 @@ class KeyRing:
         self._cipher = KeyCipher(settings.key_encryption_keys())
         self._clock = clock
         self._snapshot = _Snapshot(None, None, {}, b'{"keys":[]}')
+        #: What every JWKS answer carries: caches may keep it for max-age; any origin may read it.
+        self.jwks_headers: dict[str, str] = {
+            "Cache-Control": f"public, max-age={settings.jwks_max_age_seconds}",
+            "Access-Control-Allow-Origin": "*",
+        }
         self._reloader: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------

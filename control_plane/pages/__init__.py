@@ -1,6 +1,7 @@
 """The pages of the cloud flow (landing, sign-in, ``/cloud/new``, provisioning, ``/app``).
 
-``install_pages(app)`` adds the page routes, the ``/static`` files and the templates; the app
+``install_pages(app)`` adds the page routes and the ``/static`` files; the app factory provides
+the templates (``build_templates()``) as a service. The app
 factory wraps everything in :class:`room_cloud_runtime.SecurityHeaders` and each page sets its own
 Content-Security-Policy (see :mod:`control_plane.pages.routes`).
 """
@@ -19,11 +20,10 @@ from control_plane.pages.routes import (
     safe_next,
 )
 
-__all__ = ["PAGE_CSP", "install_pages", "safe_next"]
+__all__ = ["PAGE_CSP", "build_templates", "install_pages", "safe_next"]
 
 
 def install_pages(app: FastAPI) -> None:
     """Add the page routes and mount the static files on ``app``."""
-    app.state.page_templates = build_templates()
     app.include_router(router)
     app.mount(STATIC_PREFIX, StaticFiles(directory=STATIC_DIR), name="static")

@@ -24,8 +24,10 @@ from fastapi.templating import Jinja2Templates
 
 from control_plane.auth.cookies import cookie_names
 from control_plane.auth.models import User
+from control_plane.auth.service import AuthContext
 from control_plane.deps import authenticate_request
 from control_plane.errors import ControlPlaneError
+from control_plane.services import services_of
 
 HERE: Final = Path(__file__).parent
 TEMPLATES_DIR: Final = HERE / "templates"
@@ -100,12 +102,13 @@ def build_templates() -> Jinja2Templates:
 
 async def _viewer(request: Request) -> User | None:
     """The signed-in person, or ``None`` (no cookie, or a token that no longer holds)."""
-    if not request.cookies.get(cookie_names(request.app.state.settings).access):
+    services = services_of(request)
+    core = services.core
+    if not request.cookies.get(cookie_names(core.settings).access):
         return None
-    state = request.app.state
-    async with state.session_factory() as db:
+    async with core.session_factory() as db:
         try:
-            auth = await authenticate_request(request, db, state.auth, state.clock())
+            auth = await authenticate_request(request, db, services.get(AuthContext), core.clock())
         except ControlPlaneError:
             return None
     return auth.user if auth is not None else None
@@ -132,8 +135,9 @@ def _page(
     status_code: int = 200,
     **context: Any,
 ) -> HTMLResponse:
-    settings = request.app.state.settings
-    templates: Jinja2Templates = request.app.state.page_templates
+    services = services_of(request)
+    settings = services.core.settings
+    templates = services.get(Jinja2Templates)
     headers: Mapping[str, str] = PRIVATE_HEADERS if private else PUBLIC_HEADERS
     return templates.TemplateResponse(
         request,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -23,9 +23,10 @@ from sqlalchemy.engine import make_url
 
 from control_plane.app import create_app
 from control_plane.db import create_engine
-from control_plane.mail import Mail
+from control_plane.mail import Mail, Mailer
 from control_plane.migrations import upgrade
 from control_plane.models import metadata
+from control_plane.services import Services
 from control_plane.settings import Settings
 
 PUBLIC_URL = "http://cp.test"
@@ -173,15 +174,30 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings()
 
 
+class RecordingWakeup:
+    """Stands where the in-process worker's wake-up would be: counts the pokes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def set(self) -> None:
+        self.count += 1
+
+
 @dataclass
 class Harness:
     app: Any
     client: httpx.AsyncClient
     clock: FakeClock
     outbox: RecordingTransport
+    wakeup: RecordingWakeup
+
+    @property
+    def services(self) -> Services:
+        return cast(Services, self.app.state.services)
 
     async def drain(self) -> None:
-        await self.app.state.mailer.drain()
+        await self.services.get(Mailer).drain()
 
 
 @pytest.fixture
@@ -190,12 +206,14 @@ def make_harness(clock: FakeClock, outbox: RecordingTransport) -> Callable[[Sett
 
     @asynccontextmanager
     async def build(settings: Settings) -> AsyncIterator[Harness]:
-        app = create_app(settings, clock=clock, mail_transport=outbox)
+        wakeup = RecordingWakeup()
+        app = create_app(settings, clock=clock, mail_transport=outbox, wakeup=wakeup)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 50000))
             async with httpx.AsyncClient(transport=transport, base_url=PUBLIC_URL) as client:
-                yield Harness(app, client, clock, outbox)
-                await app.state.mailer.drain()
+                harness = Harness(app, client, clock, outbox, wakeup)
+                yield harness
+                await harness.drain()
 
     return build
 

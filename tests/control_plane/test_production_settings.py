@@ -20,8 +20,15 @@ from pydantic import ValidationError
 from control_plane import cli
 from control_plane.app import create_app
 from control_plane.billing.catalog import default_catalog
+from control_plane.mail import Mailer
 from control_plane.settings import Settings
-from tests.control_plane.conftest import PASSWORD, PG_URL, Harness, signup_and_verify
+from tests.control_plane.conftest import (
+    PASSWORD,
+    PG_URL,
+    Harness,
+    RecordingWakeup,
+    signup_and_verify,
+)
 
 # Fixed, random-looking values (from os.urandom once): strong enough for every rule.
 STRONG_SECRET = "q3V9x-Lr7TzK0bWmY2pH8sDfNc4JgUaE1oRt6iQvXy5Zk"
@@ -222,13 +229,15 @@ async def production(
     }
     catalog.write_text(json.dumps(document))
     settings = make_settings(**{**PRODUCTION, "catalog_path": catalog})
-    app = create_app(settings, clock=clock, mail_transport=outbox)
+    wakeup = RecordingWakeup()
+    app = create_app(settings, clock=clock, mail_transport=outbox, wakeup=wakeup)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 50000))
         base = settings.public_url
         async with httpx.AsyncClient(transport=transport, base_url=base) as client:
-            yield Harness(app, client, clock, outbox)
-            await app.state.mailer.drain()
+            harness = Harness(app, client, clock, outbox, wakeup)
+            yield harness
+            await harness.drain()
 
 
 SESSION_COOKIES = {"access", "csrf", "refresh"}
@@ -321,7 +330,7 @@ async def test_the_development_database_and_its_folder_are_private(tmp_path: Pat
             await client.post(
                 "/api/auth/signup", json={"email": "a@example.com", "password": PASSWORD}
             )
-        await app.state.mailer.drain()
+        await app.state.services.get(Mailer).drain()
     assert stat.S_IMODE(var.stat().st_mode) == 0o700
     db = var / "control_plane.db"
     assert stat.S_IMODE(db.stat().st_mode) == 0o600

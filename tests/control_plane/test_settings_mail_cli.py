@@ -14,6 +14,7 @@ from aiosmtpd.controller import Controller
 from pydantic import ValidationError
 
 from control_plane import cli
+from control_plane.mail import Mailer
 from control_plane.migrations import head_revision
 from control_plane.settings import Settings
 from tests.control_plane.conftest import PASSWORD, PG_URL
@@ -173,7 +174,7 @@ async def test_verification_mail_goes_through_smtp_after_commit(
             "/api/auth/signup", json={"email": "smtp@example.com", "password": PASSWORD}
         )
         assert r.status_code == 202
-        await app.state.mailer.drain()
+        await app.state.services.get(Mailer).drain()
     assert len(sink.messages) == 1
     message = message_from_bytes(sink.messages[0])
     assert message["To"] == "smtp@example.com"
@@ -197,7 +198,7 @@ async def test_development_outbox_writes_eml_and_prints_the_link(
             await c.post(
                 "/api/auth/signup", json={"email": "dev@example.com", "password": PASSWORD}
             )
-        await app.state.mailer.drain()
+        await app.state.services.get(Mailer).drain()
     files = list((tmp_path / "outbox").glob("*.eml"))
     assert len(files) == 1
     assert "verify-email#token=" in capsys.readouterr().out

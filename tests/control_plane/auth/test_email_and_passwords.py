@@ -44,7 +44,7 @@ async def test_tokens_are_stored_hashed(harness: Harness):
     await h.client.post("/api/auth/signup", json={"email": "hs@example.com", "password": PASSWORD})
     await h.drain()
     raw = h.outbox.last_token("hs@example.com")
-    async with h.app.state.session_factory() as db:
+    async with h.services.core.session_factory() as db:
         stored = (await db.scalars(select(EmailToken.token_hash))).all()
     assert stored == [token_hash(raw)]
 

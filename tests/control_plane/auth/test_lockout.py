@@ -177,7 +177,7 @@ async def test_a_device_cookie_for_another_account_counts_as_unknown(
 async def test_an_expired_device_cookie_counts_as_unknown(make_harness: Any, make_settings: Any):
     async with _ceiling_spent(make_harness, make_settings) as h:
         old = _device_cookie(h.client)
-        h.clock.advance(h.app.state.settings.known_device_ttl_seconds + 1)
+        h.clock.advance(h.services.core.settings.known_device_ttl_seconds + 1)
         async with _from(h, "203.0.113.7") as browser:
             _with_device_cookie(browser, old)  # the browser kept it past its Max-Age
             _assert_throttled(await _login(browser, PASSWORD))

@@ -3,6 +3,7 @@ and revoke-all."""
 
 from __future__ import annotations
 
+from control_plane.keys.service import KeyRing
 from tests.control_plane.conftest import Harness, login_body, login_cookie, signup_and_verify
 
 
@@ -191,7 +192,7 @@ async def test_a_runtime_audience_token_is_not_accepted_by_the_control_plane(har
             "/api/auth/me", headers={"Authorization": f"Bearer {tokens['access_token']}"}
         )
     ).json()
-    runtime_token = h.app.state.key_ring.sign(
+    runtime_token = h.services.get(KeyRing).sign(
         {"sub": me["id"], "sid": tokens["session_id"]}, audience="quoroom-runtime"
     )
     r = await h.client.get("/api/auth/me", headers={"Authorization": f"Bearer {runtime_token}"})

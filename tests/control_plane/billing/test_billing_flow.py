@@ -30,14 +30,6 @@ from tests.control_plane.instances.helpers import (  # noqa: F401 - fixtures
 from tests.fakes.stripe_api import DEFAULT_WEBHOOK_SECRET, encode_event, sign_webhook
 
 
-class Wakeup:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def set(self) -> None:
-        self.count += 1
-
-
 async def _checkout(cloud: Cloud, owner: User) -> tuple[str, str]:
     instance_id = (await cloud.created(owner))["instance"]["id"]
     session_id = (await cloud.instance(instance_id)).checkout_session_id
@@ -46,7 +38,7 @@ async def _checkout(cloud: Cloud, owner: User) -> tuple[str, str]:
 
 
 async def _transitions(cloud: Cloud, instance_id: str) -> list[tuple[str | None, str | None]]:
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         rows = await db.scalars(
             select(InstanceEvent)
             .where(InstanceEvent.instance_id == instance_id, InstanceEvent.to_status.is_not(None))
@@ -56,14 +48,14 @@ async def _transitions(cloud: Cloud, instance_id: str) -> list[tuple[str | None,
 
 
 async def _subscription(cloud: Cloud, instance_id: str) -> InstanceSubscription:
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         sub = await db.get(InstanceSubscription, instance_id)
         assert sub is not None
         return sub
 
 
 async def _recorded(cloud: Cloud) -> int:
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         return int(await db.scalar(select(func.count()).select_from(StripeEvent)) or 0)
 
 
@@ -72,9 +64,9 @@ async def _recorded(cloud: Cloud) -> int:
 
 async def test_a_paid_checkout_webhook_starts_provisioning(cloud: Cloud) -> None:
     owner = await cloud.user("owner@example.com")
-    wakeup = Wakeup()
-    cloud.h.app.state.worker_wakeup = wakeup
     instance_id, session_id = await _checkout(cloud, owner)
+    wakeup = cloud.h.wakeup
+    wakeup.count = 0
     assert cloud.stripe is not None
     completed, paid = cloud.stripe.complete_checkout(session_id)
     r = await cloud.deliver(completed)
@@ -266,7 +258,7 @@ async def test_confirm_racing_the_webhook_fulfils_once(cloud: Cloud, round_: int
         ("draft", "awaiting_payment"),
         ("awaiting_payment", "provisioning"),
     ]
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         payments = await db.scalar(
             select(func.count())
             .select_from(InstanceEvent)
@@ -348,8 +340,8 @@ async def test_payment_failure_grace_suspend_and_payment_resume(cloud: Cloud) ->
     instance_id = await cloud.paid_and_running(owner)
     subscription_id = await cloud.subscription_id(instance_id)
     assert cloud.stripe is not None
-    wakeup = Wakeup()
-    cloud.h.app.state.worker_wakeup = wakeup
+    wakeup = cloud.h.wakeup
+    wakeup.count = 0
     cloud.h.clock.advance(30 * 86400)
     [failed] = cloud.stripe.fail_invoice(subscription_id)
     assert (await cloud.deliver(failed)).status_code == 200

@@ -13,7 +13,9 @@ import pytest
 from sqlalchemy import func, select
 
 from control_plane.billing.models import InstanceSubscription
+from control_plane.billing.service import Billing
 from control_plane.instances.models import CloudInstance
+from control_plane.throttle import Throttle
 from tests.control_plane.instances.helpers import (  # noqa: F401 - fixtures
     Cloud,
     S,
@@ -93,7 +95,7 @@ async def test_the_checkout_webhook_drops_a_cached_open_state(cloud: Cloud) -> N
     completed, _ = cloud.stripe.complete_checkout(other_session)
     # The completion arrives for the session, but the instance is moved back to make the confirm
     # path ask again: it must not answer from the cached "open".
-    billing = cloud.h.app.state.billing
+    billing = cloud.h.services.get(Billing)
     assert billing.checkout_cache.get(other_session, cloud.h.clock()) is not None
     assert (await cloud.deliver(completed)).status_code == 200
     assert billing.checkout_cache.get(other_session, cloud.h.clock()) is None
@@ -156,7 +158,7 @@ async def test_a_create_delete_loop_opens_a_bounded_number_of_checkouts(make_clo
             assert r.status_code == 429 and r.json()["code"] == "throttled"
             assert int(r.headers["Retry-After"]) > 0
             assert len(stripe.sessions) == 3
-            async with c.h.app.state.session_factory() as db:
+            async with c.h.services.core.session_factory() as db:
                 rows = await db.scalar(select(func.count()).select_from(CloudInstance))
             assert rows == 3  # the refused create left nothing behind
 
@@ -177,7 +179,7 @@ async def test_a_throttle_storage_outage_lets_billing_through(
     """Billing limits fail open (logged): they bound cost, not a secret, and an outage of the
     limiter must not stop customers paying. The account limits still fail closed."""
     owner = await cloud.user("owner@example.com")
-    throttle = cloud.h.app.state.throttle
+    throttle = cloud.h.services.get(Throttle)
 
     async def down(*args: Any, **kwargs: Any) -> bool:
         raise ConnectionError("redis down")
@@ -289,7 +291,7 @@ async def test_the_subscription_updated_webhook_reflects_a_change_made_at_stripe
     [deleted] = cloud.stripe.delete_subscription(sub_id)
     assert (await cloud.deliver(deleted)).status_code == 200
     assert await cloud.status(instance_id) == S.CANCELED
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         row = await db.get(InstanceSubscription, instance_id)
     assert row is not None and row.status == "canceled"
 

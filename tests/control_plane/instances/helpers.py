@@ -89,7 +89,7 @@ class Cloud:
         return await adeliver(event, WEBHOOK, DEFAULT_WEBHOOK_SECRET, client=self.client, **kw)
 
     async def instance(self, instance_id: str) -> CloudInstance:
-        async with self.h.app.state.session_factory() as db:
+        async with self.h.services.core.session_factory() as db:
             row = await db.get(CloudInstance, instance_id)
             assert row is not None
             return row
@@ -109,7 +109,7 @@ class Cloud:
         self, instance_id: str, expected: S, to: S, message: str = "worker", **fields: Any
     ) -> None:
         """What the provisioning worker would do (the other engineer's code drives this)."""
-        async with self.h.app.state.session_factory() as db:
+        async with self.h.services.core.session_factory() as db:
             await transition(
                 db, instance_id, expected=(expected,), to=to, message=message, **fields
             )
@@ -151,7 +151,7 @@ class Cloud:
     async def subscription_id(self, instance_id: str) -> str:
         from control_plane.billing.models import InstanceSubscription
 
-        async with self.h.app.state.session_factory() as db:
+        async with self.h.services.core.session_factory() as db:
             sub = await db.get(InstanceSubscription, instance_id)
             assert sub is not None and sub.stripe_subscription_id is not None
             return sub.stripe_subscription_id

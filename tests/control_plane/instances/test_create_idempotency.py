@@ -38,7 +38,7 @@ def _report_backend() -> None:
 
 
 async def _count(cloud: Cloud, model: Any, *where: Any) -> int:
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         return int(await db.scalar(select(func.count()).select_from(model).where(*where)) or 0)
 
 
@@ -123,7 +123,7 @@ async def test_a_replay_with_other_credentials_is_a_conflict_and_keeps_nothing_n
         assert r.json()["code"] == "idempotency_conflict"
         assert "sk-" not in r.text  # the answer never echoes a secret
     row = await cloud.instance(instance_id)
-    assert decrypt_credentials(cloud.h.app.state.settings, row) == {"anthropic": "sk-first"}
+    assert decrypt_credentials(cloud.h.services.core.settings, row) == {"anthropic": "sk-first"}
     # The same request again is still a replay.
     again = await cloud.create(owner, key="k-cred", credentials={"anthropic": "sk-first"})
     assert again.status_code == 201 and again.json()["instance"]["id"] == instance_id
@@ -153,7 +153,7 @@ async def test_parallel_replays_with_different_credentials_give_one_winner(cloud
     [winner] = [r for r in results if r.status_code == 201]
     row = await cloud.instance(winner.json()["instance"]["id"])
     index = results.index(winner)
-    assert decrypt_credentials(cloud.h.app.state.settings, row) == {"anthropic": f"sk-{index}"}
+    assert decrypt_credentials(cloud.h.services.core.settings, row) == {"anthropic": f"sk-{index}"}
 
 
 @pytest.mark.parametrize("bad", [{"anthropic": "has space"}, {"Bad Name": "sk"}, ["sk"], "sk"])

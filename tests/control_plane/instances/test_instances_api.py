@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from control_plane.auth.models import User as UserRow
-from control_plane.auth.service import issue_access_token
+from control_plane.auth.service import AuthContext, issue_access_token
 from control_plane.auth.sessions import create_session
 from control_plane.billing.models import InstanceSubscription
 from control_plane.errors import KeyDecryptionFailed
@@ -104,7 +104,7 @@ async def test_new_instances_get_the_configured_runtime_kind_and_keep_it(make_cl
         assert read.json()["runtimeKind"] == "quoroom"
         listed = await c.client.get("/api/cloud/instances", headers=owner.headers)
         assert [i["runtimeKind"] for i in listed.json()["instances"]] == ["quoroom"]
-        async with c.h.app.state.session_factory() as db:  # an instance made before the switch
+        async with c.h.services.core.session_factory() as db:  # an instance made before the switch
             row = await db.get(CloudInstance, created["id"])
             assert row is not None
             row.runtime_kind = "reference"
@@ -125,7 +125,7 @@ async def test_a_double_clicked_create_gives_one_instance_and_one_checkout(cloud
     assert third.json()["instance"]["id"] == first.json()["instance"]["id"]
     assert cloud.stripe is not None
     assert len(cloud.stripe.sessions) == 1
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         assert len((await db.scalars(select(CloudInstance))).all()) == 1
         transitions = (
             await db.scalars(select(InstanceEvent).where(InstanceEvent.to_status.is_not(None)))
@@ -164,7 +164,7 @@ async def test_a_later_checkout_reuses_the_stripe_customer_of_an_earlier_one(clo
     await cloud.created(owner, name="Second")
     assert cloud.stripe is not None
     sessions = cloud.stripe.sessions
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         sub = await db.get(InstanceSubscription, first)
     assert sub is not None and sub.stripe_customer_id
     assert sessions[-1]["customer"] == sub.stripe_customer_id
@@ -177,7 +177,7 @@ async def test_stripe_being_down_keeps_a_keyed_draft_for_the_retry(cloud: Cloud)
     cloud.stripe.fail_next(500, times=2, path="/v1/checkout/sessions")  # and the SDK's retry
     r = await cloud.create(owner, key="retry-me")
     assert r.status_code == 503 and r.json()["code"] == "billing_unavailable"
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         [row] = (await db.scalars(select(CloudInstance))).all()
     assert row.status == S.DRAFT
     again = await cloud.create(owner, key="retry-me")
@@ -192,7 +192,7 @@ async def test_stripe_being_down_cancels_an_unkeyed_draft(cloud: Cloud) -> None:
     cloud.stripe.fail_next(500, times=5, path="/v1/checkout/sessions")
     r = await cloud.create(owner)
     assert r.status_code == 503
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         [row] = (await db.scalars(select(CloudInstance))).all()
     assert row.status == S.CANCELED  # does not count against the quota
 
@@ -221,7 +221,7 @@ async def test_creating_needs_a_signed_in_user(cloud: Cloud) -> None:
 async def test_creating_needs_a_verified_email(cloud: Cloud) -> None:
     h = cloud.h
     now = h.clock()
-    async with h.app.state.session_factory() as db:
+    async with h.services.core.session_factory() as db:
         user = UserRow(email="new@example.com", email_verified=False, created_at=now)
         db.add(user)
         await db.flush()
@@ -230,7 +230,7 @@ async def test_creating_needs_a_verified_email(cloud: Cloud) -> None:
             user_agent=None, ip_address=None,
         )  # fmt: skip
         await db.commit()
-        token = issue_access_token(h.app.state.auth, user, session.id)
+        token = issue_access_token(h.services.get(AuthContext), user, session.id)
     r = await cloud.client.post(
         "/api/cloud/instances",
         json={"name": "R", "tier": "starter", "region": "iad"},
@@ -285,7 +285,7 @@ async def test_a_bad_create_body_is_refused_without_side_effects(
     assert r.status_code == 422, r.text
     assert r.json()["code"] == "invalid_body"
     assert "sk-aaa" not in r.text
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         assert (await db.scalars(select(CloudInstance))).all() == []
 
 
@@ -327,13 +327,7 @@ async def test_concurrent_creates_do_not_exceed_the_quota(make_cloud: Any) -> No
 
 async def test_without_stripe_an_instance_goes_straight_to_provisioning(dev_cloud: Cloud) -> None:
     owner = await dev_cloud.user("owner@example.com")
-    woke: list[bool] = []
-
-    class Wakeup:
-        def set(self) -> None:
-            woke.append(True)
-
-    dev_cloud.h.app.state.worker_wakeup = Wakeup()
+    dev_cloud.h.wakeup.count = 0
     data = await dev_cloud.created(owner)
     assert data["checkout_url"] is None
     assert data["instance"]["status"] == "provisioning"
@@ -342,7 +336,7 @@ async def test_without_stripe_an_instance_goes_straight_to_provisioning(dev_clou
     assert "billing disabled (development)" in events[-1]["message"]
     row = await dev_cloud.instance(data["instance"]["id"])
     assert row.run_after is not None
-    assert woke == [True]
+    assert dev_cloud.h.wakeup.count == 1
 
 
 async def test_without_stripe_confirm_and_webhook_say_billing_is_disabled(dev_cloud: Cloud) -> None:
@@ -508,7 +502,7 @@ async def test_credentials_are_sealed_at_rest_and_never_returned(cloud: Cloud) -
     row = await cloud.instance(instance_id)
     assert row.credentials_encrypted is not None
     assert secret.encode() not in row.credentials_encrypted
-    settings = cloud.h.app.state.settings
+    settings = cloud.h.services.core.settings
     assert decrypt_credentials(settings, row) == {"anthropic": secret, "openai": "sk-o"}
     assert cloud.stripe is not None
     assert all(secret not in str(r.params) for r in cloud.stripe.requests)
@@ -519,7 +513,7 @@ async def test_sealed_credentials_do_not_open_on_another_instance(cloud: Cloud) 
     a = (await cloud.created(owner, credentials={"openai": "sk-a"}))["instance"]["id"]
     b = (await cloud.created(owner, name="B"))["instance"]["id"]
     row_a, row_b = await cloud.instance(a), await cloud.instance(b)
-    settings = cloud.h.app.state.settings
+    settings = cloud.h.services.core.settings
     assert decrypt_credentials(settings, row_b) == {}
     row_b.credentials_encrypted = row_a.credentials_encrypted
     with pytest.raises(KeyDecryptionFailed):

@@ -43,7 +43,7 @@ async def _accept(cloud: Cloud, user: User, token: Any) -> Any:
 
 
 async def _rows(cloud: Cloud) -> list[CloudInstanceMember]:
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         return list((await db.scalars(select(CloudInstanceMember))).all())
 
 
@@ -56,7 +56,7 @@ async def _sees(cloud: Cloud, user: User, instance_id: str) -> bool:
 def _statements(cloud: Cloud) -> Iterator[list[str]]:
     """The SQL statements the app runs inside the block (parameters left out)."""
     seen: list[str] = []
-    engine = cloud.h.app.state.engine.sync_engine
+    engine = cloud.h.services.core.engine.sync_engine
 
     def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         seen.append(statement)
@@ -76,7 +76,7 @@ async def test_the_answer_to_an_invitation_is_the_same_whatever_the_invitees_acc
 ) -> None:
     owner = await cloud.user("owner@example.com")
     await cloud.user("verified@example.com")
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         db.add(UserRow(email="unverified@example.com", email_verified=False))
         await db.commit()
     instance_id = await cloud.paid_and_running(owner)

@@ -69,7 +69,7 @@ async def test_an_unknown_address_stays_invited_after_signing_up_until_it_accept
     r = await _add(cloud, owner, instance_id, "later@example.com")
     assert r.json()["status"] == "pending"
     later = await cloud.user("later@example.com")  # signs up and verifies the address
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         [row] = (await db.scalars(select(CloudInstanceMember))).all()
         assert row.status == "pending" and row.user_id is None
     listed = (await cloud.client.get("/api/cloud/instances", headers=later.headers)).json()
@@ -78,7 +78,7 @@ async def test_an_unknown_address_stays_invited_after_signing_up_until_it_accept
         f"/api/cloud/invitations/{r.json()['id']}/accept", headers=later.headers
     )
     assert accepted.status_code == 200, accepted.text
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         [row] = (await db.scalars(select(CloudInstanceMember))).all()
         assert row.status == "active" and row.user_id == later.user_id
     listed = (await cloud.client.get("/api/cloud/instances", headers=later.headers)).json()
@@ -92,7 +92,7 @@ async def test_an_unknown_address_stays_invited_after_signing_up_until_it_accept
 async def test_an_unverified_account_is_only_invited(cloud: Cloud) -> None:
     owner = await cloud.user("owner@example.com")
     instance_id = (await cloud.created(owner))["instance"]["id"]
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         db.add(UserRow(email="unverified@example.com", email_verified=False))
         await db.commit()
     r = await _add(cloud, owner, instance_id, "unverified@example.com")

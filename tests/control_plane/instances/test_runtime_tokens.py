@@ -87,7 +87,7 @@ async def test_the_token_carries_exactly_the_contracted_claims(cloud: Cloud) -> 
     body = r.json()
     assert set(body) == {"token", "expires_at", "runtime_url", "launch_url"}
     assert body["runtime_url"] == RUNTIME_URL
-    ring: KeyRing = cloud.h.app.state.key_ring
+    ring: KeyRing = cloud.h.services.get(KeyRing)
     header = jwt.get_unverified_header(body["token"])
     assert header["alg"] == "EdDSA" and header["kid"] == ring.active_kid
     claims = _claims(body["token"])
@@ -164,7 +164,7 @@ async def test_the_name_claim_is_sent_when_the_user_has_a_name(cloud: Cloud) -> 
     instance_id = await cloud.paid_and_running(owner)
     from control_plane.auth.models import User as UserRow
 
-    async with cloud.h.app.state.session_factory() as db:
+    async with cloud.h.services.core.session_factory() as db:
         row = await db.get(UserRow, owner.user_id)
         assert row is not None
         row.name = "Ada"
@@ -227,7 +227,7 @@ async def test_a_pending_invite_gets_no_token(cloud: Cloud) -> None:
     )
     from control_plane.auth.models import User as UserRow
 
-    async with cloud.h.app.state.session_factory() as db:  # an account, address unproven
+    async with cloud.h.services.core.session_factory() as db:  # an account, address unproven
         db.add(UserRow(email="invitee2@example.com", email_verified=False))
         await db.commit()
     stranger = await cloud.user("someone@example.com")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from control_plane.keys.service import KeyRing
 from tests.control_plane.conftest import Harness
 
 
@@ -10,7 +11,7 @@ async def test_the_jwks_fast_path_serves_the_ring_bytes_with_cache_and_security_
 ):
     r = await harness.client.get("/.well-known/jwks.json")
     assert r.status_code == 200
-    assert r.content == harness.app.state.key_ring.jwks_bytes()
+    assert r.content == harness.services.get(KeyRing).jwks_bytes()
     assert r.headers["content-type"] == "application/jwk-set+json"
     assert r.headers["cache-control"] == "public, max-age=300"
     assert r.headers["access-control-allow-origin"] == "*"
@@ -21,7 +22,7 @@ async def test_a_head_request_gets_the_headers_without_a_body(harness: Harness):
     r = await harness.client.head("/.well-known/jwks.json")
     assert r.status_code == 200
     assert r.content == b""
-    assert int(r.headers["content-length"]) == len(harness.app.state.key_ring.jwks_bytes())
+    assert int(r.headers["content-length"]) == len(harness.services.get(KeyRing).jwks_bytes())
 
 
 async def test_other_methods_still_reach_the_router(harness: Harness):

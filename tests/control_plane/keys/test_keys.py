@@ -41,13 +41,13 @@ async def test_the_jwks_publishes_public_keys_only_with_a_max_age(harness: Harne
 
 def _switch(h: Harness) -> None:
     """Let a rotation take effect (the new key has been published for one JWKS max-age)."""
-    h.clock.advance(publish_delay(h.app.state.settings).total_seconds())
+    h.clock.advance(publish_delay(h.services.core.settings).total_seconds())
 
 
 async def test_no_private_parameter_appears_in_the_jwks_across_rotations(harness: Harness):
-    ring: KeyRing = harness.app.state.key_ring
+    ring: KeyRing = harness.services.get(KeyRing)
     for _ in range(3):
-        async with harness.app.state.session_factory() as db:
+        async with harness.services.core.session_factory() as db:
             await ring.rotate(db)
         _switch(harness)
         body = (await harness.client.get("/.well-known/jwks.json")).content
@@ -56,9 +56,9 @@ async def test_no_private_parameter_appears_in_the_jwks_across_rotations(harness
 
 
 async def test_private_keys_are_encrypted_at_rest(harness: Harness):
-    ring: KeyRing = harness.app.state.key_ring
+    ring: KeyRing = harness.services.get(KeyRing)
     token = ring.sign({"sub": "u"}, audience="quoroom-runtime")
-    async with harness.app.state.session_factory() as db:
+    async with harness.services.core.session_factory() as db:
         rows = (await db.scalars(select(SigningKey))).all()
     for row in rows:
         assert len(row.private_key_ciphertext) == 32 + 16  # key + GCM tag: not the raw key
@@ -68,15 +68,15 @@ async def test_private_keys_are_encrypted_at_rest(harness: Harness):
 
 async def test_a_wrong_key_encryption_key_refuses_to_start(harness: Harness, make_settings: Any):
     other = make_settings(key_encryption_key="b" * 43)
-    ring = KeyRing(other, harness.app.state.session_factory)
+    ring = KeyRing(other, harness.services.core.session_factory)
     with pytest.raises(KeyDecryptionFailed):
         await ring.reload()
 
 
 async def test_a_rotated_in_key_was_published_before_it_signs(harness: Harness):
-    ring: KeyRing = harness.app.state.key_ring
+    ring: KeyRing = harness.services.get(KeyRing)
     before = {k["kid"] for k in (await _jwks(harness))["keys"]}
-    async with harness.app.state.session_factory() as db:
+    async with harness.services.core.session_factory() as db:
         new_active = await ring.rotate(db)
     assert new_active in before
     _switch(harness)
@@ -85,23 +85,23 @@ async def test_a_rotated_in_key_was_published_before_it_signs(harness: Harness):
 
 async def test_a_retired_key_stays_published_until_its_tokens_expired(harness: Harness):
     h = harness
-    ring: KeyRing = h.app.state.key_ring
+    ring: KeyRing = h.services.get(KeyRing)
     old = ring.active_kid
-    async with h.app.state.session_factory() as db:
+    async with h.services.core.session_factory() as db:
         await ring.rotate(db)
     assert old in {k["kid"] for k in (await _jwks(h))["keys"]}
     _switch(h)  # the old key signs until here, so its lifetime counts from here
     h.clock.advance(RETIRED_KEY_LIFETIME.total_seconds() + 1)
     await ring.reload()
     assert old not in {k["kid"] for k in (await _jwks(h))["keys"]}
-    async with h.app.state.session_factory() as db:
+    async with h.services.core.session_factory() as db:
         await ring.rotate(db)  # deletes it from the table
         assert await db.get(SigningKey, old) is None
 
 
 async def test_the_runtime_accepts_tokens_across_a_rotation_without_restart(harness: Harness):
     h = harness
-    ring: KeyRing = h.app.state.key_ring
+    ring: KeyRing = h.services.get(KeyRing)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=h.app))
     cache = JWKSCache(f"{PUBLIC_URL}/.well-known/jwks.json", client=client, unknown_kid_cooldown=0)
     verifier = TokenVerifier(
@@ -112,10 +112,10 @@ async def test_the_runtime_accepts_tokens_across_a_rotation_without_restart(harn
         # 15 minutes: it must still be valid after the two rotations took effect (2 × 6 min).
         before = ring.sign(claims, audience="quoroom-runtime", ttl=timedelta(minutes=15))
         assert (await verifier.verify(before)).subject == "user-1"
-        async with h.app.state.session_factory() as db:
+        async with h.services.core.session_factory() as db:
             await ring.rotate(db)
         _switch(h)
-        async with h.app.state.session_factory() as db:
+        async with h.services.core.session_factory() as db:
             await ring.rotate(db)  # the new active key was never in the runtime's cached set
         _switch(h)
         after = ring.sign(claims, audience="quoroom-runtime", ttl=timedelta(minutes=5))
@@ -126,7 +126,7 @@ async def test_the_runtime_accepts_tokens_across_a_rotation_without_restart(harn
 
 
 async def test_signed_tokens_carry_kid_eddsa_and_at_most_fifteen_minutes(harness: Harness):
-    ring: KeyRing = harness.app.state.key_ring
+    ring: KeyRing = harness.services.get(KeyRing)
     token = ring.sign({"sub": "u"}, audience="quoroom-runtime", ttl=timedelta(hours=2))
     header = jwt.get_unverified_header(token)
     assert header["alg"] == "EdDSA" and header["kid"] == ring.active_kid
@@ -137,10 +137,10 @@ async def test_signed_tokens_carry_kid_eddsa_and_at_most_fifteen_minutes(harness
 
 async def test_another_process_rotation_is_picked_up_on_reload(harness: Harness):
     h = harness
-    ring: KeyRing = h.app.state.key_ring
-    other = KeyRing(h.app.state.settings, h.app.state.session_factory, clock=h.clock)
+    ring: KeyRing = h.services.get(KeyRing)
+    other = KeyRing(h.services.core.settings, h.services.core.session_factory, clock=h.clock)
     await other.reload()
-    async with h.app.state.session_factory() as db:
+    async with h.services.core.session_factory() as db:
         new_active = await other.rotate(db)
     assert ring.active_kid != new_active
     await ring.reload()
@@ -160,15 +160,15 @@ async def test_a_rotated_in_key_is_published_at_once_but_signs_only_after_one_ma
     harness: Harness,
 ):
     h = harness
-    ring: KeyRing = h.app.state.key_ring
+    ring: KeyRing = h.services.get(KeyRing)
     old = ring.active_kid
-    async with h.app.state.session_factory() as db:
+    async with h.services.core.session_factory() as db:
         new = await ring.rotate(db)
     assert new != old and new in {k["kid"] for k in (await _jwks(h))["keys"]}
     # The next key was published at start-up (now): a runtime may hold a JWKS without it for
     # one max-age, plus the reload interval of the other control-plane processes.
-    wait = publish_delay(h.app.state.settings)
-    assert wait.total_seconds() >= h.app.state.settings.jwks_max_age_seconds
+    wait = publish_delay(h.services.core.settings)
+    assert wait.total_seconds() >= h.services.core.settings.jwks_max_age_seconds
     assert _kid(ring.sign({"sub": "u"}, audience="quoroom-runtime")) == old
     assert ring.active_kid == old and ring.pending_switch == (new, h.clock.now + wait)
     h.clock.advance(wait.total_seconds() - 1)
@@ -187,16 +187,16 @@ async def test_a_rotated_in_key_is_published_at_once_but_signs_only_after_one_ma
 
 async def test_a_runtime_with_a_cached_jwks_never_sees_an_unknown_signing_key(harness: Harness):
     h = harness
-    ring: KeyRing = h.app.state.key_ring
-    wait = publish_delay(h.app.state.settings)
-    max_age = h.app.state.settings.jwks_max_age_seconds
+    ring: KeyRing = h.services.get(KeyRing)
+    wait = publish_delay(h.services.core.settings)
+    max_age = h.services.core.settings.jwks_max_age_seconds
     fetched: list[tuple[float, set[str]]] = []  # (time, kids) of every JWKS a runtime took
     for _ in range(3):
         fetched.append((h.clock.now.timestamp(), {k["kid"] for k in (await _jwks(h))["keys"]}))
-        async with h.app.state.session_factory() as db:
+        async with h.services.core.session_factory() as db:
             await ring.rotate(db)
         h.clock.advance(10)
-        async with h.app.state.session_factory() as db:  # an impatient operator, again
+        async with h.services.core.session_factory() as db:  # an impatient operator, again
             try:
                 await ring.rotate(db)
             except KeysNotReady:
@@ -214,28 +214,28 @@ async def test_a_runtime_with_a_cached_jwks_never_sees_an_unknown_signing_key(ha
 
 async def test_a_second_rotation_waits_for_the_first_to_take_effect(harness: Harness):
     h = harness
-    ring: KeyRing = h.app.state.key_ring
-    async with h.app.state.session_factory() as db:
+    ring: KeyRing = h.services.get(KeyRing)
+    async with h.services.core.session_factory() as db:
         first = await ring.rotate(db)
-    async with h.app.state.session_factory() as db:
+    async with h.services.core.session_factory() as db:
         with pytest.raises(KeysNotReady) as info:
             await ring.rotate(db)
     assert first in info.value.message
-    h.clock.advance(publish_delay(h.app.state.settings).total_seconds())
-    async with h.app.state.session_factory() as db:
+    h.clock.advance(publish_delay(h.services.core.settings).total_seconds())
+    async with h.services.core.session_factory() as db:
         second = await ring.rotate(db)
     assert second != first
 
 
 async def test_another_process_sees_the_scheduled_switch_after_reload(harness: Harness):
     h = harness
-    ring: KeyRing = h.app.state.key_ring
-    other = KeyRing(h.app.state.settings, h.app.state.session_factory, clock=h.clock)
+    ring: KeyRing = h.services.get(KeyRing)
+    other = KeyRing(h.services.core.settings, h.services.core.session_factory, clock=h.clock)
     await other.reload()
     old = other.active_kid
-    async with h.app.state.session_factory() as db:
+    async with h.services.core.session_factory() as db:
         new = await other.rotate(db)
     await ring.reload()
     assert ring.active_kid == old and ring.pending_switch is not None
-    h.clock.advance(publish_delay(h.app.state.settings).total_seconds())
+    h.clock.advance(publish_delay(h.services.core.settings).total_seconds())
     assert _kid(ring.sign({"sub": "u"}, audience="quoroom-runtime")) == new

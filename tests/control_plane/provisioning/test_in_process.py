@@ -36,7 +36,7 @@ async def test_a_fulfilled_payment_wakes_the_in_process_worker_and_the_room_runs
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
-        assert app.state.worker_wakeup is not None
+        assert app.state.services.core.wakeup is not None
         iid = await make_instance(
             factory, FakeClock(), status=InstanceStatus.AWAITING_PAYMENT, run_after=None
         )
@@ -48,7 +48,7 @@ async def test_a_fulfilled_payment_wakes_the_in_process_worker_and_the_room_runs
                 user_id=None, event_at=None, now=utcnow(), source="test",
             )  # fmt: skip
         assert outcome.wake_worker
-        wake(app.state.worker_wakeup)
+        wake(app.state.services.core.wakeup)
         for _ in range(600):
             inst = await get_instance(factory, iid)
             if inst.status != "provisioning":
