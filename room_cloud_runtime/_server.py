@@ -4,9 +4,13 @@ a guard on the request head.
 uvicorn bounds neither the size of a request head nor the time it may take to arrive when it
 runs httptools (``h11_max_incomplete_event_size`` applies to h11 only): a 64 MiB header was
 buffered whole, eight unfinished 24 MiB heads took 240 MiB, and a client trickling a byte at a
-time kept its socket forever, because every byte cancels the keep-alive timer. h11 has the size
-bound but still no head deadline, and costs a large share of throughput (bench/RESULTS.md
-"Server"). So the runtime keeps httptools and adds what it lacks:
+time kept its socket forever, because every byte cancels the keep-alive timer. Measured side by
+side (bench/RESULTS.md "Servers", ``python -m bench server``): uvicorn with h11 has the size bound
+but no head deadline and serves the stack at about half httptools' rate; hypercorn bounds size and
+time but runs at about a third; granian bounds both and is faster still than httptools, but it
+runs the app in a worker process of its own and its WebSocket-denial and early-answer behaviour is
+not what this suite checks, so moving to it is issue 13's server item. So the runtime keeps
+httptools and adds what it lacks:
 
 - **head size**: bytes received while a head is still incomplete are counted; past
   ``max_head_bytes`` the client gets 431 and the connection is closed (the stack's own
