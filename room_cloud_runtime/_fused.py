@@ -73,7 +73,7 @@ _ORIGIN, _AUTH, _LENGTH, _TYPE, _FRAMED, _FLY, _STRIP, _ACRM, _ACRH = range(9)
 # The raw ``Authorization`` value → token memo: bounded in entries and in key length, since the
 # keys come from the client (cleared when full, like the ACL's memo).
 _TOKEN_MEMO_SIZE = 4096
-# Address → limiter key ("a:<address>"): bounded the same way.
+# Address → limiter key ("a:<address>"), subject → "p:<instance>:<subject>": bounded the same way.
 _KEY_MEMO_SIZE = 4096
 
 
@@ -168,8 +168,10 @@ class FusedStack:
         "_limits",
         "_max_body",
         "_max_headers",
-        "_plans",
+        "_origin_plans",
+        "_own_plans",
         "_principal",
+        "_principal_keys",
         "_protected",
         "_public_paths",
         "_query_token_route",
@@ -177,6 +179,7 @@ class FusedStack:
         "_strip",
         "_tokens",
         "_trust_fly",
+        "_vary_plans",
         "_wanted",
         "_write_check",
         "_ws_paths",
@@ -204,12 +207,14 @@ class FusedStack:
         # SecurityHeaders and CORS: every combination of their response headers, prebuilt.
         self._api_prefix = headers._api_prefix
         self._api_exact = headers._api_exact
-        self._plans: dict[tuple[bool, bytes | None], _Plan] = {}
-        for on_api, profile in ((True, headers._api), (False, headers._document)):
-            self._plans[on_api, None] = _Plan(profile, _VARY_ONLY)
-            self._plans[on_api, b""] = _Plan(profile, None)  # the stack's own answers
-            for origin, deferral in cors._simple.items():
-                self._plans[on_api, origin] = _Plan(profile, deferral)
+        # Indexed by "is an API path" (False 0, True 1): no key tuple built per request.
+        profiles = (headers._document, headers._api)
+        self._vary_plans = tuple(_Plan(profile, _VARY_ONLY) for profile in profiles)
+        self._own_plans = tuple(_Plan(profile, None) for profile in profiles)  # stack's answers
+        self._origin_plans = tuple(
+            {origin: _Plan(profile, deferral) for origin, deferral in cors._simple.items()}
+            for profile in profiles
+        )
         self._cors = cors
         self._guarded = cors._guarded
         # RequestLimits.
@@ -227,6 +232,7 @@ class FusedStack:
         self._exempt = address.exempt_paths
         self._address_keys: dict[str, str] = {}
         self._principal = principal
+        self._principal_keys: dict[str, str] = {}  # subject → "p:<instance>:<subject>"
         self._read_check = principal._read_check
         self._write_check = principal._write_check
         # Authenticate.
@@ -340,21 +346,20 @@ class FusedStack:
 
         # -- SecurityHeaders and CORSGuard ---------------------------------------------------
         on_api = path.startswith(self._api_prefix) or path == self._api_exact
-        plans = self._plans
         if origin is None:
-            plan = plans[on_api, None]
+            plan = self._vary_plans[on_api]
         else:
             if method == "OPTIONS" and acrm is not None:
-                out = _Out(send, plans[on_api, b""])
+                out = _Out(send, self._own_plans[on_api])
                 if log is not None:
                     log.append(out)
                 await self._cors._answer_preflight(scope, out.send, origin, acrm)
                 return
-            allowed = plans.get((on_api, origin))
+            allowed = self._origin_plans[on_api].get(origin)
             if allowed is not None:
                 plan = allowed
             elif path.startswith(self._guarded) or method not in _SAFE_METHODS:
-                out = _Out(send, plans[on_api, b""])
+                out = _Out(send, self._own_plans[on_api])
                 if log is not None:
                     log.append(out)
                 await send_error(
@@ -362,7 +367,7 @@ class FusedStack:
                 )
                 return
             else:
-                plan = plans[on_api, None]
+                plan = self._vary_plans[on_api]
         out = _Out(send, plan)
         if log is not None:
             log.append(out)
@@ -497,7 +502,17 @@ class FusedStack:
         if principal is not None:
             limit = self._principal
             read = method in READ_METHODS
-            key = f"p:{principal.instance_id}:{principal.subject}"
+            subject = principal.subject
+            if principal.instance_id == self._acl_instance:  # always, with the stack's verifier
+                key = self._principal_keys.get(subject)
+                if key is None:
+                    key = f"p:{principal.instance_id}:{subject}"
+                    keys = self._principal_keys
+                    if len(keys) >= _KEY_MEMO_SIZE:
+                        keys.clear()
+                    keys[subject] = key
+            else:
+                key = f"p:{principal.instance_id}:{subject}"
             check = self._read_check if read else self._write_check
             if check is not None:
                 refusal = check(key)
@@ -528,10 +543,15 @@ class FusedStack:
                     memo.clear()
                 memo[memo_key] = verdict
         if verdict is not _UNPROTECTED:
-            if verdict is _BAD_PATH:
-                await send_error(reply, 400, "malformed request path", "bad_path")
-                return
-            if not await self._allowed(principal, verdict, method, reply):
+            # The usual protected request inline (a principal of this instance with the rank the
+            # rule asks for); anything else (a bad path too: its rank of -1 would pass) is judged,
+            # and refused, by _acl_refusal.
+            if (
+                verdict is _BAD_PATH
+                or principal is None
+                or principal.instance_id != self._acl_instance
+                or ROLE_RANK.get(principal.role, 0) < verdict[0]
+            ) and await self._acl_refusal(principal, verdict, method, reply):
                 return
 
         # -- the Room app ---------------------------------------------------------------------
@@ -582,14 +602,17 @@ class FusedStack:
             return extra
         return {}
 
-    async def _allowed(
+    async def _acl_refusal(
         self, principal: Principal | None, verdict: tuple[int, bool], method: str, reply: Send
     ) -> bool:
-        """:class:`ACLGuard`'s principal checks for a protected path; refuses when they fail."""
+        """:class:`ACLGuard`'s checks for a protected path; ``True`` when it refused."""
+        if verdict is _BAD_PATH:
+            await send_error(reply, 400, "malformed request path", "bad_path")
+            return True
         least_rank, public = verdict
         if principal is None:
             if public and (method == "GET" or method == "HEAD"):
-                return True
+                return False
             await send_error(
                 reply,
                 401,
@@ -597,14 +620,14 @@ class FusedStack:
                 "unauthenticated",
                 [(b"www-authenticate", b'Bearer realm="quoroom-runtime"')],
             )
-            return False
+            return True
         if principal.instance_id != self._acl_instance:
             await send_error(reply, 403, "token was issued for another instance", "wrong_instance")
-            return False
+            return True
         if ROLE_RANK.get(principal.role, 0) < least_rank:
             await send_error(reply, 403, "your role may not do this", "forbidden")
-            return False
-        return True
+            return True
+        return False
 
 
 class _StatusMerge:
