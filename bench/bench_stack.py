@@ -1,22 +1,28 @@
 """The stack against the bare reference Room on an authenticated GET, with warm caches.
 
-1. In-process: µs per request, calling the ASGI app directly (no server). Bare and stack are
-   interleaved in short batches over many rounds; each batch is timed in thread CPU time
-   (``time.thread_time``), so time the scheduler gives to other processes on this shared 2-core
-   machine is not counted. The best batch of each is the figure (best-of-N: noise only ever
-   adds), the median is shown too.
+"stack" is what ``wrap()`` serves: the fused pass (``room_cloud_runtime/_fused.py``, issue 13).
+"layered" is the same layers composed one inside the other (``RuntimeStack.layered``, what the
+stack was before), measured alongside so the fusion's effect is read within one run.
+
+1. In-process: µs per request, calling the ASGI app directly (no server). Bare, stack and
+   layered are interleaved in short batches over many rounds; each batch is timed in thread CPU
+   time (``time.thread_time``), so time the scheduler gives to other processes on this shared
+   2-core machine is not counted. The best batch of each is the figure (best-of-N: noise only
+   ever adds), the median is shown too. With valgrind installed, CPU instructions per request
+   are counted too (``bench/profile.py --callgrind``: independent of load altogether).
 2. Through uvicorn's protocol, no sockets: uvicorn's httptools protocol object is fed the raw
    request bytes on 32 connections at a time and its responses go to an in-memory transport. This
    is the server's CPU per request (parsing, the app, uvicorn's per-header validation of the
    response) without the kernel or the load generator: the least noisy view of what the ratio
-   over loopback is made of. A *floor* variant shows what the stack's shape alone costs: the bare
-   app behind as many no-op pure-ASGI layers as the stack has, adding the stack's response
-   headers through one ``send`` wrapper.
+   over loopback is made of. A *floor* variant shows what the layered shape alone costs: the
+   bare app behind as many no-op pure-ASGI layers as the layered stack has, adding the stack's
+   response headers through one ``send`` wrapper; a *headers* variant the same with one layer:
+   the ceiling for any stack that sends those headers through uvicorn.
 3. Over loopback: uvicorn (1 worker, httptools + uvloop) pinned to core 0, wrk pinned to core 1,
    bare and stack alternated, each for a bounded duration; requests/s reported (best and
    median run) with the server's CPU time per request read from ``/proc`` (user + system).
 
-Targets (issue 2): the stack adds ≤ 8 µs per request in-process and keeps ≥ 90 % of the bare
+Targets (issue 13): the stack adds ≤ 5 µs per request in-process and keeps ≥ 90 % of the bare
 app's requests/s over loopback.
 """
 
@@ -38,8 +44,8 @@ from typing import Any
 from . import _keys, apps
 
 PATH = "/api/rooms"
-# Pure-ASGI callables a request passes through in the stack (RuntimeStack and its nine layers
-# in cloud mode, access log off): the floor variant gets as many no-op layers.
+# Pure-ASGI callables a request passes through in the layered stack (RuntimeStack and its nine
+# layers in cloud mode, access log off): the floor variant gets as many no-op layers.
 STACK_DEPTH = 10
 
 
@@ -89,6 +95,7 @@ async def in_process(rounds: int = 150, n: int = 200) -> dict[str, float]:
     token = _keys.mint(key)
     bare = apps.bare_app()
     stack = apps.stack_app(_keys.jwks_of(key))
+    layered = _layered(stack)
     statuses: list[int] = []
 
     async def receive() -> dict[str, Any]:
@@ -103,10 +110,12 @@ async def in_process(rounds: int = 150, n: int = 200) -> dict[str, float]:
         for _ in range(300):  # warm: caches filled, code paths hot
             await bare(_scope(apps.LOCAL_TOKEN), receive, send)
             await stack(_scope(token), receive, send)
-        samples: dict[str, list[float]] = {"bare": [], "stack": []}
+            await layered(_scope(token), receive, send)
+        samples: dict[str, list[float]] = {"bare": [], "stack": [], "layered": []}
         for _ in range(rounds):
             samples["bare"].append(await _batch_us(bare, apps.LOCAL_TOKEN, n, receive, send))
             samples["stack"].append(await _batch_us(stack, token, n, receive, send))
+            samples["layered"].append(await _batch_us(layered, token, n, receive, send))
     finally:
         await stack.shutdown()
     if set(statuses) != {200}:
@@ -114,8 +123,36 @@ async def in_process(rounds: int = 150, n: int = 200) -> dict[str, float]:
     out = _summary(samples)
     out["added_us"] = out["stack_best"] - out["bare_best"]
     out["added_median_us"] = out["stack_median"] - out["bare_median"]
+    out["layered_added_us"] = out["layered_best"] - out["bare_best"]
     out["rounds"], out["n"] = rounds, n
     return out
+
+
+def _layered(stack: Any) -> Any:
+    """The stack's own layers composed one inside the other, as an app (shared resources)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await stack.layered(scope, receive, send)
+
+    return app
+
+
+def instructions(requests: int = 2000) -> dict[str, float] | None:
+    """CPU instructions per request (callgrind; ``bench/profile.py``), or None without valgrind."""
+    if shutil.which("valgrind") is None:
+        print("valgrind not found: skipping the instruction counts", file=sys.stderr)
+        return None
+    from . import profile
+
+    counts = profile.callgrind(["bare", "fused", "layered"], requests)
+    return {
+        "bare": counts["bare"],
+        "stack": counts["fused"],
+        "layered": counts["layered"],
+        "ratio": counts["bare"] / counts["fused"],
+        "layered_ratio": counts["bare"] / counts["layered"],
+        "requests": requests,
+    }
 
 
 # -- 2. through uvicorn's protocol, no sockets ----------------------------------------------------
@@ -236,7 +273,9 @@ async def protocol(rounds: int = 40, per_round: int = 10, connections: int = 32)
         variants = {
             "bare": (bare, request(apps.LOCAL_TOKEN)),
             "stack": (stack, request(token)),
+            "layered": (_layered(stack), request(token)),
             "floor": (floor, request(apps.LOCAL_TOKEN)),
+            "headers": (_floor_app(bare, added, 1), request(apps.LOCAL_TOKEN)),
         }
         samples: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(rounds):
@@ -248,7 +287,9 @@ async def protocol(rounds: int = 40, per_round: int = 10, connections: int = 32)
     out: dict[str, Any] = _summary(samples)
     out["added_us"] = out["stack_best"] - out["bare_best"]
     out["ratio"] = out["bare_best"] / out["stack_best"]
+    out["layered_ratio"] = out["bare_best"] / out["layered_best"]
     out["floor_ratio"] = out["bare_best"] / out["floor_best"]
+    out["headers_ratio"] = out["bare_best"] / out["headers_best"]
     out["added_headers"] = len(added)
     out["depth"] = STACK_DEPTH
     return out
@@ -378,6 +419,7 @@ def _on_uvloop(coro: Awaitable[dict[str, Any]]) -> dict[str, Any]:
 def run() -> dict[str, Any]:
     return {
         "in_process": asyncio.run(in_process()),
+        "instructions": instructions(),
         "protocol": _on_uvloop(protocol()),
         "loopback": loopback(),
     }
