@@ -70,8 +70,9 @@ _START = "http.response.start"
 # What the one header scan picks up, by name. Small ints, compared with ``is``-cheap ``==``.
 _ORIGIN, _AUTH, _LENGTH, _TYPE, _FRAMED, _FLY, _STRIP, _ACRM, _ACRH = range(9)
 
-# The raw ``Authorization`` value → token memo: bounded in entries and in key length, since the
-# keys come from the client (cleared when full, like the ACL's memo).
+# The raw ``Authorization`` value → token memo, filled only with tokens that verified (so a
+# flood of forged values never fills it) and bounded in entries (cleared when full, like the
+# ACL's memo). Values past the verifier's token-size cap never verify, so keys stay small.
 _TOKEN_MEMO_SIZE = 4096
 # Address → limiter key ("a:<address>"), subject → "p:<instance>:<subject>": bounded the same way.
 _KEY_MEMO_SIZE = 4096
@@ -242,7 +243,7 @@ class FusedStack:
         self._ws_paths = auth.websocket_paths
         self._public_paths = auth.public_paths
         self._query_token_route = auth.query_token_route
-        self._tokens: dict[bytes, str | None] = {}
+        self._tokens: dict[bytes, str] = {}
         # CloudEndpoints and the ACL (its verdict memo is shared).
         self._endpoints = endpoints
         self._answered = endpoints._answered
@@ -443,15 +444,12 @@ class FusedStack:
         # -- Authenticate ---------------------------------------------------------------------
         if path.startswith(self._protected) or path in self._ws_paths:
             token: str | None = None
+            fresh = False  # parsed here, not from the memo
             if authorization is not None:
-                tokens = self._tokens
-                token = tokens.get(authorization, "")  # "": not seen yet
-                if token == "":
+                token = self._tokens.get(authorization)
+                if token is None:
                     token = _bearer(authorization)
-                    if len(authorization) <= 8192:
-                        if len(tokens) >= _TOKEN_MEMO_SIZE:
-                            tokens.clear()
-                        tokens[authorization] = token
+                    fresh = token is not None
             if (
                 token is None
                 and self._query_token_route is not None
@@ -488,6 +486,12 @@ class FusedStack:
                     )
                     return
                 state[PRINCIPAL] = principal
+                if fresh:
+                    # Memoised once verified: forged and garbage values never fill the memo.
+                    tokens = self._tokens
+                    if len(tokens) >= _TOKEN_MEMO_SIZE:
+                        tokens.clear()
+                    tokens[authorization] = token  # type: ignore[index]
 
         # -- CloudEndpoints -------------------------------------------------------------------
         extra: dict[str, Any] | None = None

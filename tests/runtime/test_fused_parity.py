@@ -546,3 +546,15 @@ async def test_access_log_lines_are_identical(
     finally:
         await pair.fused.shutdown()
         await pair.layered.shutdown()
+
+
+async def test_only_verified_tokens_enter_the_fused_token_memo(
+    pair: Pair, factory: TokenFactory
+) -> None:
+    fused = pair.fused.app
+    assert isinstance(fused, FusedStack)
+    good = factory.mint()
+    for value in ("Bearer " + factory.mint()[:-4] + "AAAA", "Bearer garbage", "Basic dTpw"):
+        await drive(pair.fused, Request(headers=[("Authorization", value)]))
+    await drive(pair.fused, Request(headers=[bearer(good)]))
+    assert list(fused._tokens) == [f"Bearer {good}".encode()]
