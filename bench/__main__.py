@@ -59,13 +59,17 @@ def _stack_section() -> str:
     ]
     lb = result["loopback"]
     if lb:
+        lb_ok = min(lb["ratio"], lb["median_ratio"], lb["cpu_ratio"]) >= 0.9
         lines += [
             f"| loopback requests/s (uvicorn 1 worker on core 0, wrk -t1 -c{lb['connections']:.0f} "
             f"on core 1, best of {lb['rounds']:.0f}×{lb['seconds']:.0f} s) "
             f"| {lb['bare_best']:.0f} ({lb['bare_median']:.0f}) "
             f"| {lb['stack_best']:.0f} ({lb['stack_median']:.0f}) "
             f"| {lb['ratio'] * 100:.1f} % of bare ({lb['median_ratio'] * 100:.1f} %) | ≥ 90 % "
-            f"| {'pass' if lb['ratio'] >= 0.9 else 'FAIL'} |",
+            # Requests/s over loopback swing with whatever else runs on the two cores (best
+            # ratios above 100 % happen): pass only when the best, the median and the server's
+            # CPU per request (next row) all say so.
+            f"| {'pass' if lb_ok else 'FAIL'} |",
             f"| loopback server CPU µs/request (user + system, same runs) "
             f"| {lb['cpu_bare_best']:.1f} | {lb['cpu_stack_best']:.1f} "
             f"| {lb['cpu_ratio'] * 100:.1f} % of bare's rate | – | – |",
