@@ -5,6 +5,12 @@ Cloud mode, outermost first (DESIGN.md "Runtime pipeline"):
     AccessLog → SecurityHeaders → CORSGuard → RequestLimits → ClientAddress → AddressRateLimit
     → Authenticate → CloudEndpoints → PrincipalRateLimit → ACLGuard → the Room app
 
+Each layer is built as its own object (it validates its options and prebuilds its tables), and
+in cloud mode the request path is one :class:`~room_cloud_runtime._fused.FusedStack` pass over
+them in this order (issue 13: one header scan, one ``send`` wrapper, no frame per layer);
+``RuntimeStack(..., fused=False)`` composes them one inside the other instead, which the parity
+tests hold to the same answers.
+
 Local mode: ``LocalGuard`` only — the Room's own handshake and token flow stay as they are.
 
 The stack owns two resources with a life of their own, the JWKS cache (background refresh) and

@@ -24,7 +24,7 @@ from room_cloud_runtime._fused import FusedStack
 from room_cloud_runtime._jwks import JWKSCache
 from room_cloud_runtime._limiter import Limiter, build_limiter
 from room_cloud_runtime._settings import RuntimeSettings
-from room_cloud_runtime._stack import RuntimeStack
+from room_cloud_runtime._stack import RuntimeStack, wrap
 from tests.helpers.tokens import TokenFactory
 
 ISSUER = "https://cp.parity.test"
@@ -282,8 +282,10 @@ def bearer(token: str) -> tuple[str, str]:
 
 
 def test_wrap_serves_the_fused_pipeline(pair: Pair) -> None:
+    assert isinstance(wrap(Room(), settings()).app, FusedStack)
     assert isinstance(pair.fused.app, FusedStack)
     assert not isinstance(pair.layered.app, FusedStack)
+    assert pair.fused.layered is not pair.fused.app  # WebSockets go through the layers
 
 
 HTTP_CASES: dict[str, Callable[[TokenFactory], list[Request]]] = {
