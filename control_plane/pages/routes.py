@@ -27,6 +27,7 @@ from control_plane.auth.models import User
 from control_plane.auth.service import AuthContext
 from control_plane.deps import authenticate_request
 from control_plane.errors import ControlPlaneError
+from control_plane.pages.pwa import OFFLINE_PATH, pwa_router, release_id
 from control_plane.services import services_of
 
 HERE: Final = Path(__file__).parent
@@ -97,6 +98,8 @@ def build_templates() -> Jinja2Templates:
         return f"{url}?v={version}" if version else url
 
     templates.env.globals["static"] = static
+    # Names the service worker's cache; also in every page, for the "updated" notice (issue 17).
+    templates.env.globals["release"] = release_id(STATIC_DIR, TEMPLATES_DIR)
     return templates
 
 
@@ -291,3 +294,16 @@ async def open_instance(request: Request, viewer: Viewer, instance_id: str) -> R
     if not _ID_RE.match(instance_id):
         return _page(request, "not_found.html", viewer, private=True, status_code=404)
     return _page(request, "open.html", viewer, private=True, instance_id=instance_id)
+
+
+# -- the installable app shell (issue 17) -------------------------------------------------------
+
+
+@router.get(OFFLINE_PATH, response_class=HTMLResponse)
+async def offline(request: Request) -> Response:
+    """What the service worker shows for a page while the network is down. Rendered for nobody
+    (the worker fetches it without cookies and stores it), so it holds no one's data."""
+    return _page(request, "offline.html", None, private=False)
+
+
+router.include_router(pwa_router)

@@ -122,3 +122,25 @@ async def browser() -> AsyncIterator[Any]:
             yield instance
         finally:
             await instance.close()
+
+
+@pytest.fixture
+async def profile_context(tmp_path: Path) -> AsyncIterator[Any]:
+    """Chromium with a real profile on disk (``browser``'s contexts are incognito, where nothing
+    can be installed): what an installed app runs in. Phone-sized, touch."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        context = await pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            viewport={"width": 412, "height": 915},
+            has_touch=True,
+        )
+        try:
+            yield context
+        finally:
+            await context.close()
