@@ -222,7 +222,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["", f"Targets met: {'yes' if not summary['missed'] else 'no'}."]
     for miss in summary["missed"]:
         lines.append(f"- missed: {miss}")
-    lines.append(f"Load average during the run: {summary['load']}.")
+    lines += ["", f"Load average (1/5/15 min) after the run: {summary['load']}."]
     return "\n".join(lines) + "\n"
 
 
