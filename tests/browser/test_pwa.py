@@ -41,15 +41,8 @@ CACHE_ENTRIES = """async () => {
   }
   return out;
 }"""
-WORKER_READY = """async () => {
-  const reg = await navigator.serviceWorker.ready;
-  if (!navigator.serviceWorker.controller) {
-    await new Promise((resolve) =>
-      navigator.serviceWorker.addEventListener("controllerchange", resolve, { once: true })
-    );
-  }
-  return reg.active.scriptURL;
-}"""
+WORKER_READY = "navigator.serviceWorker.ready.then((reg) => reg.active.scriptURL)"
+READY_SECONDS = 20
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +51,17 @@ def room_owner(control_plane: ControlPlane) -> Iterator[tuple[str, dict[str, Any
     address = "pwa.owner@example.com"
     grant = asyncio.run(_running_room(control_plane, address))
     yield address, grant
+
+
+async def _worker_ready(page: Any) -> str:
+    """The active worker's script URL, once it controls ``page``. A page whose navigation began
+    while the first worker was still activating stays uncontrolled (``clients.claim()`` ran
+    before it existed), as it would for a person: the next load is controlled."""
+    script = await asyncio.wait_for(page.evaluate(WORKER_READY), READY_SECONDS)
+    if not await page.evaluate("navigator.serviceWorker.controller !== null"):
+        await page.reload()
+    assert await page.evaluate("navigator.serviceWorker.controller !== null")
+    return str(script)
 
 
 async def _sign_in(page: Any, control_plane: ControlPlane, address: str) -> None:
@@ -131,10 +135,11 @@ async def test_app_installs_in_chromium_with_no_installability_error(
 ):
     context = profile_context
     page = await context.new_page()
+    page.set_default_timeout(20_000)
     errors = _csp_watch(page)
     await _sign_in(page, control_plane, room_owner[0])
     await page.locator("li.instance").first.wait_for()
-    script = await page.evaluate(WORKER_READY)
+    script = await _worker_ready(page)
     assert script == f"{control_plane.url}/sw.js"
     cdp = await context.new_cdp_session(page)
     result = await cdp.send("Page.getInstallabilityErrors")
@@ -151,10 +156,11 @@ async def test_the_worker_stores_no_api_answer_token_or_cookie_bearing_page_and_
     address, grant = room_owner
     context = await browser.new_context()
     page = await context.new_page()
+    page.set_default_timeout(20_000)
     errors = _csp_watch(page)
     try:
         await _sign_in(page, control_plane, address)
-        await page.evaluate(WORKER_READY)
+        await _worker_ready(page)
         # Everything a signed-in person touches, through the worker: the API (GET and POST),
         # every private page, the runtime-token grant and the Room it opens.
         await page.locator("li.instance").first.wait_for()
@@ -218,7 +224,7 @@ async def test_a_new_release_takes_over_on_the_next_navigation_with_a_notice_and
     page.on("load", lambda p: loads.append(p.url))
     try:
         await _sign_in(page, control_plane, room_owner[0])
-        await page.evaluate(WORKER_READY)
+        await _worker_ready(page)
         assert await page.evaluate("caches.keys()") == [f"quoroom-shell-{first}"]
 
         templates.env.globals["release"] = "0123456789ab"  # what a deploy of a new release does
@@ -253,7 +259,7 @@ async def test_a_room_opens_from_the_installed_app_in_standalone_mode_and_the_pe
     context = profile_context
     page = await context.new_page()
     await _sign_in(page, control_plane, room_owner[0])
-    await page.evaluate(WORKER_READY)
+    await _worker_ready(page)
     cdp = await context.new_cdp_session(page)
     manifest_id = f"{control_plane.url}/app"
     await cdp.send("PWA.install", {"manifestId": manifest_id})
