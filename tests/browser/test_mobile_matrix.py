@@ -265,3 +265,37 @@ async def test_the_whole_flow_fits_every_screen_with_touch_and_keyboard(
     finally:
         await context.close()
     assert not flow.problems, "\n".join(flow.problems)
+
+
+async def test_the_layout_probe_finds_a_small_target_cut_text_and_a_sideways_scroll(
+    browser: Any, control_plane: ControlPlane
+):
+    """The checks above are not vacuous: on the landing page with three planted faults, the
+    probe names each one, and a link inside a sentence stays exempt."""
+    context = await browser.new_context(viewport={"width": 320, "height": 568}, is_mobile=True)
+    page = await context.new_page()
+    try:
+        await page.goto(f"{control_plane.url}/")
+        assert await page.evaluate(LAYOUT_PROBLEMS, MIN_TARGET_PX) == []
+        await page.evaluate(
+            """() => {
+              const main = document.querySelector("main");
+              const tiny = Object.assign(document.createElement("button"), { textContent: "x" });
+              tiny.style.cssText = "min-height: 0; padding: 0; width: 20px; height: 20px";
+              const cut = Object.assign(document.createElement("p"), { id: "cut" });
+              cut.textContent = "a-very-long-word-that-cannot-wrap-anywhere-at-all-in-this-box";
+              cut.style.cssText = "overflow: hidden; white-space: nowrap; width: 100px";
+              const wide = Object.assign(document.createElement("div"), { textContent: "wide" });
+              wide.style.cssText = "width: 500px";
+              const sentence = document.createElement("p");
+              sentence.innerHTML = 'Read <a href="/">the small print</a> first.';
+              main.append(tiny, cut, wide, sentence);
+            }"""
+        )
+        problems = await page.evaluate(LAYOUT_PROBLEMS, MIN_TARGET_PX)
+        assert any(p.startswith("scrolls sideways") for p in problems), problems
+        assert any(p.startswith('small target button "x"') for p in problems), problems
+        assert any(p.startswith("text cut off p#cut") for p in problems), problems
+        assert not any("small print" in p for p in problems), problems
+    finally:
+        await context.close()
