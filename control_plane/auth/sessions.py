@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.auth.models import RefreshToken, User, UserSession
-from control_plane.db import new_id
+from control_plane.db import new_id, rowcount
 from control_plane.errors import InvalidRefreshToken
 
 #: How far along a chain of rotations a grace-window request may follow (bounded work).
@@ -144,7 +144,7 @@ async def rotate(db: AsyncSession, raw: str, *, now: datetime, grace: timedelta)
             .values(rotated_at=now, successor_ciphertext=_seal_successor(raw, row.id, successor))
             .execution_options(synchronize_session=False)
         )
-        if claimed.rowcount == 1:  # type: ignore[attr-defined]
+        if rowcount(claimed) == 1:
             db.add(
                 RefreshToken(
                     session_id=session.id, token_hash=token_hash(successor), created_at=now
@@ -186,7 +186,7 @@ async def revoke_session(
     if user_id is not None:
         stmt = stmt.where(UserSession.user_id == user_id)
     result = await db.execute(stmt)
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return bool(rowcount(result))
 
 
 async def revoke_all_sessions(
@@ -201,7 +201,7 @@ async def revoke_all_sessions(
     if except_id is not None:
         stmt = stmt.where(UserSession.id != except_id)
     result = await db.execute(stmt)
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    return rowcount(result)
 
 
 async def live_sessions(db: AsyncSession, user_id: str, now: datetime) -> list[UserSession]:

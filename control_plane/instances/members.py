@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.auth.models import User
+from control_plane.db import rowcount
 from control_plane.errors import (
     CannotInviteOwner,
     EmailNotVerified,
@@ -261,7 +262,7 @@ async def remove_member(
         )
         .execution_options(synchronize_session=False)
     )
-    if not getattr(result, "rowcount", 0):
+    if not rowcount(result):
         raise MemberNotFound()
     await record_event(db, instance_id, "member", "member removed", now=now)
 
@@ -314,7 +315,7 @@ async def decline(
         )
         .execution_options(synchronize_session=False)
     )
-    if not getattr(result, "rowcount", 0):
+    if not rowcount(result):
         raise InvitationNotFound()
     await record_event(db, member.instance_id, "member", "invitation declined", now=now)
 
@@ -360,7 +361,7 @@ async def _activate(
         .values(status=MemberStatus.ACTIVE, user_id=user.id)
         .execution_options(synchronize_session=False)
     )
-    if not getattr(result, "rowcount", 0):
+    if not rowcount(result):
         raise InvalidInviteToken()  # accepted or removed concurrently
     await record_event(db, member.instance_id, "member", "member joined", now=now)
     instance = await db.get(CloudInstance, member.instance_id, populate_existing=True)
