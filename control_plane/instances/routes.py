@@ -32,7 +32,7 @@ from control_plane.instances.access import (
     load_instance,
 )
 from control_plane.instances.members import InviteLinks
-from control_plane.instances.models import CloudInstanceMember
+from control_plane.instances.models import CloudInstance, CloudInstanceMember
 from control_plane.instances.schemas import (
     IDEMPOTENCY_KEY,
     CheckoutConfirmIn,
@@ -358,13 +358,25 @@ _REFRESH_BODY = {
 
 async def _allowed_origin(request: Request, db: SessionDep, instance_id: str) -> str | None:
     """The CORS origin to echo: the instance's runtime origin. Raises for a foreign origin."""
+    if not _cross_origin(request):
+        return None
+    return _origin_for(request, await load_instance(db, instance_id))
+
+
+def _cross_origin(request: Request) -> bool:
+    """An ``Origin`` other than our own dashboard's (same origin: no CORS headers needed)."""
     origin = request.headers.get("origin")
     if origin is None:
-        return None
+        return False
     settings = services_of(request).core.settings
-    if hmac.compare_digest(origin.encode(), settings.public_origin.encode()):
-        return None  # our own dashboard: same origin, no CORS headers needed
-    instance = await load_instance(db, instance_id)
+    return not hmac.compare_digest(origin.encode(), settings.public_origin.encode())
+
+
+def _origin_for(request: Request, instance: CloudInstance | None) -> str | None:
+    """The request's ``Origin`` if it is ``instance``'s runtime origin; raises otherwise."""
+    origin = request.headers.get("origin")
+    if origin is None or not _cross_origin(request):
+        return None
     allowed = tokens.runtime_origin(instance.url if instance is not None else None)
     if allowed is None or not hmac.compare_digest(origin.encode(), allowed.encode()):
         raise RuntimeOriginRefused()
@@ -396,22 +408,23 @@ async def refresh_token(
     # along are never read (no session, so no CSRF check either: nothing ambient is used).
     # Errors carry the CORS headers too, so the Room UI on the runtime's origin can read why it
     # was refused.
+    # One round trip on the way that matters (issue 13): the token is verified first (no I/O),
+    # then the instance, the live session and the membership are read together, and the origin
+    # is checked against that instance before any other answer is given.
     origin: str | None = None
+    ring = services_of(request).get(KeyRing)
     try:
-        origin = await _allowed_origin(request, db, instance_id)
         body = _parse_refresh(await request.body())
         if body is None:
+            origin = await _allowed_origin(request, db, instance_id)
             return _cors(
                 error_response(422, "invalid_body", "token: a runtime token is required"), origin
             )
-        issued = await tokens.refresh(
-            db,
-            services_of(request).get(KeyRing),
-            ctx.settings,
-            instance_id=instance_id,
-            token=body.token,
-            now=now,
+        view = await tokens.read_refresh(
+            db, ring, instance_id=instance_id, token=body.token, now=now
         )
+        origin = _origin_for(request, view.instance)
+        issued = tokens.reissue(ring, ctx.settings, view, now=now)
         await db.commit()
     except ControlPlaneError as exc:
         await db.rollback()

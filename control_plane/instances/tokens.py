@@ -22,14 +22,20 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import jwt
-from sqlalchemy import select
+from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.auth.models import User, UserSession
 from control_plane.errors import InstanceNotRunning, InvalidRuntimeToken
-from control_plane.instances.access import load_instance, role_of
+from control_plane.instances.access import MAX_ID_LENGTH
 from control_plane.instances.lifecycle import OPENABLE
-from control_plane.instances.models import CloudInstance, InstanceStatus, Role
+from control_plane.instances.models import (
+    CloudInstance,
+    CloudInstanceMember,
+    InstanceStatus,
+    MemberStatus,
+    Role,
+)
 from control_plane.keys.service import KeyRing
 from control_plane.settings import Settings
 
@@ -144,39 +150,88 @@ def verify_runtime_token(
     return claims
 
 
-async def refresh(
-    db: AsyncSession,
-    ring: KeyRing,
-    settings: Settings,
-    *,
-    instance_id: str,
-    token: str,
-    now: datetime,
-) -> IssuedToken:
-    """A new token (new ``jti``, same ``sid``) for the holder of a valid one, if access holds."""
-    claims = verify_runtime_token(ring, token, instance_id=instance_id, now=now)
-    user = await db.scalar(
-        select(User)
-        .join(UserSession, UserSession.user_id == User.id)
-        .where(
-            User.id == claims["sub"],
-            UserSession.id == claims["sid"],
-            UserSession.revoked_at.is_(None),
-            UserSession.expires_at > now,
-        )
+@dataclass(frozen=True, slots=True)
+class RefreshView:
+    """Everything a refresh decides on, read in one round trip to the database."""
+
+    #: The instance named in the path (None: no such instance). The route checks the caller's
+    #: origin against its runtime URL before anything else is answered.
+    instance: CloudInstance | None
+    #: The token's claims, or why the token itself does not hold.
+    claims: dict[str, Any] | None
+    refused: InvalidRuntimeToken | None
+    #: The token's user while its ``sid`` session is live, and whether they are an active member.
+    user: User | None
+    member: bool
+
+
+async def read_refresh(
+    db: AsyncSession, ring: KeyRing, *, instance_id: str, token: str, now: datetime
+) -> RefreshView:
+    """Verify ``token`` (no I/O) and read the instance, the live session's user and their active
+    membership in one statement: the refresh is the hottest control-plane path (every open Room UI
+    calls it each TTL), and four sequential round trips were most of its latency."""
+    claims: dict[str, Any] | None = None
+    refused: InvalidRuntimeToken | None = None
+    try:
+        claims = verify_runtime_token(ring, token, instance_id=instance_id, now=now)
+    except InvalidRuntimeToken as exc:
+        refused = exc
+    if not 0 < len(instance_id) <= MAX_ID_LENGTH:
+        return RefreshView(None, claims, refused, None, False)
+    # With no verified claims the session join matches nothing: only the instance is read.
+    sub = claims["sub"] if claims else ""
+    sid = claims["sid"] if claims else ""
+    live = and_(
+        UserSession.id == sid,
+        UserSession.user_id == sub,
+        UserSession.revoked_at.is_(None),
+        UserSession.expires_at > now,
     )
-    if user is None:
+    row = (
+        await db.execute(
+            select(CloudInstance, User, CloudInstanceMember.id)
+            .select_from(CloudInstance)
+            .outerjoin(UserSession, live)
+            .outerjoin(User, User.id == UserSession.user_id)
+            .outerjoin(
+                CloudInstanceMember,
+                and_(
+                    CloudInstanceMember.instance_id == CloudInstance.id,
+                    CloudInstanceMember.user_id == User.id,
+                    CloudInstanceMember.status == MemberStatus.ACTIVE,
+                ),
+            )
+            .where(CloudInstance.id == instance_id)
+            .limit(1)
+            .execution_options(populate_existing=True)
+        )
+    ).first()
+    if row is None:
+        return RefreshView(None, claims, refused, None, False)
+    instance, user, member_id = row
+    return RefreshView(instance, claims, refused, user, member_id is not None)
+
+
+def reissue(ring: KeyRing, settings: Settings, view: RefreshView, *, now: datetime) -> IssuedToken:
+    """A new token (new ``jti``, same ``sid``) for the holder of a valid one, if access holds."""
+    if view.refused is not None or view.claims is None:
+        raise view.refused or InvalidRuntimeToken()
+    if view.instance is None:
+        raise InvalidRuntimeToken("you no longer have access to this Room")
+    if view.user is None:
         raise InvalidRuntimeToken("the session has ended; sign in again")
-    instance = await load_instance(db, instance_id)
-    role = await role_of(db, instance, user.id) if instance is not None else None
-    if instance is None or role is None:
+    role: Role | None = (
+        "owner" if view.instance.owner_id == view.user.id else "member" if view.member else None
+    )
+    if role is None:
         raise InvalidRuntimeToken("you no longer have access to this Room")
     return issue(
         ring,
         settings,
-        user=user,
-        instance=instance,
+        user=view.user,
+        instance=view.instance,
         role=role,
-        session_id=claims["sid"],
+        session_id=view.claims["sid"],
         now=now,
     )

@@ -15,6 +15,7 @@ import httpx
 import jwt
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import event
 
 from control_plane.keys.service import KeyRing
 from room_cloud_runtime import JWKSCache, RuntimeSettings, RuntimeStack, TokenVerifier
@@ -312,6 +313,39 @@ async def test_a_valid_token_is_exchanged_for_a_new_one(cloud: Cloud) -> None:
                 "/api/auth/verify", headers={"Authorization": f"Bearer {r.json()['token']}"}
             )
             assert verify.json()["role"] == role
+
+
+@asynccontextmanager
+async def _statements(cloud: Cloud) -> AsyncIterator[list[str]]:
+    """The SQL statements the control plane sends while the block runs."""
+    seen: list[str] = []
+    engine = cloud.h.services.core.engine.sync_engine
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+@pytest.mark.parametrize("role", ["owner", "member"])
+async def test_a_refresh_reads_the_database_once(cloud: Cloud, role: str) -> None:
+    owner, member, instance_id = await _with_member(cloud)
+    old = (await _token(cloud, owner if role == "owner" else member, instance_id)).json()["token"]
+    async with _statements(cloud) as seen:  # from the Room UI's origin, the way it really calls
+        r = await _refresh(cloud, instance_id, old, Origin=RUNTIME_URL)
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] == RUNTIME_URL
+    queries = [s for s in seen if s.lstrip().upper().startswith(("SELECT", "WITH"))]
+    assert len(queries) == 1, seen
+    # A foreign origin is still refused before anything else, from that same one read.
+    async with _statements(cloud) as seen:
+        refused = await _refresh(cloud, instance_id, old, Origin="https://evil.example")
+    assert refused.status_code == 403
+    assert len([s for s in seen if s.lstrip().upper().startswith("SELECT")]) == 1
 
 
 async def test_a_token_near_the_end_of_its_life_is_refreshed(cloud: Cloud) -> None:
