@@ -23,6 +23,7 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -135,7 +136,7 @@ class GoogleClient:
         settings: Settings,
         *,
         client: httpx.AsyncClient | None = None,
-        clock: Any = time.time,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not settings.google_client_id or settings.google_client_secret is None:
             raise OAuthNotConfigured()

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 from argon2 import PasswordHasher as _Argon2
 from argon2 import Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from control_plane.settings import Settings
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class PasswordHasher:
@@ -31,14 +36,12 @@ class PasswordHasher:
         self._semaphore = asyncio.Semaphore(settings.max_concurrent_hashes)
         self._dummy: str | None = None
 
-    async def _run(self, func: object, *args: str) -> object:
+    async def _run(self, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         async with self._semaphore:
-            return await asyncio.to_thread(func, *args)  # type: ignore[arg-type]
+            return await asyncio.to_thread(func, *args, **kwargs)
 
     async def hash(self, password: str) -> str:
-        result = await self._run(self._hasher.hash, password)
-        assert isinstance(result, str)
-        return result
+        return await self._run(self._hasher.hash, password)
 
     async def verify(self, password_hash: str | None, password: str) -> bool:
         """True when ``password`` matches. ``None`` (unknown account, Google-only account)
