@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Protocol
 
 from fastapi import FastAPI
 
@@ -38,6 +38,12 @@ from room_cloud_runtime import RequestLimits, SecurityHeaders
 logger = logging.getLogger("control_plane")
 
 
+class _Closable(Protocol):
+    """What the lifespan closes on shutdown, newest first."""
+
+    async def aclose(self) -> None: ...
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -58,7 +64,7 @@ def create_app(
         if url.startswith("sqlite") and not cfg.database_url:
             private_dir(cfg.var_dir)
         engine = create_engine(url)
-        resources: list[Any] = []
+        resources: list[_Closable] = []
         try:
             if cfg.should_auto_migrate:
                 await upgrade(engine)

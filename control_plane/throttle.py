@@ -48,6 +48,8 @@ class Throttle:
                 f"async+{settings.redis_url}",
                 implementation="redispy",
                 key_prefix="quoroom-cp",
+                # limits types a storage's options as ``float | str | bool`` though its Redis
+                # storages take a ``connection_pool`` (limits 5.8).
                 connection_pool=self._pool,  # type: ignore[arg-type]
             )
         else:
@@ -116,7 +118,8 @@ class Throttle:
 
     async def reset(self) -> None:
         try:
-            await self.storage.reset()  # type: ignore[misc]
+            # The limiter's view of the same storage, typed as the asyncio storage it is.
+            await self.limiter.storage.reset()
         except Exception:  # pragma: no cover - best effort
             logger.warning("throttle storage reset failed")
 
