@@ -52,6 +52,7 @@ from control_plane.provisioning.provider import (
     instance_id_from_app,
     machine_name,
 )
+from control_plane.settings import Settings, SettingsError
 from fly_image.config import (
     METADATA_INSTANCE_ID,
     MachineConfigError,
@@ -153,24 +154,32 @@ class FlyProvider:
 
     @classmethod
     def from_settings(
-        cls, settings: Any, *, transport: httpx.AsyncBaseTransport | None = None, **kw: Any
+        cls, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None, **kw: Any
     ) -> FlyProvider:
         """Build from :class:`control_plane.settings.Settings` (token, org, image, public URL)."""
-        from control_plane.settings import SettingsError
-
         if settings.fly_api_token is None:
             raise SettingsError("QUOROOM_CP_FLY_API_TOKEN", "is required when PROVIDER=fly")
         if not settings.fly_org:
             raise SettingsError("QUOROOM_CP_FLY_ORG", "is required when PROVIDER=fly")
-        kind = getattr(settings, "runtime_kind", "reference")
+        kind = settings.runtime_kind
         images: dict[str, str | None] = {}
         # The image of the kind new instances get is required; the other one only if set (for
         # instances made before RUNTIME_KIND changed).
-        for variable, name, needed in (
-            ("QUOROOM_CP_RUNTIME_IMAGE", "runtime_image", kind == "reference"),
-            ("QUOROOM_CP_QUOROOM_RUNTIME_IMAGE", "quoroom_runtime_image", kind == "quoroom"),
+        for variable, name, setting, needed in (
+            (
+                "QUOROOM_CP_RUNTIME_IMAGE",
+                "runtime_image",
+                settings.runtime_image,
+                kind == "reference",
+            ),
+            (
+                "QUOROOM_CP_QUOROOM_RUNTIME_IMAGE",
+                "quoroom_runtime_image",
+                settings.quoroom_runtime_image,
+                kind == "quoroom",
+            ),
         ):
-            value = getattr(settings, name, None) or None
+            value = setting or None
             if value is None and needed:
                 raise SettingsError(
                     variable, f"is required when PROVIDER=fly and RUNTIME_KIND={kind}"
@@ -182,7 +191,7 @@ class FlyProvider:
         client = FlyMachinesClient(
             settings.fly_api_token.get_secret_value(),
             org_slug=settings.fly_org,
-            base_url=getattr(settings, "fly_api_base_url", None) or DEFAULT_BASE_URL,
+            base_url=settings.fly_api_base_url or DEFAULT_BASE_URL,
             transport=transport,
         )
         return cls(
@@ -191,7 +200,7 @@ class FlyProvider:
             quoroom_image=images["quoroom_runtime_image"],
             issuer=settings.issuer,
             allowed_origins=[settings.public_origin],
-            prefix=getattr(settings, "app_prefix", APP_PREFIX),
+            prefix=settings.app_prefix,
             **kw,
         )
 

@@ -62,7 +62,7 @@ from control_plane.provisioning.provider import (
     instance_id_from_app,
 )
 from control_plane.runtime_kinds import DEFAULT_RUNTIME_KIND
-from control_plane.settings import SettingsError
+from control_plane.settings import Settings, SettingsError
 from room_cloud_runtime import ConfigError, load_settings
 
 __all__ = ["MIN_NODE_MAJOR", "LocalProvider", "find_quoroom_room"]
@@ -199,17 +199,17 @@ class LocalProvider:
         self._http = httpx.AsyncClient(timeout=2.0, trust_env=False)
 
     @classmethod
-    def from_settings(cls, settings: Any, **kw: Any) -> LocalProvider:
+    def from_settings(cls, settings: Settings, **kw: Any) -> LocalProvider:
         """Build from the settings. With ``RUNTIME_KIND=quoroom`` a missing real Room (its
         ``cli.js`` or ``node`` ≥ 20) stops start-up here, naming what is missing."""
-        cli = getattr(settings, "quoroom_room_cli", None)
-        if getattr(settings, "runtime_kind", DEFAULT_RUNTIME_KIND) == "quoroom":
+        cli = settings.quoroom_room_cli
+        if settings.runtime_kind == "quoroom":
             find_quoroom_room(cli)
         return cls(
             var_dir=settings.var_dir,
             issuer=settings.issuer,
             allowed_origins=[settings.public_origin],
-            prefix=getattr(settings, "app_prefix", APP_PREFIX),
+            prefix=settings.app_prefix,
             quoroom_room_cli=cli,
             **kw,
         )
