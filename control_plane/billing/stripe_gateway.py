@@ -148,7 +148,8 @@ class _AsyncHTTPX(stripe.HTTPClient):
                 method, url, headers=dict(headers), content=post_data
             )
         except httpx.HTTPError as exc:
-            raise stripe.APIConnectionError(
+            # stripe leaves APIConnectionError.__init__ unannotated (stripe 16.1).
+            raise stripe.APIConnectionError(  # type: ignore[no-untyped-call]
                 f"network error talking to Stripe ({type(exc).__name__})", should_retry=True
             ) from exc
         return response.content, response.status_code, response.headers
@@ -197,13 +198,13 @@ class StripeGateway:
             raise ValueError("max_network_retries must be between 0 and 5")
         if timeout <= 0:
             raise ValueError("timeout must be positive")
-        base_addresses: dict[str, str] = {}
+        api: str | None = None
         if api_base is not None:
             parts = urlsplit(api_base)
             if parts.scheme not in {"http", "https"} or not parts.netloc or parts.query:
                 raise ValueError("api_base must be an http(s) URL without a query")
-            base_addresses["api"] = api_base.rstrip("/")
-        self._api_base = base_addresses.get("api", stripe.DEFAULT_API_BASE)
+            api = api_base.rstrip("/")
+        self._api_base = api if api is not None else stripe.DEFAULT_API_BASE
         self._secret_key = secret_key
         self._webhook_secret = webhook_secret
         self._webhook_tolerance = webhook_tolerance
@@ -211,7 +212,8 @@ class StripeGateway:
         self._client = stripe.StripeClient(
             secret_key,
             stripe_version=STRIPE_API_VERSION,
-            base_addresses=base_addresses,  # type: ignore[arg-type]
+            # A literal, so mypy checks it against stripe's BaseAddresses TypedDict.
+            base_addresses={"api": api} if api is not None else {},
             max_network_retries=max_network_retries,
             http_client=self._http,
         )

@@ -111,7 +111,10 @@ def backoff_delay(
     ``attempts`` counts failures so far (1 after the first). The jitter spreads retries of many
     instances that failed together (a provider outage) instead of retrying them in lockstep.
     """
-    delay = min(cap, base * (2 ** max(0, attempts - 1)))
+    # The exponent is never negative, so the power is an int (typeshed types ``int ** int`` as
+    # Any, since a negative exponent would make it a float).
+    growth: int = 2 ** max(0, attempts - 1)
+    delay = min(cap, base * growth)
     return delay / 2 + rng() * delay / 2
 
 
