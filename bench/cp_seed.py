@@ -90,7 +90,45 @@ def _free_port() -> int:
         return port
 
 
-def cp_env(var_dir: Path, port: int) -> dict[str, str]:
+#: Set (as for the test suite), the bench's control plane runs on a fresh PostgreSQL database made
+#: on that server for the run and dropped after it; unset, on SQLite in its temporary VAR_DIR.
+PG_URL = os.environ.get("QUOROOM_TEST_DATABASE_URL")
+
+
+def store_name() -> str:
+    return "PostgreSQL" if PG_URL else "SQLite"
+
+
+@contextmanager
+def _database(var_dir: Path) -> Iterator[str]:
+    """The control plane's database URL for one run (see ``PG_URL``)."""
+    if not PG_URL:
+        yield f"sqlite+aiosqlite:///{var_dir / 'cp.db'}"
+        return
+    import asyncio
+    import uuid
+
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def admin(sql: str) -> None:
+        engine = create_async_engine(PG_URL, isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text(sql))
+        finally:
+            await engine.dispose()
+
+    name = f"cp_bench_{uuid.uuid4().hex[:12]}"
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def cp_env(var_dir: Path, port: int, database_url: str | None = None) -> dict[str, str]:
     """The control plane's settings as its environment (no inherited ``QUOROOM_CP_*``)."""
     kek = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
     return {
@@ -98,7 +136,7 @@ def cp_env(var_dir: Path, port: int) -> dict[str, str]:
         "QUOROOM_CP_ENV": "development",
         "QUOROOM_CP_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "QUOROOM_CP_VAR_DIR": str(var_dir),
-        "QUOROOM_CP_DATABASE_URL": f"sqlite+aiosqlite:///{var_dir / 'cp.db'}",
+        "QUOROOM_CP_DATABASE_URL": database_url or f"sqlite+aiosqlite:///{var_dir / 'cp.db'}",
         "QUOROOM_CP_AUTO_MIGRATE": "true",
         "QUOROOM_CP_PROVIDER": "local",
         "QUOROOM_CP_RUN_WORKER": "true",
@@ -138,34 +176,39 @@ def control_plane_argv(port: int, pin: Sequence[str] = ()) -> list[str]:
 def control_plane(var_dir: Path, pin: Sequence[str] = ()) -> Iterator[tuple[str, int]]:
     """The control plane under uvicorn (1 worker, httptools + uvloop, no access log) on a free
     loopback port; yields ``(url, pid)``; stops it, and the runtimes it started, on exit."""
-    port = _free_port()
-    argv = control_plane_argv(port, pin)
-    log = open(var_dir / "control_plane.log", "ab")  # closed below
-    proc = subprocess.Popen(
-        argv, env=cp_env(var_dir, port), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SeedError(f"the control plane did not start:\n{_tail(var_dir)}")
-            time.sleep(0.05)
-        yield url, proc.pid
-    finally:
-        proc.terminate()  # graceful: its lifespan stops the runtimes the local provider started
+    with _database(var_dir) as database_url:
+        port = _free_port()
+        log = open(var_dir / "control_plane.log", "ab")  # closed below
+        proc = subprocess.Popen(
+            control_plane_argv(port, pin),
+            env=cp_env(var_dir, port, database_url),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        _stop_leftover_runtimes(var_dir)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    response = httpx.get(f"{url}/healthz", timeout=1, trust_env=False)
+                    if response.status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SeedError(f"the control plane did not start:\n{_tail(var_dir)}")
+                time.sleep(0.05)
+            yield url, proc.pid
+        finally:
+            proc.terminate()  # graceful: its lifespan stops the runtimes the local provider started
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+            _stop_leftover_runtimes(var_dir)
 
 
 def _tail(var_dir: Path, size: int = 3000) -> str:

@@ -584,7 +584,8 @@ def run_refresher(scenario: Scenario, env: dict[str, str]) -> tuple[dict[str, An
         f"token refresh: {scenario.users} users of one instance (an owner and "
         f"{scenario.users - 1} members), each refreshing every {REFRESH_WAIT.replace(',', '–')} s "
         "and using the new token at the runtime; control plane under uvicorn (1 worker, "
-        "SQLite, development settings, billing disabled, worker on with the local provider) "
+        f"{cp_seed.store_name()}, development settings, billing disabled, worker on with the "
+        "local provider) "
         f"pinned to core {SERVER_CORE} with its runtime; server CPU above counts both. "
         + seeded.note()
     )
