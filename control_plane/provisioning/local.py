@@ -555,6 +555,8 @@ def _pid_running(pid: int) -> bool:
     try:
         # A zombie (exited, not yet reaped by its parent) is not running.
         return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except ProcessLookupError:  # it exited while its stat was being read (ESRCH)
+        return False
     except (FileNotFoundError, IndexError):
         return not Path("/proc").is_dir()
 

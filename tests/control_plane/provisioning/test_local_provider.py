@@ -221,3 +221,19 @@ async def test_credentials_cannot_override_the_runtimes_trust_settings(local, lo
     with pytest.raises(ProviderError) as caught:
         await local.set_secrets(spec, app, {"QUOROOM_CLOUD_ISSUER": "https://evil.example"})
     assert not caught.value.retryable
+
+
+def test_a_process_that_exits_while_its_stat_is_read_is_not_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The race seen in a CI run: os.kill(pid, 0) succeeds, then the process exits and reading
+    # /proc/<pid>/stat fails with ESRCH (ProcessLookupError), which stop() must take as "gone".
+    from pathlib import Path
+
+    from control_plane.provisioning.local import _pid_running
+
+    def vanished(self: Path, *args: object, **kwargs: object) -> str:
+        raise ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(Path, "read_text", vanished)
+    assert _pid_running(os.getpid()) is False
