@@ -148,8 +148,9 @@ def _control_plane_section() -> str:
 
 
 ALL = {"stack", "server", "limiter", "control-plane"}
-# Sections other commands write into the same file (``scripts/bench gateway``): kept as they are.
-KEPT_PREFIXES = ("## Gateway",)
+# Sections other commands write into the same file (``scripts/bench gateway``,
+# ``scripts/lighthouse``): kept as they are.
+KEPT_PREFIXES = ("## Gateway", "## Lighthouse")
 
 
 def _kept_sections(text: str) -> str:
