@@ -30,7 +30,6 @@ tests/runtime/test_fused_parity.py holds the two shapes to the same statuses, he
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -276,7 +275,7 @@ class FusedStack:
         if scope["type"] != "http":
             return self._layered(scope, receive, send)
         access = self._access
-        if access is not None and access.logger.isEnabledFor(logging.INFO):
+        if access is not None and access.lines.enabled():
             return self._logged(access, scope, receive, send)
         return self._http(scope, receive, send, None)
 
@@ -292,9 +291,8 @@ class FusedStack:
             await self._http(scope, receive, send, out)
         finally:
             principal = state.get(PRINCIPAL)
-            access.logger.info(
-                "request",
-                extra={
+            access.lines.add(
+                {
                     "method": scope.get("method", "WS"),
                     "path": scope["path"],
                     "status": out[0].status if out else 0,

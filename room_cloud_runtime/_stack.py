@@ -87,6 +87,7 @@ class RuntimeStack:
         #: The layers composed one inside the other (cloud mode: what the fused pass reproduces
         #: and hands WebSocket upgrades to).
         self.layered: ASGIApp
+        self.access_log: AccessLog | None = None
         self._started = False
         if settings.mode == "local":
             self.app: ASGIApp = LocalGuard(app)
@@ -143,7 +144,7 @@ class RuntimeStack:
         headers = SecurityHeaders(
             cors, hsts_max_age=settings.hsts_max_age_seconds, coep=settings.coep
         )
-        access_log = AccessLog(headers) if settings.access_log else None
+        access_log = self.access_log = AccessLog(headers) if settings.access_log else None
         self.layered = access_log if access_log is not None else headers
         if not fused:
             self.app = self.layered
@@ -204,6 +205,8 @@ class RuntimeStack:
             await self.jwks.aclose()
         if self.limiter is not None:
             await self.limiter.aclose()
+        if self.access_log is not None:
+            self.access_log.lines.flush()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[RuntimeStack]:

@@ -11,8 +11,11 @@ handed (headers, query, subprotocols, body) and that must be identical too.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +26,7 @@ import pytest
 from room_cloud_runtime._fused import FusedStack
 from room_cloud_runtime._jwks import JWKSCache
 from room_cloud_runtime._limiter import Limiter, build_limiter
+from room_cloud_runtime._logging import JsonFormatter, JsonLinesHandler
 from room_cloud_runtime._settings import RuntimeSettings
 from room_cloud_runtime._stack import RuntimeStack, wrap
 from tests.helpers.tokens import TokenFactory
@@ -560,3 +564,26 @@ async def test_only_verified_tokens_enter_the_fused_token_memo(
         await drive(pair.fused, Request(headers=[("Authorization", value)]))
     await drive(pair.fused, Request(headers=[bearer(good)]))
     assert list(fused._tokens) == [f"Bearer {good}".encode()]
+
+
+async def test_a_stacks_shutdown_writes_the_access_lines_still_pending(
+    factory: TokenFactory,
+) -> None:
+    pair = await build(factory, access_log=True)
+    stream = io.StringIO()
+    handler = JsonLinesHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger(f"test.stack-access.{uuid.uuid4().hex}")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        assert pair.fused.access_log is not None
+        pair.fused.access_log.lines.logger = log
+        await drive(pair.fused, Request(headers=[bearer(factory.mint(sub="late"))]))
+        assert stream.getvalue() == ""  # batched: written within FLUSH_SECONDS
+    finally:
+        await pair.fused.shutdown()
+        await pair.layered.shutdown()
+    entry = json.loads(stream.getvalue())
+    assert (entry["status"], entry["sub"]) == (200, "late")

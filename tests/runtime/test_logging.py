@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import uuid
+from collections.abc import Iterator
 
-from room_cloud_runtime._logging import JsonFormatter, RedactingFilter, redact
+import pytest
+
+from room_cloud_runtime._logging import (
+    FLUSH_LINES,
+    FLUSH_SECONDS,
+    AccessLines,
+    JsonFormatter,
+    JsonLinesHandler,
+    RedactingFilter,
+    _flush_all,
+    redact,
+)
 
 JWT = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ1In0.c2lnbmF0dXJl"
 
@@ -32,3 +46,114 @@ def test_a_record_with_a_token_is_written_redacted_as_json() -> None:
     assert JWT not in stream.getvalue()
     assert entry["msg"] == "got [redacted]"
     assert entry["level"] == "info"
+
+
+# -- access lines: written straight to the JSON lines handler, in batches ------------------------
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@pytest.fixture
+def access() -> Iterator[tuple[logging.Logger, CountingStream]]:
+    """A logger whose records reach one JsonLinesHandler (what configure_logging sets up).
+
+    Its name is new to each test: pytest adds its capture handlers to the non-propagating
+    loggers that exist when a test starts, which would make it another set-up.
+    """
+    stream = CountingStream()
+    log = logging.getLogger(f"test.access.{uuid.uuid4().hex}")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    yield log, stream
+    log.handlers[:] = []
+
+
+def attach(log: logging.Logger, stream: CountingStream) -> None:
+    """Attach the handler (now: after pytest has attached its own elsewhere)."""
+    handler = JsonLinesHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactingFilter())
+    log.handlers[:] = [handler]
+
+
+FIELDS = {"method": "GET", "path": "/api/rooms", "status": 200, "ms": 1.5, "client": "10.0.0.1"}
+
+
+def test_an_access_line_is_the_line_logging_would_write(
+    access: tuple[logging.Logger, CountingStream],
+) -> None:
+    log, stream = access
+    attach(log, stream)
+    fields = {**FIELDS, "sub": "user-1"}
+    log.info("request", extra=fields)
+    lines = AccessLines(log)
+    lines.add(fields)  # no running loop: written at once
+    via_logging, direct = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert abs(via_logging.pop("ts") - direct.pop("ts")) < 1
+    assert list(direct.items()) == list(via_logging.items())
+
+
+def test_access_lines_are_redacted_like_records(
+    access: tuple[logging.Logger, CountingStream],
+) -> None:
+    log, stream = access
+    attach(log, stream)
+    AccessLines(log).add({**FIELDS, "path": f"/x/{JWT}", "sub": f"token={JWT}"})
+    assert JWT not in stream.getvalue()
+    entry = json.loads(stream.getvalue())
+    assert entry["path"] == "/x/[redacted]" and entry["sub"] == "token=[redacted]"
+
+
+async def test_access_lines_are_written_together_within_the_flush_interval(
+    access: tuple[logging.Logger, CountingStream],
+) -> None:
+    log, stream = access
+    attach(log, stream)
+    lines = AccessLines(log)
+    for n in range(3):
+        lines.add({**FIELDS, "sub": f"user-{n}"})
+    assert stream.getvalue() == ""
+    await asyncio.sleep(FLUSH_SECONDS + 0.1)
+    written = [json.loads(line)["sub"] for line in stream.getvalue().splitlines()]
+    assert written == ["user-0", "user-1", "user-2"]
+    assert stream.writes == 1
+
+
+async def test_a_full_batch_is_written_at_once(
+    access: tuple[logging.Logger, CountingStream],
+) -> None:
+    log, stream = access
+    attach(log, stream)
+    lines = AccessLines(log)
+    for n in range(FLUSH_LINES):
+        lines.add({**FIELDS, "sub": f"user-{n}"})
+    assert len(stream.getvalue().splitlines()) == FLUSH_LINES
+    lines.add(FIELDS)
+    assert len(stream.getvalue().splitlines()) == FLUSH_LINES  # the next batch waits again
+    _flush_all()  # what runs at exit
+    assert len(stream.getvalue().splitlines()) == FLUSH_LINES + 1
+
+
+async def test_other_logging_setups_get_an_ordinary_record_at_once(
+    access: tuple[logging.Logger, CountingStream],
+) -> None:
+    log, stream = access
+    attach(log, stream)
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log.addHandler(Collect())  # two handlers: not the direct path
+    AccessLines(log).add({**FIELDS, "sub": "user-1"})
+    assert [(r.getMessage(), r.sub) for r in records] == [("request", "user-1")]  # type: ignore[attr-defined]
+    assert json.loads(stream.getvalue())["sub"] == "user-1"
