@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 
@@ -24,10 +24,11 @@ from control_plane.billing.setup import provide_billing
 from control_plane.db import create_engine, create_session_factory, private_dir, utcnow
 from control_plane.errors import install_error_handlers
 from control_plane.instances.routes import router as instances_router
-from control_plane.keys.fastpath import JWKSFastPath
+from control_plane.keys.fastpath import JWKS_PATH, JWKSFastPath
 from control_plane.keys.routes import router as keys_router
 from control_plane.keys.service import KeyRing
 from control_plane.mail import Mailer, Transport
+from control_plane.metrics import FleetGauges, HttpMetrics, Metrics, start_listener
 from control_plane.migrations import upgrade
 from control_plane.pages import build_templates, install_pages
 from control_plane.services import Core, Services, Wakeup
@@ -90,7 +91,9 @@ def create_app(
 
             worker_wakeup = wakeup
             if should_run_worker(cfg):
-                runner = WorkerRunner(cfg, factory, clock=clock, catalog=billing.catalog)
+                runner = WorkerRunner(
+                    cfg, factory, clock=clock, catalog=billing.catalog, metrics=metrics
+                )
                 runner.start()
                 resources.append(runner)
                 worker_wakeup = runner.wakeup
@@ -122,8 +125,11 @@ def create_app(
             )
             provide_billing(services, billing)
             services.provide(templates)
+            services.provide(metrics)
             services.freeze()
             app.state.services = services
+            if cfg.metrics_port is not None:
+                resources.append(_metrics_listener(cfg, metrics, factory, clock))
             yield
         finally:
             for resource in reversed(resources):
@@ -145,6 +151,8 @@ def create_app(
         openapi_url="/openapi.json" if docs else None,
     )
     templates = build_templates()
+    metrics = Metrics()  # this app's own registry (control_plane/metrics.py)
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(keys_router)
     app.include_router(auth_router)
@@ -163,4 +171,19 @@ def create_app(
     app.add_middleware(RequestLimits, max_body_bytes=max_body)
     # Outermost, so refusals carry them too; pages set their own CSP (theirs wins).
     app.add_middleware(SecurityHeaders)
+    # Outermost of all: every answer is counted, the refusals of the layers above included.
+    app.add_middleware(HttpMetrics, metrics=metrics, known_paths=(JWKS_PATH,))
     return app
+
+
+def _metrics_listener(
+    cfg: Settings, metrics: Metrics, factory: Any, clock: Callable[[], datetime]
+) -> _Closable:
+    """Serve ``metrics`` on 127.0.0.1:METRICS_PORT, the fleet gauges read at each scrape."""
+    from control_plane.provisioning.worker import fleet_gauges
+
+    async def fleet() -> FleetGauges:
+        return await fleet_gauges(factory, clock(), cfg.worker_lease_seconds)
+
+    assert cfg.metrics_port is not None
+    return start_listener(metrics, cfg.metrics_port, fleet)

@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from control_plane.metrics import metrics_of
+
 logger = logging.getLogger("control_plane.errors")
 
 
@@ -351,17 +353,25 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that render every refusal as ``{error, code}``."""
 
-    async def domain(_request: Request, exc: Exception) -> Response:
+    async def domain(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ControlPlaneError)
+        # Counted by code; the auth events among them (failed sign-in, throttled, refresh-token
+        # reuse) by event too (control_plane/metrics.py).
+        metrics_of(request).refused(status_and_code(exc)[1])
         return response_for(exc)
 
-    async def validation(_request: Request, exc: Exception) -> Response:
+    async def validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return _validation_response(exc)
+        response = _validation_response(exc)
+        metrics_of(request).refused(
+            "invalid_json" if response.status_code == 400 else "invalid_body"
+        )
+        return response
 
-    async def http(_request: Request, exc: Exception) -> Response:
+    async def http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         code = _HTTP_CODES.get(exc.status_code, "http_error")
+        metrics_of(request).refused(code)
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
         return error_response(exc.status_code, code, detail, dict(exc.headers or {}))
 

@@ -180,6 +180,23 @@ class Settings(BaseSettings):
     quoroom_room_cli: Path | None = None  # local provider: the real Room's cli.js
     quoroom_runtime_image: str | None = None  # fly provider: the gateway image, pinned by digest
 
+    # Metrics (issue 14): Prometheus exposition on 127.0.0.1:METRICS_PORT, a listener of its own
+    # per process (serve, worker, dev), off when unset; never on the public port.
+    metrics_port: int | None = None
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _metrics_port(cls, value: object) -> object:
+        if value is None or value == "":
+            return None
+        text = str(value).strip()
+        if isinstance(value, bool) or not text.isdigit() or not 1 <= int(text) <= 65535:
+            raise ValueError(
+                f"{_var('metrics_port')} must be a port number 1-65535 (a loopback listener for "
+                f"/metrics), or unset to turn metrics off; got {value!r}"
+            )
+        return int(text)
+
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, value: str) -> str:

@@ -54,6 +54,7 @@ from control_plane.errors import (
     SessionNotFound,
     status_and_code,
 )
+from control_plane.metrics import metrics_of
 from control_plane.schemas import ErrorOut
 from control_plane.services import services_of
 
@@ -261,6 +262,7 @@ async def login(
     await db.commit()
     response = await _signed_in_response(db, ctx, signed, body.transport)
     ctx.devices.remember(response, device, user.email, now)
+    metrics_of(request).auth_event("login_ok")
     return response
 
 
@@ -544,6 +546,7 @@ async def _google_sign_in(
         ip_address=address,
     )
     await db.commit()
+    metrics_of(request).auth_event("login_ok")
     response = RedirectResponse(f"{ctx.settings.public_url}{pending.next_path}", status_code=303)
     _set_session_cookies(response, ctx, signed)
     ctx.devices.remember(response, ctx.devices.from_request(request, now), user.email, now)

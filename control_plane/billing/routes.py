@@ -21,6 +21,7 @@ from control_plane.billing.stripe_events import CheckoutCompleted
 from control_plane.deps import Now, SessionDep
 from control_plane.errors import BillingDisabled, InvalidWebhookPayload, InvalidWebhookSignature
 from control_plane.instances.access import OwnedInstance
+from control_plane.metrics import metrics_of
 from control_plane.schemas import ErrorOut
 from control_plane.services import services_of
 from control_plane.throttle import Throttle
@@ -67,20 +68,31 @@ async def stripe_webhook(request: Request, db: SessionDep, now: Now) -> dict[str
     if billing.gateway is None:
         raise BillingDisabled()
     raw = await request.body()
+    metrics = metrics_of(request)
     try:
         event = billing.gateway.parse_webhook(raw, request.headers.get("stripe-signature"))
     except WebhookSignatureError as exc:
+        metrics.webhook("invalid_signature")
         raise InvalidWebhookSignature() from exc
     except WebhookPayloadError as exc:
+        metrics.webhook("invalid_payload")
         logger.warning("stripe webhook with an unusable payload: %s", exc)
         raise InvalidWebhookPayload() from exc
+    # Lag: the event's creation at Stripe to now (the processing clock); retries show up here.
+    lag = (now - event.created).total_seconds()
     if isinstance(event, CheckoutCompleted):
         billing.checkout_cache.forget(event.session_id)  # a cached "open" is over
-    if not await service.record_stripe_event(db, event, now):
-        await db.rollback()
-        return {"ok": True, "duplicate": True}
-    outcome = await service.apply_event(db, billing.settings, event, now)
-    await db.commit()
+    try:
+        if not await service.record_stripe_event(db, event, now):
+            await db.rollback()
+            metrics.webhook("duplicate", lag)
+            return {"ok": True, "duplicate": True}
+        outcome = await service.apply_event(db, billing.settings, event, now)
+        await db.commit()
+    except Exception:
+        metrics.webhook("failed", lag)  # Stripe redelivers; the alert watches the rate
+        raise
+    metrics.webhook("applied", lag)
     logger.info(
         "stripe event applied",
         extra={"stripe_event_id": event.event_id, "billing_effect": outcome.effect},

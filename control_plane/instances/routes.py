@@ -22,6 +22,7 @@ from control_plane.errors import (
     Throttled,
     error_response,
     response_for,
+    status_and_code,
 )
 from control_plane.instances import members as members_
 from control_plane.instances import service, tokens
@@ -54,6 +55,7 @@ from control_plane.instances.schemas import (
 from control_plane.instances.service import InstancesContext
 from control_plane.keys.service import KeyRing
 from control_plane.mail import Mailer
+from control_plane.metrics import metrics_of
 from control_plane.schemas import ErrorOut
 from control_plane.services import services_of
 from control_plane.throttle import Throttle
@@ -340,6 +342,7 @@ async def runtime_token(
         now=now,
     )
     await db.commit()
+    metrics_of(request).runtime_token("grant")
     return RuntimeTokenOut(
         token=issued.token,
         expires_at=issued.expires_at,
@@ -428,7 +431,9 @@ async def refresh_token(
         await db.commit()
     except ControlPlaneError as exc:
         await db.rollback()
+        metrics_of(request).refused(status_and_code(exc)[1])
         return _cors(response_for(exc), origin)
+    metrics_of(request).runtime_token("refresh")
     return _cors(JSONResponse(RefreshTokenOut(token=issued.token).model_dump()), origin)
 
 

@@ -14,7 +14,9 @@ from typing import Any
 
 import httpx
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from control_plane.metrics import FleetGauges, Metrics, MetricsListener, start_listener
 from control_plane.runtime_kinds import DEFAULT_RUNTIME_KIND, RUNTIME_KINDS
 from control_plane.settings import Settings, get_settings
 
@@ -46,8 +48,12 @@ async def worker_main(settings: Settings, *, once: bool = False) -> int:
     from control_plane.provisioning.runner import WorkerRunner
 
     engine = create_engine(settings.resolved_database_url)
+    listener: MetricsListener | None = None
     try:
-        runner = WorkerRunner(settings, create_session_factory(engine))
+        metrics = Metrics() if settings.metrics_port is not None and not once else None
+        runner = WorkerRunner(settings, create_session_factory(engine), metrics=metrics)
+        if metrics is not None:
+            listener = _metrics_listener(settings, metrics, runner.worker.factory)
         if once:
             try:
                 await Reconciler(settings, runner.worker.factory, runner.provider).run_once()
@@ -69,7 +75,23 @@ async def worker_main(settings: Settings, *, once: bool = False) -> int:
         await runner.run()
         return 0
     finally:
+        if listener is not None:
+            await listener.aclose()
         await engine.dispose()
+
+
+def _metrics_listener(
+    settings: Settings, metrics: Metrics, factory: async_sessionmaker[AsyncSession]
+) -> MetricsListener:
+    """The worker process's own scrape target on 127.0.0.1:METRICS_PORT (one per process)."""
+    from control_plane.db import utcnow
+    from control_plane.provisioning.worker import fleet_gauges
+
+    async def fleet() -> FleetGauges:
+        return await fleet_gauges(factory, utcnow(), settings.worker_lease_seconds)
+
+    assert settings.metrics_port is not None
+    return start_listener(metrics, settings.metrics_port, fleet)
 
 
 # -- ops update-image ---------------------------------------------------------------------------

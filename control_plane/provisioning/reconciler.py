@@ -57,6 +57,10 @@ class ReconcileReport:
     def changed(self) -> bool:
         return bool(self.redriven or self.reprovisioned or self.abandoned)
 
+    def counts(self) -> dict[str, int]:
+        """How many of each action (the metrics' ``action`` label)."""
+        return {name: len(items) for name, items in vars(self).items()}
+
 
 class Reconciler:
     def __init__(

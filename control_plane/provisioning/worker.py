@@ -49,7 +49,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -60,6 +60,7 @@ from control_plane.db import transaction, utcnow
 from control_plane.instances.lifecycle import IllegalTransition, record_event, transition
 from control_plane.instances.lifecycle import update_fields as lifecycle_update_fields
 from control_plane.instances.models import CloudInstance, InstanceStatus
+from control_plane.metrics import FleetGauges, Metrics, metered_provider
 from control_plane.provisioning.provider import (
     InstanceSpec,
     MachineInfo,
@@ -71,6 +72,9 @@ from control_plane.provisioning.provider import (
 from control_plane.runtime_kinds import RUNTIME_KINDS
 from control_plane.settings import Settings
 
+if TYPE_CHECKING:
+    from control_plane.provisioning.reconciler import ReconcileReport
+
 __all__ = [
     "ACTIVE_SUBSCRIPTION",
     "PROVISION_STEPS",
@@ -78,6 +82,7 @@ __all__ = [
     "LeaseLost",
     "Worker",
     "backoff_delay",
+    "fleet_gauges",
 ]
 
 logger = logging.getLogger(__name__)
@@ -146,10 +151,12 @@ class Worker:
         credentials: Credentials | None = None,
         rng: Callable[[], float] = random.random,
         reconcile: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.factory = session_factory
-        self.provider = provider
+        self.metrics = metrics
+        self.provider = metered_provider(provider, metrics)
         self.catalog = catalog or _catalog_from(settings)
         self.clock = clock
         self.owner = owner or f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -218,10 +225,18 @@ class Worker:
                 report = await reconciler.run_once()
                 if report.changed:
                     self.wakeup.set()
+                self.record_reconcile(report)
             except Exception:
                 logger.exception("reconciler: pass failed")
+                self.record_reconcile(None)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.reconcile_seconds)
+
+    def record_reconcile(self, report: ReconcileReport | None) -> None:
+        """Count a reconciler pass's actions (``None``: the pass failed)."""
+        if self.metrics is not None:
+            actions = None if report is None else report.counts()
+            self.metrics.reconciled(actions)
 
     async def run_until_idle(self, *, limit: int = 1000) -> int:
         """Process due instances until none is left (or ``limit``); return how many."""
@@ -407,6 +422,8 @@ class Worker:
                         if not exc.retryable
                         else ("deadline passed" if past_deadline else "out of attempts")
                     )
+                    if self.metrics is not None:
+                        self.metrics.provisioning.labels("failed").inc()
                     await self._move(
                         job,
                         S.FAILED,
@@ -427,6 +444,8 @@ class Worker:
             if not exc.retryable:  # wind-down states never give up; they just slow down
                 delay = self.settings.worker_retry_max_seconds
             data["delay_seconds"] = round(delay, 3)
+            if self.metrics is not None:
+                self.metrics.worker_retries.labels(str(inst.status)).inc()
             await self._save(
                 job,
                 attempts=attempts,
@@ -547,6 +566,8 @@ class Worker:
             error=None,
             deadline_at=None,
         )
+        if self.metrics is not None:
+            self.metrics.provisioning.labels("running").inc()
 
     async def _step(
         self, job: _Job, step: str, message: str, data: dict[str, Any] | None, **fields: Any
@@ -678,6 +699,44 @@ class Worker:
             step="destroyed",
             error=None,
         )
+
+
+async def fleet_gauges(
+    factory: async_sessionmaker[AsyncSession], now: datetime, lease_seconds: float
+) -> FleetGauges:
+    """Instances by status, the queue (due, unleased) and the leases, for the metrics scrape."""
+    free = or_(CloudInstance.lease_until.is_(None), CloudInstance.lease_until < now)
+    due = (
+        CloudInstance.status.in_([str(s) for s in WORK_STATUSES]),
+        CloudInstance.run_after.is_not(None),
+        CloudInstance.run_after <= now,
+        free,
+    )
+    async with factory() as session:
+        rows = await session.execute(
+            select(CloudInstance.status, func.count()).group_by(CloudInstance.status)
+        )
+        by_status = {str(s): 0 for s in InstanceStatus}
+        by_status.update({str(status): int(count) for status, count in rows})
+        queue = select(func.count(), func.min(CloudInstance.run_after)).where(*due)
+        depth, oldest_due = (await session.execute(queue)).one()
+        leases, oldest_lease = (
+            await session.execute(
+                select(func.count(), func.min(CloudInstance.lease_until)).where(
+                    CloudInstance.lease_owner.is_not(None)
+                )
+            )
+        ).one()
+    lease_age = 0.0
+    if oldest_lease is not None:  # taken or renewed at lease_until - lease
+        lease_age = (now - oldest_lease).total_seconds() + lease_seconds
+    return FleetGauges(
+        instances_by_status=by_status,
+        queue_depth=int(depth),
+        oldest_due_seconds=max(0.0, (now - oldest_due).total_seconds()) if oldest_due else 0.0,
+        leases_held=int(leases),
+        oldest_lease_age_seconds=max(0.0, lease_age),
+    )
 
 
 def _catalog_from(settings: Settings) -> Catalog:
