@@ -104,12 +104,13 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def configure_logging(level: str | int = "INFO", stream: TextIO | None = None) -> None:
-    """Send ``room_cloud_runtime`` and uvicorn's error logs as JSON lines to ``stream``."""
+    """Send ``room_cloud_runtime``'s, uvicorn's and granian's logs as JSON lines to ``stream``
+    (``_granian`` is granian's logger, named after its Rust module)."""
     handler = JsonLinesHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(RedactingFilter())
     handler.addFilter(_DropSpuriousHandshakeError())
-    for name in ("room_cloud_runtime", "uvicorn.error", "quoroom"):
+    for name in ("room_cloud_runtime", "uvicorn.error", "_granian", "quoroom"):
         log = logging.getLogger(name)
         log.handlers[:] = [handler]
         log.setLevel(level)

@@ -1,4 +1,6 @@
-"""``quoroom-runtime serve``: a Room (the reference Room by default) wrapped by the stack.
+"""``quoroom-runtime serve``: a Room (the reference Room by default) wrapped by the stack, served
+by granian; ``quoroom-runtime gateway``: the stack in front of a Room on loopback, served by
+uvicorn (``_server.py`` says why each).
 
 Settings come from the environment (see README / DESIGN.md). A missing or malformed setting
 stops start-up with exit status 2 and a message naming it.
@@ -18,7 +20,14 @@ from starlette.types import ASGIApp
 
 from ._errors import ConfigError
 from ._logging import configure_logging
-from ._server import GuardedHttpToolsProtocol, guarded_protocol
+from ._server import (
+    DrainUnreadBody,
+    GuardedHttpToolsProtocol,
+    guarded_protocol,
+    serve_granian,
+    served_app_spec,
+    served_log_level,
+)
 from ._settings import RuntimeSettings, load_settings
 
 log = logging.getLogger("room_cloud_runtime.cli")
@@ -53,7 +62,8 @@ def _port(value: str) -> int:
 
 
 class ServerOptions(TypedDict):
-    """The keyword arguments :func:`server_options` gives ``uvicorn.run``/``uvicorn.Config``."""
+    """The keyword arguments :func:`server_options` gives ``uvicorn.Config`` (the gateway's
+    server; the integration tests run the stack under it too)."""
 
     lifespan: Literal["auto", "on", "off"]
     access_log: bool
@@ -154,25 +164,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except argparse.ArgumentTypeError as exc:
         print(f"quoroom-runtime: configuration error: PORT: {exc}", file=sys.stderr)
         return 2
+    del app  # loaded to check --app before serving; granian's worker builds its own (served_app)
     cloud = settings.mode == "cloud"
     host = args.host or ("0.0.0.0" if cloud else "127.0.0.1")
     port = port or (8080 if cloud else 3700)
-
-    import uvicorn
-
-    from ._stack import wrap
-
-    stack = wrap(app, settings)
     log.info("serving", extra={"mode": settings.mode, "host": host, "port": port})
-    uvicorn.run(
-        stack,
+    return serve_granian(
+        "room_cloud_runtime.cli:served_app",
+        app_spec=args.app,
         host=host,
         port=port,
-        log_config=None,
+        max_head_bytes=settings.max_header_bytes + _REQUEST_LINE_ALLOWANCE,
+        head_timeout=settings.head_timeout_seconds,
+        max_connections=settings.max_connections,
         log_level=args.log_level.lower(),
-        **server_options(settings),
     )
-    return 0
+
+
+def served_app() -> ASGIApp:
+    """What ``serve`` serves, built in granian's worker process from the settings ``serve`` has
+    already checked: the Room wrapped by the stack, inside :class:`DrainUnreadBody`."""
+    from ._stack import wrap
+
+    configure_logging(served_log_level().upper())  # granian's worker set up its own logging
+    settings = load_settings()
+    stack = wrap(_load_app(served_app_spec(), settings), settings)
+    return DrainUnreadBody(stack, settings.head_timeout_seconds)
 
 
 def _gateway(args: argparse.Namespace, command: list[str]) -> int:

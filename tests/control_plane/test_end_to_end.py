@@ -192,18 +192,21 @@ def _breakdown(events: list[dict[str, Any]]) -> str:
 
 
 def runtimes_under(root: Path) -> list[int]:
-    """Live (not zombie) runtime processes whose working directory is under ``root``."""
-    found = []
+    """Live (not zombie) runtime servers whose working directory is under ``root``: the
+    ``quoroom-runtime`` processes, less granian's worker under each (a child of its server; a
+    worker whose server is gone is listed, as the leftover it is)."""
+    found: dict[int, int] = {}  # pid → parent pid
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             cwd = os.readlink(proc / "cwd")
             argv = (proc / "cmdline").read_bytes()
-        except OSError:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
         if b"room_cloud_runtime.cli" in argv and cwd.startswith(str(root)):
             if _pid_running(int(proc.name)):
-                found.append(int(proc.name))
-    return found
+                found[int(proc.name)] = parent
+    return sorted(pid for pid, parent in found.items() if parent not in found)
 
 
 # -- the test -------------------------------------------------------------------------------------
