@@ -2,10 +2,11 @@
 
 ``python -m bench server`` (part of a full ``scripts/bench``) → bench/RESULTS.md "Servers".
 
-The servers are those of ``bench/serve.py --server``: uvicorn as it comes (httptools), what
-``quoroom-runtime serve`` ships (uvicorn with the runtime's guarded httptools protocol,
-``room_cloud_runtime/_server.py``), uvicorn with h11, hypercorn and granian, each given the stack's
-header budget and head timeout where it has a setting for them.
+The servers are those of ``bench/serve.py --server``: what ``quoroom-runtime serve`` ships
+(granian through ``serve_granian``), what ``quoroom-runtime gateway`` runs (uvicorn with the
+runtime's guarded httptools protocol; ``room_cloud_runtime/_server.py`` says why each), uvicorn as
+it comes (httptools), uvicorn with h11 and hypercorn, each given the stack's header budget and
+head timeout where it has a setting for them.
 
 Safety, three probes against each server running the stack (head timeout 2 s for the run):
 
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _keys, apps
-from .bench_stack import _start_server, _summary, _wrk
+from .bench_stack import _cpu_seconds, _start_server, _summary, _tree, _wrk
 from .serve import SERVERS
 
 HEAD_TIMEOUT = 2.0
@@ -42,31 +43,6 @@ BIG_HEAD_BYTES = 32 * 1024 * 1024
 
 
 # -- /proc readings of a server's process tree -----------------------------------------------------
-
-
-def _tree(pid: int) -> list[int]:
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        pids.append(current)
-        try:
-            for task in os.listdir(f"/proc/{current}/task"):
-                children = Path(f"/proc/{current}/task/{task}/children").read_text().split()
-                todo.extend(int(child) for child in children)
-        except OSError:
-            continue
-    return pids
-
-
-def _tree_cpu_seconds(pid: int) -> float:
-    total = 0
-    for each in _tree(pid):
-        try:
-            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _tree_rss_mib(pid: int) -> float:
@@ -163,9 +139,9 @@ def throughput(
             tok = apps.LOCAL_TOKEN if kind == "bare" else token
             try:
                 _wrk(port, tok, 1, connections)  # warm
-                before = _tree_cpu_seconds(proc.pid)
+                before = _cpu_seconds(proc.pid)
                 per_second, total = _wrk(port, tok, seconds, connections)
-                cpu[kind].append((_tree_cpu_seconds(proc.pid) - before) / total * 1e6)
+                cpu[kind].append((_cpu_seconds(proc.pid) - before) / total * 1e6)
                 rps[kind].append(per_second)
             finally:
                 proc.terminate()

@@ -18,9 +18,11 @@ stack was before), measured alongside so the fusion's effect is read within one 
    bare app behind as many no-op pure-ASGI layers as the layered stack has, adding the stack's
    response headers through one ``send`` wrapper; a *headers* variant the same with one layer:
    the ceiling for any stack that sends those headers through uvicorn.
-3. Over loopback: uvicorn (1 worker, httptools + uvloop) pinned to core 0, wrk pinned to core 1,
-   bare and stack alternated, each for a bounded duration; requests/s reported (best and
-   median run) with the server's CPU time per request read from ``/proc`` (user + system).
+3. Over loopback: the server ``quoroom-runtime serve`` ships (granian, 1 worker, uvloop:
+   ``bench/serve.py --server shipped``) pinned to core 0, wrk pinned to core 1, bare and stack
+   alternated, each for a bounded duration; requests/s reported (best and median run) with the
+   server's CPU time per request (its process tree: granian's worker is a child) read from
+   ``/proc`` (user + system).
 
 Targets (issue 13): the stack adds ≤ 5 µs per request in-process and keeps ≥ 90 % of the bare
 app's requests/s over loopback.
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 from . import _keys, apps
@@ -319,7 +322,7 @@ _TASKSET_SERVE = ["taskset", "-c", "0", sys.executable, "-m", "bench.serve"]
 
 
 def _start_server(
-    kind: str, env: dict[str, str], attempts: int = 3, http_server: str = "uvicorn"
+    kind: str, env: dict[str, str], attempts: int = 3, http_server: str = "shipped"
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Serve ``kind`` pinned to core 0; retried on a fresh port (on a shared machine the port can
     be taken between choosing and binding it, or a start can starve)."""
@@ -341,11 +344,32 @@ def _start_server(
     raise AssertionError("unreachable")
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (granian serves from a worker process, its child)."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                children = Path(f"/proc/{current}/task/{task}/children").read_text().split()
+                todo.extend(int(child) for child in children)
+        except OSError:
+            continue
+    return pids
+
+
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far (Linux ``/proc``)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of ``pid``'s process tree so far (Linux ``/proc``; a process that
+    has exited counts no more)."""
+    total = 0
+    for each in _tree(pid):
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _wrk(port: int, token: str, seconds: int, connections: int) -> tuple[float, int]:

@@ -1,9 +1,10 @@
 """``python -m bench.load``: the load bench in one command, bounded in time, loopback only.
 
 1. Throughput (wrk, PERF-NOTES.md: one locust process cannot show a ceiling here): the bare
-   reference Room, our stack and the peer stack (bench/peer.py), each under uvicorn pinned to
-   core 0 with wrk pinned to core 1, interleaved rounds, budgets set far above the load so every
-   request pays for the limiter checks but none is refused.
+   reference Room, our stack and the peer stack (bench/peer.py), each under the shipped server
+   (granian, ``bench/serve.py``) pinned to core 0 with wrk pinned to core 1, interleaved rounds,
+   budgets set far above the load so every request pays for the limiter checks but none is
+   refused.
 2. Behaviour (locust headless on core 1, the server on core 0, real budgets, one fresh server
    per scenario): ``ours`` with 500 users mixing reads, writes and WebSockets; the same plus a
    flooder at 20x its address budget and the other abusers; the peer stack likewise; the bare
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _keys, apps, cp_seed
-from .bench_stack import _free_port, _wait_listening, _wrk
+from .bench_stack import _cpu_seconds, _free_port, _wait_listening, _wrk
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -152,15 +153,6 @@ def jwks_server(body: bytes) -> Iterator[str]:
 # --- servers ----------------------------------------------------------------------------------
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process (Linux /proc; taskset execs, same pid)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-
-
 CPU: dict[str, float] = {}  # "server" / "generator": CPU seconds of the last scenario
 
 
@@ -218,6 +210,36 @@ def throughput(env: dict[str, str], token: str, rounds: int, seconds: int) -> di
                 results[kind].append(_wrk_rps(port, auth, seconds, 32))
                 print(f"  wrk {kind}: {results[kind][-1]:.0f} req/s", flush=True)
     return {kind: statistics.median(values) for kind, values in results.items()}
+
+
+def gateway_overhead(rounds: int, seconds: int) -> tuple[dict[str, float] | None, str | None]:
+    """The gateway in front of the real Room against that Room direct, in this run (issue 13,
+    item 5): ``bench_gateway``'s saturated wrk case (8 users, both Rooms' per-address budgets
+    raised; its module doc says why and how), medians of interleaved rounds. ``None`` and the
+    reason where node, npm or the Room's install is missing."""
+    import tempfile
+
+    from . import bench_gateway
+
+    problem = bench_gateway._preflight()
+    if problem:
+        return None, problem
+    try:
+        cli = bench_gateway._install_room()
+    except RuntimeError as exc:
+        return None, str(exc)
+    with tempfile.TemporaryDirectory(prefix="bench-load-gateway-") as tmp:
+        setup = bench_gateway.start(Path(tmp), cli, 8, raise_gateway_room=True)
+        try:
+            http = bench_gateway.Http(setup, bench_gateway.Disturbance([]), 8)
+            runs, _ = bench_gateway.http_phase(http, rounds, seconds, 0, 1)
+        finally:
+            bench_gateway.stop(setup)
+    out = {}
+    for case in ("direct", "gateway"):
+        for attr in ("rps", "p50_ms", "p99_ms"):
+            out[f"{case}_{attr}"] = statistics.median(getattr(r, attr) for r in runs[case])
+    return out, None
 
 
 def run_locust(scenario: Scenario, host: str, env: dict[str, str]) -> Path:
@@ -484,6 +506,7 @@ def report(
     *,
     command: str,
     notes: Sequence[str],
+    gateway: dict[str, float] | None = None,
 ) -> str:
     now = datetime.datetime.now(datetime.UTC)
     lines = [
@@ -491,7 +514,8 @@ def report(
         "",
         f"Written by `{command}` on {now:%Y-%m-%d %H:%M} UTC; "
         f"{platform.python_implementation()} {platform.python_version()}, "
-        f"{os.cpu_count()} cores. Server (uvicorn, 1 worker, httptools + uvloop, no access log) "
+        f"{os.cpu_count()} cores. Server (what `quoroom-runtime serve` ships: granian, 1 worker, "
+        "uvloop; no access log) "
         f"pinned to core {SERVER_CORE}; locust / wrk pinned to core {GENERATOR_CORE}. "
         "Loopback only. Plot: `bench/load.png`; CSVs and locust's HTML reports: `bench/out/load/`.",
         "",
@@ -509,6 +533,25 @@ def report(
             "| stack | req/s (median) | % of bare |",
             "|---|---|---|",
             *(f"| {k} | {v:.0f} | {v / wrk['bare']:.1%} |" for k, v in wrk.items()),
+            "",
+        ]
+    if gateway:
+        g = gateway
+        lines += [
+            "## Gateway in front of the real Room, this run (wrk -t1 -c32, 8 users' tokens)",
+            "",
+            "`quoroom-runtime gateway` (uvicorn) and the Room on core 0 against the Room direct "
+            "on core 0 (bench/bench_gateway.py's saturated case; `scripts/bench gateway` has the "
+            "full figures and the targets).",
+            "",
+            "| case | req/s (median) | p50 / p99 ms |",
+            "|---|---|---|",
+            f"| Room direct | {g['direct_rps']:.0f} | {g['direct_p50_ms']:.2f} / "
+            f"{g['direct_p99_ms']:.2f} |",
+            f"| through the gateway | {g['gateway_rps']:.0f} "
+            f"({g['gateway_rps'] / g['direct_rps']:.1%} of direct) | {g['gateway_p50_ms']:.2f} / "
+            f"{g['gateway_p99_ms']:.2f} "
+            f"(added p99 {g['gateway_p99_ms'] - g['direct_p99_ms']:+.2f}) |",
             "",
         ]
     lines += [
@@ -642,6 +685,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         print("throughput (wrk):", flush=True)
         wrk = throughput(env, _keys.mint(key), args.wrk_rounds, args.wrk_seconds)
+        print("gateway in front of the real Room (wrk):", flush=True)
+        gateway, gateway_skipped = gateway_overhead(args.wrk_rounds, args.wrk_seconds)
+        if gateway_skipped:
+            notes.append(f"gateway overhead: not measured — {gateway_skipped}")
         u = args.users
         n_abusers = FLOODERS + 1
         scenarios = [
@@ -714,7 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import plot
 
     plot.plot(results, wrk, PLOT)
-    text = report(results, wrk, verdicts, command=command, notes=notes)
+    text = report(results, wrk, verdicts, command=command, notes=notes, gateway=gateway)
     RESULTS.write_text(text)
     print(text)
     print(

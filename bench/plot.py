@@ -1,6 +1,9 @@
-"""The load bench's plot: legitimate latency percentiles per scenario, and throughput per stack.
+"""The benches' plots (matplotlib, Agg backend: no display).
 
-Written by ``python -m bench.load`` to bench/load.png (matplotlib, Agg backend: no display).
+- bench/load.png (``python -m bench.load``): legitimate latency percentiles per scenario, and
+  throughput per stack;
+- bench/stack.png (``python -m bench`` with its server part): requests/s of the bare Room and of
+  the stack under each HTTP server, the stack's share of bare over each pair.
 """
 
 from __future__ import annotations
@@ -43,6 +46,29 @@ def plot(
         thr.set_title("wrk: requests/s")
     else:
         thr.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
+def plot_servers(servers: dict[str, dict[str, Any]], labels: dict[str, str], out: Path) -> None:
+    """Bare and stack requests/s per server (``bench_server.run()["servers"]``); ``labels``:
+    short tick labels by server name."""
+    names = list(servers)
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    width = 0.38
+    for i, (kind, colour) in enumerate((("bare", COLOURS["bare"]), ("stack", COLOURS["ours"]))):
+        xs = [j + (i - 0.5) * width for j in range(len(names))]
+        values = [servers[n]["throughput"][f"{kind}_best"] for n in names]
+        ax.bar(xs, values, width, color=colour, label=kind)
+    for j, n in enumerate(names):
+        t = servers[n]["throughput"]
+        top = max(t["bare_best"], t["stack_best"])
+        ax.text(j, top, f"{t['ratio']:.0%}", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(range(len(names)), [labels.get(n, n) for n in names], fontsize=8)
+    ax.set_ylabel("requests/s (best run)")
+    ax.set_title("authenticated GET /api/rooms, wrk -c32, server on one core: stack / bare above")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     plt.close(fig)

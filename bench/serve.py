@@ -4,14 +4,15 @@ python -m bench.serve {bare|stack} --port P [--server S]    (the JWKS comes in $
 python -m bench.serve peer --port P    (PyJWKClient fetches $BENCH_JWKS_URL)
 $BENCH_SETTINGS (JSON, optional): overrides of apps.bench_settings for stack and peer
 
---server (bench/bench_server.py compares them; the default is what bench_stack measures):
-  uvicorn    uvicorn, httptools + uvloop, its defaults
-  shipped    what `quoroom-runtime serve` runs: uvicorn with the runtime's guarded httptools
+--server (bench/bench_server.py compares them; bench_stack measures the shipped one):
+  shipped    what `quoroom-runtime serve` runs: granian through the runtime's serve_granian
+             (1 worker, uvloop, HTTP/1, head deadline and buffer bound, backpressure at the
+             connection cap), the app inside DrainUnreadBody (room_cloud_runtime/_server.py)
+  gateway    what `quoroom-runtime gateway` runs: uvicorn with the runtime's guarded httptools
              protocol and connection cap (room_cloud_runtime.cli.server_options)
+  uvicorn    uvicorn, httptools + uvloop, its defaults
   h11        uvicorn with h11, its incomplete-event bound at the stack's header budget
   hypercorn  hypercorn (h11) on uvloop, its incomplete-size bound at the same budget
-  granian    granian's ASGI interface, 1 worker, uvloop, HTTP/1, header read timeout = the
-             stack's head timeout
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import uvicorn
 
 from . import apps
 
-SERVERS = ("uvicorn", "shipped", "h11", "hypercorn", "granian")
+SERVERS = ("shipped", "gateway", "uvicorn", "h11", "hypercorn")
 
 
 def _settings() -> Any:
@@ -38,13 +39,22 @@ def build_app(kind: str) -> Any:
     if kind == "bare":
         return apps.bare_app()
     if kind == "peer":
-        return apps.peer_app(os.environ["BENCH_JWKS_URL"], _settings())
+        # The common way takes the client's address from X-Forwarded-For set by a trusted proxy
+        # (the load bench's locust users each send their own): uvicorn's middleware for it, which
+        # uvicorn itself applies and granian has no equivalent of.
+        from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+        peer = apps.peer_app(os.environ["BENCH_JWKS_URL"], _settings())
+        return ProxyHeadersMiddleware(peer, trusted_hosts="127.0.0.1")
     return apps.stack_app(json.loads(os.environ["BENCH_JWKS"]), _settings())
 
 
 def granian_app() -> Any:
-    """Granian imports its app by name in the worker process: the kind travels in the env."""
-    return build_app(os.environ["BENCH_KIND"])
+    """Granian imports its app by name in the worker process: the kind travels in the env.
+    Wrapped as ``quoroom-runtime serve`` wraps what it serves (``cli.served_app``)."""
+    from room_cloud_runtime._server import DrainUnreadBody
+
+    return DrainUnreadBody(build_app(os.environ["BENCH_KIND"]), _settings().head_timeout_seconds)
 
 
 def _uvicorn(app: Any, port: int, **options: Any) -> None:
@@ -76,41 +86,37 @@ def _hypercorn(app: Any, port: int) -> None:
 
 
 def _granian(kind: str, port: int) -> None:
-    from granian import Granian
-    from granian.http import HTTP1Settings
+    from room_cloud_runtime._server import serve_granian
 
     settings = _settings()
     os.environ["BENCH_KIND"] = kind
-    Granian(
+    serve_granian(
         "bench.serve:granian_app",
-        factory=True,
-        address="127.0.0.1",
+        app_spec=None,
+        host="127.0.0.1",
         port=port,
-        interface="asgi",  # type: ignore[arg-type]
-        workers=1,
-        loop="uvloop",  # type: ignore[arg-type]
-        http="1",  # type: ignore[arg-type]
-        http1_settings=HTTP1Settings(
-            header_read_timeout=int(settings.head_timeout_seconds * 1000),
-            max_buffer_size=settings.max_header_bytes,
-        ),
-        log_enabled=False,
-    ).serve()
+        max_head_bytes=settings.max_header_bytes,
+        head_timeout=settings.head_timeout_seconds,
+        max_connections=settings.max_connections,
+        log_level="warning",
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("kind", choices=["bare", "stack", "peer"])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--server", choices=SERVERS, default="uvicorn")
+    parser.add_argument(
+        "--server", choices=SERVERS, default=os.environ.get("BENCH_SERVER") or "shipped"
+    )
     args = parser.parse_args()
-    if args.server == "granian":
+    if args.server == "shipped":
         _granian(args.kind, args.port)
         return
     app = build_app(args.kind)
     if args.server == "hypercorn":
         _hypercorn(app, args.port)
-    elif args.server == "shipped":
+    elif args.server == "gateway":
         from room_cloud_runtime.cli import server_options
 
         options = server_options(_settings())
