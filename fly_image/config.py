@@ -310,7 +310,8 @@ def build_machine_config(
         "checks": {"healthz": dict(http_check)},
         "mounts": [{"volume": volume_id, "path": DATA_DIR}],
         "restart": {"policy": "on-failure", "max_retries": restart_max_retries},
-        # SIGTERM, then time for uvicorn to finish requests and SQLite to checkpoint.
+        # SIGTERM, then time for the server (granian for serve, uvicorn for the gateway) to finish
+        # requests and SQLite to checkpoint.
         "stop_config": {"signal": "SIGTERM", "timeout": stop_timeout},
         "metadata": metadata,
     }
