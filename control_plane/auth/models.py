@@ -1,10 +1,19 @@
-"""Account tables: users, OAuth identities, sessions, refresh tokens and email tokens."""
+"""Account tables: users, OAuth identities, sessions, refresh tokens, email tokens and the second
+factor (TOTP, recovery codes, pending second-factor sign-ins)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Boolean, ForeignKey, Index, LargeBinary, String, UniqueConstraint
+from sqlalchemy import (
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from control_plane.db import Base, UTCDateTime, new_id, utcnow
@@ -65,6 +74,9 @@ class UserSession(Base):
     method: Mapped[str] = mapped_column(String(16), nullable=False)  # password | google
     user_agent: Mapped[str | None] = mapped_column(String(255), nullable=True)
     ip_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: When this session last proved the account's second factor (sign-in or step-up); the
+    #: step-up rule asks for it within the last 10 minutes (control_plane/auth/second_factor.py).
+    second_factor_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class RefreshToken(Base):
@@ -104,3 +116,59 @@ class EmailToken(Base):
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     __table_args__ = (Index("ix_email_tokens_user_purpose", "user_id", "purpose"),)
+
+
+class UserTotp(Base):
+    """An account's TOTP factor (RFC 6238). ``confirmed_at`` is ``None`` while enrolment waits
+    for its first code; only a confirmed factor is asked for at sign-in.
+
+    The secret is sealed with the key-encryption keys (AES-256-GCM, bound to the user id), never
+    logged, and never returned once confirmed. ``last_used_step`` is the time step of the last
+    code accepted: a code of that step or an earlier one is refused (no replay in its window).
+    """
+
+    __tablename__ = "user_totp"
+
+    user_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    secret_ciphertext: Mapped[bytes] = mapped_column(LargeBinary(128), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_used_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class RecoveryCode(Base):
+    """A single-use recovery code: only its SHA-256 (with the user id) is stored."""
+
+    __tablename__ = "user_recovery_codes"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    code_hash: Mapped[bytes] = mapped_column(LargeBinary(32), nullable=False, unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class SecondFactorChallenge(Base):
+    """A sign-in that passed its first factor and waits for the second: not a session.
+
+    Its token (256 random bits, stored hashed) lives in an HttpOnly cookie of the browser that
+    signed in (or in the body for ``transport: body`` clients); it is short-lived, single use and
+    allows a few attempts."""
+
+    __tablename__ = "second_factor_challenges"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32), nullable=False, unique=True)
+    method: Mapped[str] = mapped_column(String(16), nullable=False)  # password | google
+    transport: Mapped[str] = mapped_column(String(8), nullable=False)  # cookie | body
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

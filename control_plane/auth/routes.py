@@ -5,16 +5,18 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.responses import Response
 
-from control_plane.auth import lockout, service
+from control_plane.auth import lockout, second_factor, service
 from control_plane.auth import sessions as sessions_
 from control_plane.auth.cookies import cookie_names
 from control_plane.auth.devices import KnownDevice
+from control_plane.auth.factor_routes import router as factor_router
 from control_plane.auth.google import STATE_COOKIE_PATH, STATE_MAX_AGE, GoogleClient
 from control_plane.auth.models import User
 from control_plane.auth.schemas import (
@@ -25,6 +27,8 @@ from control_plane.auth.schemas import (
     RefreshIn,
     ResetPasswordIn,
     RevokedOut,
+    SecondFactorIn,
+    SecondFactorRequiredOut,
     SessionOut,
     SessionsOut,
     SignupIn,
@@ -158,6 +162,21 @@ async def _signed_in_response(
     return response
 
 
+def _second_factor_required(ctx: AuthContext, raw: str, transport: Transport) -> JSONResponse:
+    """The first step's answer for an account with a second factor: no session yet."""
+    body = SecondFactorRequiredOut(
+        methods=["totp", "recovery_code"],
+        expires_in=int(second_factor.PENDING_TTL.total_seconds()),
+        second_factor_token=raw if transport == "body" else None,
+    )
+    response = JSONResponse(
+        body.model_dump(mode="json", exclude_none=True), headers={"Cache-Control": "no-store"}
+    )
+    if transport == "cookie":
+        second_factor.set_pending_cookie(response, ctx.settings, raw)
+    return response
+
+
 def _accepted() -> JSONResponse:
     return JSONResponse(OkOut(message=ACCEPTED).model_dump(), status_code=202)
 
@@ -235,7 +254,11 @@ async def resend_verification(
 # -- password sign-in, refresh, sign-out --------------------------------------------------------
 
 
-@router.post("/login", response_model=TokensOut, summary="Sign in with email and password")
+@router.post(
+    "/login",
+    response_model=TokensOut | SecondFactorRequiredOut,
+    summary="Sign in with email and password",
+)
 async def login(
     body: LoginIn,
     request: Request,
@@ -246,10 +269,18 @@ async def login(
     device: Device,
 ) -> JSONResponse:
     """Throttled per account and address (or known device); see ``docs/control-plane-accounts.md``.
-    A successful sign-in makes the browser a known device for the account."""
+    A successful sign-in makes the browser a known device for the account. For an account with a
+    second factor the answer is ``second_factor_required`` (no session yet): the sign-in goes on
+    at ``POST /api/auth/second-factor``."""
     user = await service.authenticate(
         db, ctx, email=body.email, password=body.password, now=now, address=address, device=device
     )
+    if await second_factor.has_second_factor(db, user.id):
+        raw = await second_factor.open_challenge(
+            db, user, method="password", transport=body.transport, now=now
+        )
+        await db.commit()
+        return _second_factor_required(ctx, raw, body.transport)
     signed = await service.start_session(
         db,
         ctx,
@@ -262,6 +293,55 @@ async def login(
     await db.commit()
     response = await _signed_in_response(db, ctx, signed, body.transport)
     ctx.devices.remember(response, device, user.email, now)
+    metrics_of(request).auth_event("login_ok")
+    return response
+
+
+@router.post(
+    "/second-factor",
+    response_model=TokensOut,
+    summary="Finish a sign-in with a TOTP code or a recovery code",
+)
+async def second_factor_sign_in(
+    body: SecondFactorIn,
+    request: Request,
+    db: SessionDep,
+    ctx: AuthDep,
+    now: Now,
+    address: ClientAddress,
+    device: Device,
+) -> JSONResponse:
+    """The pending sign-in comes from the HttpOnly cookie the first step set (or the body's
+    ``second_factor_token``); the session, its refresh token and the known-device cookie are made
+    only now. Wrong and reused codes count as failed sign-ins; a pending sign-in allows
+    ``MAX_ATTEMPTS`` codes and lives ``PENDING_TTL``."""
+    raw = body.second_factor_token or second_factor.pending_token_of(request, ctx.settings)
+    challenge, user = await second_factor.find_challenge(db, raw, now)
+    proof = second_factor.Proof(code=body.code, recovery_code=body.recovery_code)
+    try:
+        await second_factor.check_proof(
+            db, ctx, user, proof, now=now, address=address, device=device
+        )
+    except (second_factor.InvalidSecondFactor, second_factor.SecondFactorReused):
+        await second_factor.count_attempt(db, challenge)
+        await db.commit()
+        raise
+    await second_factor.close_challenge(db, challenge, now)
+    signed = await service.start_session(
+        db,
+        ctx,
+        user,
+        method=challenge.method,
+        now=now,
+        user_agent=request.headers.get("user-agent"),
+        ip_address=address,
+    )
+    signed.session.second_factor_at = now
+    await db.commit()
+    transport: Transport = "body" if challenge.transport == "body" else "cookie"
+    response = await _signed_in_response(db, ctx, signed, transport)
+    ctx.devices.remember(response, device, user.email, now)
+    second_factor.clear_pending_cookie(response, ctx.settings)
     metrics_of(request).auth_event("login_ok")
     return response
 
@@ -536,6 +616,18 @@ async def _google_sign_in(
         name=identity.name,
         now=now,
     )
+    if await second_factor.has_second_factor(db, user.id):
+        # No session yet: the second factor first, on the page that asks for it.
+        raw = await second_factor.open_challenge(
+            db, user, method="google", transport="cookie", now=now
+        )
+        await db.commit()
+        target = f"/signin/second-factor?next={quote(pending.next_path, safe='/')}"
+        response = RedirectResponse(f"{ctx.settings.public_url}{target}", status_code=303)
+        second_factor.set_pending_cookie(response, ctx.settings, raw)
+        _delete_google_state(response, ctx)
+        response.headers["Cache-Control"] = "no-store"
+        return response
     signed = await service.start_session(
         db,
         ctx,
@@ -550,11 +642,19 @@ async def _google_sign_in(
     response = RedirectResponse(f"{ctx.settings.public_url}{pending.next_path}", status_code=303)
     _set_session_cookies(response, ctx, signed)
     ctx.devices.remember(response, ctx.devices.from_request(request, now), user.email, now)
+    _delete_google_state(response, ctx)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _delete_google_state(response: Response, ctx: AuthContext) -> None:
     response.delete_cookie(
         cookie_names(ctx.settings).google_state,
         path=STATE_COOKIE_PATH,
         secure=ctx.settings.secure_cookies,
         httponly=True,
     )
-    response.headers["Cache-Control"] = "no-store"
-    return response
+
+
+# The second factor's own routes (enrolment, step-up, removal), under the same prefix and guard.
+router.include_router(factor_router)

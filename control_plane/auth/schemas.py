@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, model_validator
 
 Password = Annotated[str, Field(min_length=1, max_length=1024)]
 Token = Annotated[str, StringConstraints(min_length=1, max_length=256, strip_whitespace=True)]
@@ -52,6 +52,40 @@ class TokenIn(_In):
 class ResetPasswordIn(_In):
     token: Token
     password: Password
+
+
+#: A TOTP code: six digits (spaces around it are dropped; nothing else is accepted).
+TotpCode = Annotated[
+    str, StringConstraints(strip_whitespace=True, pattern=r"^[0-9]{6}$", max_length=6)
+]
+#: A recovery code as shown (``xxxx-xxxx-xxxx-xxxx``); dashes, spaces and case are forgiven.
+RecoveryCodeText = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=16, max_length=32)
+]
+
+
+class ProofIn(_In):
+    """A second factor: a TOTP ``code`` or a ``recovery_code``, exactly one."""
+
+    code: TotpCode | None = None
+    recovery_code: RecoveryCodeText | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ProofIn:
+        if (self.code is None) == (self.recovery_code is None):
+            raise ValueError("give either code or recovery_code")
+        return self
+
+
+class SecondFactorIn(ProofIn):
+    """The second step of a sign-in. ``second_factor_token`` for ``transport: body`` clients;
+    browsers send the HttpOnly cookie the first step set instead."""
+
+    second_factor_token: Token | None = None
+
+
+class TotpConfirmIn(_In):
+    code: TotpCode
 
 
 class OkOut(BaseModel):
@@ -101,3 +135,37 @@ class SessionsOut(BaseModel):
 class RevokedOut(BaseModel):
     ok: bool = True
     revoked: int
+
+
+class SecondFactorRequiredOut(BaseModel):
+    """The first step of a sign-in succeeded; the account asks for its second factor.
+    ``second_factor_token`` only with ``transport: body`` (browsers get an HttpOnly cookie)."""
+
+    ok: bool = True
+    second_factor_required: Literal[True] = True
+    methods: list[str]
+    expires_in: int
+    second_factor_token: str | None = None
+
+
+class SecondFactorStatusOut(BaseModel):
+    totp_enabled: bool
+    recovery_codes_left: int
+    #: When this session last proved the factor, and until when that allows sensitive actions.
+    verified_at: datetime | None
+    step_up_until: datetime | None
+
+
+class TotpSetupOut(BaseModel):
+    """The new secret, as a QR code (SVG, drawn by segno) and as text; shown until confirmed."""
+
+    secret: str
+    otpauth_uri: str
+    #: An SVG document, and the same as a ``data:`` URI for an ``<img>``.
+    qr_svg: str
+    qr_data_uri: str
+
+
+class RecoveryCodesOut(BaseModel):
+    ok: bool = True
+    recovery_codes: list[str]

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from control_plane.auth.second_factor import StepUp
 from control_plane.deps import CurrentUser, Now, ReadSessionDep, SessionDep
 from control_plane.errors import (
     ControlPlaneError,
@@ -171,6 +172,7 @@ async def retry_instance(access: OwnedInstance, db: SessionDep, ctx: Ctx) -> Ins
     "/instances/{instance_id}",
     status_code=202,
     summary="Cancel: end the subscription, stop, snapshot, destroy after the retention period",
+    dependencies=[StepUp],  # a recent second factor, when the account has one (issue 15)
 )
 async def delete_instance(
     access: OwnedInstance, request: Request, db: SessionDep, ctx: Ctx
@@ -212,7 +214,7 @@ async def _throttle_invites(request: Request, access: OwnedInstance) -> None:
     status_code=202,
     summary="Invite someone by email; they become a member once they accept",
     responses={429: {"model": ErrorOut, "description": "Too many invitations"}},
-    dependencies=[Depends(_throttle_invites)],
+    dependencies=[StepUp, Depends(_throttle_invites)],
 )
 async def add_member(
     body: MemberIn,
@@ -245,6 +247,7 @@ async def add_member(
     "/instances/{instance_id}/members/{member_id}",
     status_code=204,
     summary="Remove a member (the owner, or members removing themselves)",
+    dependencies=[StepUp],
 )
 async def remove_member(
     access: VisibleInstance,

@@ -210,6 +210,16 @@ async def signin(
     )
 
 
+@router.get("/signin/second-factor", response_class=HTMLResponse)
+async def signin_second_factor(
+    request: Request, viewer: Viewer, next_path: NextParam = None
+) -> Response:
+    """The sign-in's second step (issue 15): the pending state is an HttpOnly cookie the page
+    never sees; it posts the code to ``/api/auth/second-factor``."""
+    target = safe_next(next_path)
+    return _page(request, "second_factor.html", viewer, private=False, next_path=target)
+
+
 @router.get("/signup", response_class=HTMLResponse)
 async def signup(request: Request, viewer: Viewer, next_path: NextParam = None) -> Response:
     target = safe_next(next_path)
@@ -275,6 +285,14 @@ async def dashboard(request: Request, viewer: Viewer) -> Response:
     if viewer is None:
         return _to_signin(request)
     return _page(request, "dashboard.html", viewer, private=True)
+
+
+@router.get("/app/security", response_class=HTMLResponse)
+async def security(request: Request, viewer: Viewer) -> Response:
+    """Two-step sign-in: set up an authenticator app, recovery codes, turn it off (issue 15)."""
+    if viewer is None:
+        return _to_signin(request)
+    return _page(request, "security.html", viewer, private=True)
 
 
 @router.get("/app/instances/{instance_id}/members", response_class=HTMLResponse)

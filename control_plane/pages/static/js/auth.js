@@ -56,8 +56,9 @@
     Q.onSubmit(signin, async (values) => {
       lastEmail = values.email || "";
       document.getElementById("resend").hidden = true;
+      let answer;
       try {
-        await Q.api("POST", "/api/auth/login", {
+        answer = await Q.api("POST", "/api/auth/login", {
           email: values.email,
           password: values.password || "",
           transport: "cookie",
@@ -75,6 +76,11 @@
         throw err;
       }
       sessionStorage.removeItem("quoroom.resume");
+      if (answer && answer.second_factor_required) {
+        // No session yet: the second step (issue 15) holds its state in an HttpOnly cookie.
+        location.assign(`/signin/second-factor?next=${encodeURIComponent(next)}`);
+        return;
+      }
       location.assign(next);
     });
 
@@ -91,6 +97,38 @@
       } finally {
         Q.busy(button, false);
       }
+    });
+  }
+
+  // -- sign in: the second factor ----------------------------------------------------------------
+
+  const second = document.getElementById("second-factor-form");
+  if (second) {
+    const next = Q.safeNext(second.dataset.next);
+    Q.onSubmit(second, async (values) => {
+      try {
+        await Q.api("POST", "/api/auth/second-factor", Q.proof(values.code));
+      } catch (err) {
+        if (err instanceof Q.ApiError && err.code === "second_factor_expired") {
+          second.hidden = true;
+          show("second-factor-expired");
+          return;
+        }
+        if (err instanceof Q.ApiError && (err.code === "invalid_code" || err.code === "code_reused")) {
+          const text =
+            err.code === "code_reused"
+              ? "This code was already used. Wait for the next one."
+              : "That code is not right. Check the time on your phone, or use a recovery code.";
+          Q.fieldError(second, "code", text);
+          return;
+        }
+        if (err instanceof Q.ApiError && err.code === "invalid_body") {
+          Q.fieldError(second, "code", "Enter the six digits your app shows, or a recovery code.");
+          return;
+        }
+        throw err;
+      }
+      location.assign(next);
     });
   }
 

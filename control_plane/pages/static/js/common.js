@@ -120,8 +120,68 @@
         return new Promise(() => {}); // navigating away
       }
     }
+    // A sensitive action of an account with a second factor not proved in the last 10 minutes
+    // (issue 15): ask for a code, then try once more.
+    if (res.status === 403 && data && data.code === "step_up_required" && !options.noStepUp) {
+      if (await Q.stepUp()) ({ res, data } = await send(method, path, body, headers));
+    }
     if (!res.ok) throw new ApiError(res.status, data);
     return data;
+  };
+
+  // What the person typed as a second factor: six digits are a TOTP code, anything else a
+  // recovery code (the server checks both).
+  Q.proof = function (value) {
+    const text = String(value || "").trim();
+    return /^[0-9]{6}$/.test(text.replace(/\s/g, ""))
+      ? { code: text.replace(/\s/g, "") }
+      : { recovery_code: text };
+  };
+
+  // The step-up dialog (base.html, signed-in pages): resolves true once the second factor was
+  // proved for this session, false when the person cancels.
+  Q.stepUp = function () {
+    const dialog = document.getElementById("step-up-dialog");
+    const form = document.getElementById("step-up-form");
+    if (!dialog || !form || !dialog.showModal) return Promise.resolve(false);
+    return new Promise((resolve) => {
+      const done = (ok) => {
+        form.removeEventListener("submit", submit);
+        dialog.removeEventListener("close", closed);
+        cancel.removeEventListener("click", cancelled);
+        if (dialog.open) dialog.close();
+        resolve(ok);
+      };
+      const cancel = form.querySelector("[data-action=step-up-cancel]");
+      const cancelled = () => done(false);
+      const closed = () => done(false);
+      const submit = async (event) => {
+        event.preventDefault();
+        if (!Q.checkForm(form)) return;
+        const button = form.querySelector("[type=submit]");
+        Q.busy(button, true);
+        try {
+          await Q.api("POST", "/api/auth/second-factor/verify", Q.proof(form.elements.code.value), {
+            noStepUp: true,
+          });
+          done(true);
+        } catch (err) {
+          const message =
+            err instanceof ApiError && err.status !== 429 ? err.message : null;
+          if (!message || !Q.fieldError(form, "code", message.charAt(0).toUpperCase() + message.slice(1) + ".")) {
+            Q.showError(err, form);
+          }
+        } finally {
+          Q.busy(button, false);
+        }
+      };
+      form.reset();
+      Q.clearErrors(form);
+      form.addEventListener("submit", submit);
+      dialog.addEventListener("close", closed);
+      cancel.addEventListener("click", cancelled);
+      dialog.showModal();
+    });
   };
 
   // -- page messages ----------------------------------------------------------------------------
