@@ -149,7 +149,10 @@ def _worker_parser(parser: argparse.ArgumentParser) -> None:
     configure_worker(parser)
 
 
-@register("ops", "operations on the fleet of Room machines (ops update-image IMAGE)")
+@register(
+    "ops",
+    "operations on the fleet of Room machines (ops update-image IMAGE, ops restore INSTANCE)",
+)
 def _ops_parser(parser: argparse.ArgumentParser) -> None:
     from control_plane.provisioning.commands import configure_ops
 

@@ -173,6 +173,20 @@ class Settings(BaseSettings):
     provision_deadline_seconds: int = Field(default=1800, ge=10)
     reconcile_seconds: float = Field(default=300.0, gt=0)
     runtime_health_timeout_seconds: float = Field(default=180.0, gt=0)
+    # Backups (issue 14, item 3): Fly takes a snapshot of every Room volume daily and keeps each
+    # for this many days (the volume's ``snapshot_retention``, 1-60 on Fly; its default is 5).
+    snapshot_retention_days: int = 5
+
+    @field_validator("snapshot_retention_days", mode="before")
+    @classmethod
+    def _snapshot_retention_days(cls, value: object) -> object:
+        text = str(value).strip()
+        if isinstance(value, bool) or not text.isdigit() or not 1 <= int(text) <= 60:
+            raise ValueError(
+                f"{_var('snapshot_retention_days')} must be a whole number of days from 1 to 60 "
+                f"(how long Fly keeps each daily volume snapshot); got {value!r}"
+            )
+        return int(text)
 
     # Runtimes (issue 11): what NEW instances run — the reference Room, or the real (Node) Room
     # behind the gateway — and where the real Room comes from for each provider.

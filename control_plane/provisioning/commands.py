@@ -1,5 +1,5 @@
-"""``quoroom-cloud worker`` and ``quoroom-cloud ops update-image IMAGE`` (registered in
-``control_plane.cli``)."""
+"""``quoroom-cloud worker``, ``quoroom-cloud ops update-image IMAGE`` and ``quoroom-cloud ops
+restore INSTANCE [--snapshot ID]`` (registered in ``control_plane.cli``)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from control_plane.metrics import FleetGauges, Metrics, MetricsListener, start_l
 from control_plane.runtime_kinds import DEFAULT_RUNTIME_KIND, RUNTIME_KINDS
 from control_plane.settings import Settings, get_settings
 
-__all__ = ["configure_ops", "configure_worker", "update_image", "worker_main"]
+__all__ = ["configure_ops", "configure_worker", "restore", "update_image", "worker_main"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,45 @@ def configure_ops(parser: argparse.ArgumentParser) -> None:
         "its quoroom target: quoroom); only instances of that kind are moved",
     )
     update.set_defaults(handler=_update_image)
+    restore_parser = sub.add_parser(
+        "restore",
+        help="bring a canceled or broken Room back from a snapshot of its data (the worker runs "
+        "it)",
+        description="Bring a canceled, destroying, failed or broken running Room back from a "
+        "snapshot of its data: the newest unless --snapshot names one. The restore is queued for "
+        "the worker (which must be running: quoroom-cloud worker, serve with RUN_WORKER, or "
+        "dev), with restore_requested and restore events on the instance's trail. Refused, with "
+        "exit status 1, for an unknown instance, a snapshot that does not exist and a Room "
+        "that runs fine.",
+    )
+    restore_parser.add_argument("instance", metavar="INSTANCE", help="the instance id")
+    restore_parser.add_argument(
+        "--snapshot", metavar="ID", help="the snapshot to restore (default: the newest)"
+    )
+    restore_parser.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the Room to run again (exit 1 if it fails or is not "
+        "running by then)",
+    )
+    restore_parser.set_defaults(handler=_restore)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    if args.wait is not None and args.wait <= 0:
+        print("--wait must be a positive number of seconds", file=sys.stderr)
+        return 2
+    return asyncio.run(restore(get_settings(), args.instance, args.snapshot, wait=args.wait))
+
+
+async def restore(
+    settings: Settings, instance_id: str, snapshot_id: str | None = None, **kw: Any
+) -> int:
+    """``ops restore`` (see :mod:`control_plane.provisioning.restore`)."""
+    from control_plane.provisioning.restore import restore_main
+
+    return await restore_main(settings, instance_id, snapshot_id, **kw)
 
 
 def _update_image(args: argparse.Namespace) -> int:

@@ -14,11 +14,20 @@ listed by name, before creating a machine the app's machines are listed by the i
 metadata, so a create whose reply was lost is found and adopted instead of doubled. Fly keeps a
 volume's snapshots only as long as the app (memoetapp/memoet#57): the app is destroyed only when
 the retention period ends.
+
+Backups: every volume is created with Fly's automatic daily snapshots on and
+``snapshot_retention`` = ``SNAPSHOT_RETENTION_DAYS`` (a volume adopted with other values is
+updated); :meth:`FlyProvider.snapshot_volume` adds one before a destroy. A restore
+(:meth:`FlyProvider.restore_volume`) removes the instance's machine and creates a new volume from
+the snapshot (named from the restore's key, so a lost reply is found, never doubled); the old
+volume is kept, unattached, for the operator to delete once the restore is confirmed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -40,6 +49,7 @@ from control_plane.provisioning.fly_api import (
     FlyTimeout,
     FlyUnavailable,
     FlyUnhealthy,
+    FlyVolume,
 )
 from control_plane.provisioning.provider import (
     APP_PREFIX,
@@ -47,6 +57,7 @@ from control_plane.provisioning.provider import (
     MachineInfo,
     OwnedApp,
     ProviderError,
+    SnapshotInfo,
     VolumeInfo,
     app_name,
     instance_id_from_app,
@@ -60,11 +71,12 @@ from fly_image.config import (
     check_image_reference,
 )
 
-__all__ = ["VOLUME_NAME", "FlyProvider", "check_secret_names"]
+__all__ = ["VOLUME_NAME", "FlyProvider", "check_secret_names", "restored_volume_name"]
 
 logger = logging.getLogger(__name__)
 
 VOLUME_NAME = "data"
+_GIB = 1024**3
 _GONE = frozenset({"destroyed", "destroying"})
 _STOPPED = frozenset({"stopped", "suspended"})
 #: Transient failures: the same call may succeed later (the worker backs off and retries).
@@ -83,6 +95,13 @@ _SECRET_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
 #: an owner-supplied credential must never override them.
 _RESERVED_PREFIXES = ("QUOROOM_", "FLY_")
 _RESERVED_NAMES = frozenset({"PORT", "PATH", "HOME", "PYTHONPATH", "LD_PRELOAD"})
+
+
+def restored_volume_name(key: str) -> str:
+    """The name of the volume a restore creates: deterministic per restore request (``key``),
+    so a create whose reply was lost is found by name; a later restore gets another name."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return f"{VOLUME_NAME}_r{digest}"  # Fly volume names: [a-z0-9_], at most 30
 
 
 def check_secret_names(values: Mapping[str, str]) -> None:
@@ -134,6 +153,7 @@ class FlyProvider:
         poll_interval: float = 1.0,
         owns_client: bool = True,
         quoroom_image: str | None = None,
+        snapshot_retention: int = 5,
     ) -> None:
         # Each kind's image, pinned by digest; a kind without one cannot start new machines.
         self.image = check_image_reference(image) if image is not None else None
@@ -151,6 +171,8 @@ class FlyProvider:
         self._health_timeout = health_timeout
         self._poll = poll_interval
         self._owns_client = owns_client
+        #: Days Fly keeps each daily snapshot of a Room's volume (the volume's setting).
+        self.snapshot_retention = snapshot_retention
 
     @classmethod
     def from_settings(
@@ -201,6 +223,7 @@ class FlyProvider:
             issuer=settings.issuer,
             allowed_origins=[settings.public_origin],
             prefix=settings.app_prefix,
+            snapshot_retention=settings.snapshot_retention_days,
             **kw,
         )
 
@@ -260,6 +283,7 @@ class FlyProvider:
                 try:
                     known = await self._client.get_volume(app, volume_id)
                     if not _volume_gone(known.state):
+                        await self._keep_daily_snapshots(app, known)
                         return VolumeInfo(known.id, known.region)
                 except FlyNotFound:
                     pass
@@ -273,6 +297,7 @@ class FlyProvider:
                 existing.sort(key=lambda v: v.id)
                 if len(existing) > 1:
                     logger.warning("app %s has %d data volumes", app, len(existing))
+                await self._keep_daily_snapshots(app, existing[0])
                 return VolumeInfo(existing[0].id, existing[0].region)
             created = await self._client.create_volume(
                 app,
@@ -280,9 +305,29 @@ class FlyProvider:
                 region=spec.region,
                 size_gb=spec.volume_gb,
                 # The volume pins its host: ask for one that can also run the machine.
-                compute={"cpu_kind": spec.cpu_kind, "cpus": spec.cpus, "memory_mb": spec.memory_mb},
+                compute=_compute(spec),
+                # Fly's scheduled backups: a snapshot a day, each kept this many days.
+                snapshot_retention=self.snapshot_retention,
+                auto_backup_enabled=True,
             )
             return VolumeInfo(created.id, created.region)
+
+    async def _keep_daily_snapshots(self, app: str, volume: FlyVolume) -> None:
+        """An adopted volume (made before the setting changed, or by hand) gets the configured
+        daily snapshots. Best effort: the Room runs either way, so a refusal is logged."""
+        if volume.snapshot_retention == self.snapshot_retention and (
+            volume.auto_backup_enabled is not False
+        ):
+            return
+        try:
+            await self._client.update_volume(
+                app,
+                volume.id,
+                snapshot_retention=self.snapshot_retention,
+                auto_backup_enabled=True,
+            )
+        except FlyError as exc:
+            logger.warning("volume %s: snapshot retention not updated: %s", volume.id, exc)
 
     # ---------------------------------------------------------------- machine
 
@@ -415,6 +460,82 @@ class FlyProvider:
             new.sort(key=lambda s: (s.created_at or "", s.id))
             return new[-1].id
 
+    async def list_snapshots(self, app: str) -> list[SnapshotInfo]:
+        """The snapshots of every volume of the app (daily ones and those taken before a
+        destroy), oldest first."""
+        found: list[SnapshotInfo] = []
+        async with _boundary("snapshot"):
+            try:
+                volumes = await self._client.list_volumes(app)
+            except FlyNotFound:
+                return []
+            for volume in volumes:
+                try:
+                    snapshots = await self._client.list_volume_snapshots(app, volume.id)
+                except FlyNotFound:
+                    continue
+                for snap in snapshots:
+                    size_gb = (
+                        math.ceil(snap.volume_size / _GIB) if snap.volume_size else volume.size_gb
+                    )
+                    found.append(
+                        SnapshotInfo(
+                            id=snap.id,
+                            volume_id=volume.id,
+                            created_at=snap.created_at,
+                            status=snap.status,
+                            size_bytes=snap.size,
+                            volume_size_gb=size_gb,
+                            region=volume.region,
+                        )
+                    )
+        found.sort(key=lambda s: (s.created_at or "", s.id))
+        return found
+
+    async def restore_volume(
+        self, spec: InstanceSpec, app: str, snapshot_id: str, machine_id: str | None, key: str
+    ) -> VolumeInfo:
+        snapshot = next((s for s in await self.list_snapshots(app) if s.id == snapshot_id), None)
+        if snapshot is None:
+            raise ProviderError(
+                f"restore: snapshot {snapshot_id} does not exist in app {app}",
+                retryable=False,
+                step="restore",
+            )
+        name = restored_volume_name(key)
+        async with _boundary("restore"):
+            # The old machine mounts the old volume: it goes, and the machine step creates one
+            # on the restored volume (found by metadata otherwise, and started on the old data).
+            doomed = {m.id for m in await self._find_machines(app, spec.instance_id)}
+            if machine_id:
+                try:
+                    known = await self._client.get_machine(app, machine_id)
+                    if known.state not in _GONE:
+                        doomed.add(known.id)
+                except FlyNotFound:
+                    pass
+            for doomed_id in sorted(doomed):
+                try:
+                    await self._client.delete_machine(app, doomed_id, force=True)
+                except FlyNotFound:
+                    pass
+            # A create whose reply was lost is found by its name, never made twice.
+            for volume in await self._client.list_volumes(app):
+                if volume.name == name and not _volume_gone(volume.state):
+                    return VolumeInfo(volume.id, volume.region)
+            created = await self._client.create_volume(
+                app,
+                name=name,
+                # A snapshot restores in its volume's region, at least at its volume's size.
+                region=snapshot.region or spec.region,
+                size_gb=max(spec.volume_gb, snapshot.volume_size_gb or 0),
+                compute=_compute(spec),
+                snapshot_id=snapshot_id,
+                snapshot_retention=self.snapshot_retention,
+                auto_backup_enabled=True,
+            )
+            return VolumeInfo(created.id, created.region)
+
     async def destroy(self, app: str) -> None:
         async with _boundary("destroy"):
             try:
@@ -439,3 +560,8 @@ class FlyProvider:
 
 def _volume_gone(state: str) -> bool:
     return "destroy" in state
+
+
+def _compute(spec: InstanceSpec) -> dict[str, Any]:
+    """The machine's guest, sent with a volume create so its host can also run the machine."""
+    return {"cpu_kind": spec.cpu_kind, "cpus": spec.cpus, "memory_mb": spec.memory_mb}

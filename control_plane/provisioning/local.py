@@ -19,7 +19,13 @@ Layout under ``VAR_DIR``::
     instances/<instance id>/runtime.json  the "machine": pid, port, when it started
     instances/<instance id>/runtime.log   the runtime's output
     instances/<instance id>/home/, npm/, tmp/   HOME, npm's global prefix, TMPDIR (kind quoroom)
-    snapshots/<instance id>-<timestamp>/  copies of data/ taken on cancel
+    instances/<instance id>/restore.json  the last restore (its key: a repeated call is a no-op)
+    snapshots/<instance id>-<timestamp>/  copies of data/ taken on cancel, and the data a
+                                          restore replaced
+
+A restore (``quoroom-cloud ops restore``, run by the worker) stops the runtime, moves data/
+aside as a new snapshot, copies the chosen snapshot into data/, and the worker's machine step
+starts the runtime on it again.
 
 The state files let a restarted control plane find the runtimes a previous one started (and the
 reconciler sweep them both ways). A pid is only trusted if ``/proc`` shows it is a runtime serving
@@ -57,6 +63,7 @@ from control_plane.provisioning.provider import (
     MachineInfo,
     OwnedApp,
     ProviderError,
+    SnapshotInfo,
     VolumeInfo,
     app_name,
     instance_id_from_app,
@@ -71,6 +78,8 @@ logger = logging.getLogger(__name__)
 
 VOLUME_ID = "data"
 REGION = "local"
+_STAMP_FORMAT = "%Y%m%dT%H%M%S%fZ"
+_STAMP_RE = re.compile(r"^\d{8}T\d{12}Z$")
 #: Environment passed through to the runtime. Nothing else is: the control plane's own
 #: QUOROOM_CP_* secrets must never reach a Room.
 _PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "TZ")
@@ -492,18 +501,80 @@ class LocalProvider:
 
     # ---------------------------------------------------------------- snapshots and teardown
 
-    async def snapshot_volume(self, app: str, volume_id: str) -> str:
-        instance_id = self._dir(app).name
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        snapshot_id = f"{instance_id}-{stamp}"
-        source = self._dir(app) / "data"
-        target = self.snapshots / snapshot_id
+    def _new_snapshot(self, app: str) -> Path:
+        """A fresh snapshot path: ``snapshots/<instance id>-<UTC timestamp>`` (not created)."""
         private_dir(self.snapshots)
+        stamp = datetime.now(UTC).strftime(_STAMP_FORMAT)
+        return self.snapshots / f"{self._dir(app).name}-{stamp}"
+
+    async def snapshot_volume(self, app: str, volume_id: str) -> str:
+        source = self._dir(app) / "data"
+        target = self._new_snapshot(app)
         if source.exists():
             await asyncio.to_thread(shutil.copytree, source, target)
         else:
             target.mkdir()
-        return snapshot_id
+        return target.name
+
+    async def list_snapshots(self, app: str) -> list[SnapshotInfo]:
+        instance_id = self._dir(app).name
+        found: list[SnapshotInfo] = []
+        if not self.snapshots.is_dir():
+            return found
+        for path in self.snapshots.glob(f"{instance_id}-*"):
+            stamp = path.name[len(instance_id) + 1 :]
+            if not _STAMP_RE.match(stamp) or not path.is_dir():
+                continue
+            taken = datetime.strptime(stamp, _STAMP_FORMAT).replace(tzinfo=UTC)
+            found.append(
+                SnapshotInfo(
+                    id=path.name,
+                    volume_id=VOLUME_ID,
+                    created_at=taken.isoformat(),
+                    status="created",
+                    size_bytes=_tree_size(path),
+                    region=REGION,
+                )
+            )
+        found.sort(key=lambda s: (s.created_at or "", s.id))
+        return found
+
+    async def restore_volume(
+        self, spec: InstanceSpec, app: str, snapshot_id: str, machine_id: str | None, key: str
+    ) -> VolumeInfo:
+        if snapshot_id not in {s.id for s in await self.list_snapshots(app)}:
+            raise ProviderError(
+                f"restore: snapshot {snapshot_id} does not exist for instance {spec.instance_id}",
+                retryable=False,
+                step="restore",
+            )
+        async with self._lock(app):
+            path = self._dir(app)
+            marker = path / "restore.json"
+            last = _read_json(marker)
+            if last is not None and last.get("key") == key:
+                return VolumeInfo(VOLUME_ID, REGION)  # done already (a crash before the save)
+            await self._stop(app)
+            data, staging = path / "data", path / ".data.restoring"
+            replaced = None
+            if data.exists():  # kept as a snapshot: a restore can itself be undone
+                target = self._new_snapshot(app)
+                os.replace(data, target)
+                replaced = target.name
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            await asyncio.to_thread(shutil.copytree, self.snapshots / snapshot_id, staging)
+            os.replace(staging, data)
+            _write_json(
+                marker,
+                {
+                    "key": key,
+                    "snapshot_id": snapshot_id,
+                    "replaced": replaced,
+                    "restored_at": datetime.now(UTC).isoformat(),
+                },
+            )
+        logger.info("restored %s from snapshot %s (replaced: %s)", app, snapshot_id, replaced)
+        return VolumeInfo(VOLUME_ID, REGION)
 
     async def destroy(self, app: str) -> None:
         async with self._lock(app):
@@ -542,6 +613,10 @@ class LocalProvider:
     def children(self) -> dict[str, int]:
         """app → pid of the runtimes this object started and that still run."""
         return {a: p.pid for a, p in self._children.items() if p.returncode is None}
+
+
+def _tree_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _pid_running(pid: int) -> bool:

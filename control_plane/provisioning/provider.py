@@ -11,6 +11,9 @@ retry without creating a second resource:
   create whose reply was lost is found, never repeated blindly;
 - every id is returned so the worker persists it right after the create.
 
+Backups: :meth:`Provider.snapshot_volume` (before a destroy), :meth:`Provider.list_snapshots` and
+:meth:`Provider.restore_volume` (``quoroom-cloud ops restore``, run by the worker).
+
 Errors are :class:`ProviderError`; ``retryable`` tells the worker whether to back off and try again
 (5xx, capacity, timeouts, lost replies) or to fail the instance with the message (bad request,
 authentication, a configuration the provider refuses). Messages never carry tokens or secrets.
@@ -32,6 +35,7 @@ __all__ = [
     "OwnedApp",
     "Provider",
     "ProviderError",
+    "SnapshotInfo",
     "VolumeInfo",
     "app_name",
     "credential_env",
@@ -116,6 +120,20 @@ class VolumeInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """A snapshot of one of the instance's volumes. ``created_at`` is ISO 8601 (UTC), so
+    snapshots sort by it; ``volume_size_gb`` is the size a volume restored from it needs."""
+
+    id: str
+    volume_id: str
+    created_at: str | None = None
+    status: str | None = None
+    size_bytes: int | None = None
+    volume_size_gb: int | None = None
+    region: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class MachineInfo:
     """A machine as the provider sees it. ``state`` is the provider's word (``started``,
     ``stopped``...); ``url`` is where the runtime answers once healthy."""
@@ -190,6 +208,24 @@ class Provider(Protocol):
     async def snapshot_volume(self, app: str, volume_id: str) -> str:
         """Snapshot the volume; return the snapshot id. It must outlive the machine, and live
         until :meth:`destroy` (Fly deletes snapshots with their app: memoetapp/memoet#57)."""
+        ...
+
+    async def list_snapshots(self, app: str) -> list[SnapshotInfo]:
+        """Every snapshot the provider keeps of the app's volumes (taken before a destroy or on
+        the provider's schedule), oldest first; empty if the app is gone."""
+        ...
+
+    async def restore_volume(
+        self, spec: InstanceSpec, app: str, snapshot_id: str, machine_id: str | None, key: str
+    ) -> VolumeInfo:
+        """Put the data of ``snapshot_id`` on the volume the instance's next machine mounts.
+
+        The instance's machine (``machine_id``, or found by metadata) is stopped or removed
+        first, so the worker's machine step starts one on the restored volume. The data being
+        replaced is kept (on Fly the old volume stays; locally it becomes a snapshot).
+        Idempotent per ``key`` (one per restore request): a repeated call after a crash or a
+        lost reply finds what the first one made. A snapshot that does not exist is a
+        ``ProviderError`` that is not retryable."""
         ...
 
     async def destroy(self, app: str) -> None:

@@ -11,7 +11,10 @@ claimable again.
 What the worker does per status:
 
 ``provisioning``
-    app → secrets → volume → machine → healthy → ``running``. Each step is persisted (``step``,
+    app → secrets → volume → machine → healthy → ``running``. A restore (``quoroom-cloud ops
+    restore``, :mod:`.restore`) queues ``step`` = ``restore:<key>`` with the snapshot in
+    ``snapshot_id``: app → the provider restores the volume from the snapshot (the old machine
+    goes) → then machine → healthy → ``running`` as above. Each step is persisted (``step``,
     the provider id, an ``instance_events`` row) the moment it completes, so a worker killed
     mid-way resumes at the first step not done; the provider methods find what a lost reply
     created (by deterministic name or metadata), so a resumed or retried step never makes a
@@ -78,6 +81,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACTIVE_SUBSCRIPTION",
     "PROVISION_STEPS",
+    "RESTORE_STEP",
     "WORK_STATUSES",
     "LeaseLost",
     "Worker",
@@ -98,6 +102,8 @@ WORK_STATUSES: tuple[InstanceStatus, ...] = (
 )
 #: Provisioning steps, in order; ``cloud_instances.step`` holds the last one completed.
 PROVISION_STEPS: tuple[str, ...] = ("app", "secrets", "volume", "machine")
+#: ``step`` of a queued restore: ``restore:<key>`` (the key names what the restore creates).
+RESTORE_STEP = "restore"
 #: Subscription statuses (Stripe's words) under which a Room may run.
 ACTIVE_SUBSCRIPTION = frozenset({"active", "trialing"})
 
@@ -512,6 +518,8 @@ class Worker:
         if job.inst.deadline_at is None:
             deadline = now + timedelta(seconds=self.settings.provision_deadline_seconds)
             await self._save(job, deadline_at=deadline)
+        if (job.inst.step or "").startswith(f"{RESTORE_STEP}:"):
+            await self._restore(job)
         spec = self.spec(job.inst)
         done = PROVISION_STEPS.index(job.inst.step) if job.inst.step in PROVISION_STEPS else -1
 
@@ -568,6 +576,40 @@ class Worker:
         )
         if self.metrics is not None:
             self.metrics.provisioning.labels("running").inc()
+
+    async def _restore(self, job: _Job) -> None:
+        """The restore's own steps: the app, then the volume from the snapshot. Ends at step
+        ``volume`` (secrets stay on the app), with ``snapshot_id`` cleared so the next cancel
+        snapshots the restored Room's data again."""
+        inst = job.inst
+        key = (inst.step or "").partition(":")[2]
+        snapshot_id = inst.snapshot_id
+        if not snapshot_id or not key:
+            raise ProviderError(
+                "restore: no snapshot recorded to restore from", retryable=False, step="restore"
+            )
+        spec = self.spec(inst)
+        app = await self.provider.ensure_app(spec)
+        volume = await self.provider.restore_volume(spec, app, snapshot_id, inst.machine_id, key)
+        data = {
+            "step": "restore",
+            "snapshot_id": snapshot_id,
+            "volume_id": volume.id,
+            "region": volume.region,
+            "replaced_volume_id": inst.volume_id,
+            "replaced_machine_id": inst.machine_id,
+        }
+        await self._save(
+            job,
+            event=("restore", f"volume {volume.id} restored from snapshot {snapshot_id}", data),
+            step="volume",
+            fly_app=app,
+            volume_id=volume.id,
+            machine_id=None,
+            snapshot_id=None,
+            attempts=0,
+            error=None,
+        )
 
     async def _step(
         self, job: _Job, step: str, message: str, data: dict[str, Any] | None, **fields: Any

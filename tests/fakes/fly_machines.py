@@ -15,6 +15,11 @@ Behaviour mirrors the documented pitfalls (PITFALLS.md, "Fly Machines API"):
 - App names are global: 422 ``name_taken``; ``idempotency_key`` makes Create App safe to resend.
 - A volume pins a region/host: a machine mounting it must be created in the volume's region.
 - Deleting an app deletes its machines, volumes and snapshots (memoetapp/memoet#57).
+- Volumes take a snapshot daily (``auto_backup_enabled``, default true) kept
+  ``snapshot_retention`` days (1-60, default 5: fly.io/docs/volumes/snapshots; a 400 outside);
+  Update Volume changes both, for new snapshots only. :meth:`FlyMachinesFake.run_daily_snapshots`
+  stands in for the schedule. A volume created with ``snapshot_id`` must be in an app that holds
+  that snapshot and at least the snapshot's volume size; it records it as ``restored_from``.
 - ``started`` is not healthy: the checks of a machine turn ``passing`` a little after it starts,
   never for an image or machine marked unhealthy.
 
@@ -213,6 +218,9 @@ class FakeVolume:
     created_at: str
     state: str = "created"
     attached_machine_id: str | None = None
+    snapshot_retention: int = 5
+    auto_backup_enabled: bool = True
+    restored_from: str | None = None  # the snapshot it was created from (not in the API)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -228,6 +236,8 @@ class FakeVolume:
             "fstype": "ext4",
             "type": "local",
             "host_status": "ok",
+            "snapshot_retention": self.snapshot_retention,
+            "auto_backup_enabled": self.auto_backup_enabled,
         }
 
 
@@ -250,6 +260,11 @@ class FakeMachine:
 
 def _now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _now_iso_ms() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
 def _ulid() -> str:
@@ -327,6 +342,7 @@ class FlyMachinesFake:
             "Volumes_create": self._volumes_create,
             "Volumes_list": self._volumes_list,
             "Volumes_get_by_id": self._volumes_show,
+            "Volumes_update": self._volumes_update,
             "Volume_delete": self._volumes_delete,
             "createVolumeSnapshot": self._snapshots_create,
             "Volumes_list_snapshots": self._snapshots_list,
@@ -447,6 +463,16 @@ class FlyMachinesFake:
             self.apps[name] = FakeApp(
                 id=f"app_{_hex(6)}", name=name, org_slug=org_slug, visible=visible
             )
+
+    def run_daily_snapshots(self) -> list[str]:
+        """Fly's schedule, run now: a snapshot of every volume with ``auto_backup_enabled``;
+        returns their ids."""
+        with self._lock:
+            return [
+                self._take_snapshot(volume)["id"]
+                for volume in list(self.volumes.values())
+                if volume.auto_backup_enabled and volume.app in self.apps
+            ]
 
     def calls_to(self, operation: str) -> list[Call]:
         with self._lock:
@@ -760,13 +786,19 @@ class FlyMachinesFake:
             raise _HTTPError(400, "region is required")
         if not isinstance(size, int) or size < 1:
             raise _HTTPError(400, "size_gb must be at least 1")
+        retention = _check_retention(body.get("snapshot_retention", 5))
         with self._lock:
             app = self._own_app(params["app_name"])
             snapshot_id = body.get("snapshot_id")
-            if snapshot_id and not any(
-                s["id"] == snapshot_id for snaps in app.snapshots.values() for s in snaps
-            ):
-                raise _HTTPError(404, f"snapshot {snapshot_id} not found")
+            if snapshot_id:
+                found = [s for snaps in app.snapshots.values() for s in snaps]
+                snapshot = next((s for s in found if s["id"] == snapshot_id), None)
+                if snapshot is None:
+                    raise _HTTPError(404, f"snapshot {snapshot_id} not found")
+                if size * 1024**3 < snapshot["volume_size"]:
+                    raise _HTTPError(
+                        400, f"size_gb {size} is smaller than snapshot {snapshot_id}'s volume"
+                    )
             volume = FakeVolume(
                 id=f"vol_{_hex(8)}",
                 name=name,
@@ -777,8 +809,20 @@ class FlyMachinesFake:
                 encrypted=body.get("encrypted", True),
                 compute=body.get("compute"),
                 created_at=_now_iso(),
+                snapshot_retention=retention,
+                auto_backup_enabled=body.get("auto_backup_enabled", True),
+                restored_from=snapshot_id or None,
             )
             self.volumes[volume.id] = volume
+            return 200, volume.to_json()
+
+    async def _volumes_update(self, request: Request, params: dict[str, str], body: Any):
+        with self._lock:
+            volume = self._volume(params["app_name"], params["volume_id"])
+            if "snapshot_retention" in body:
+                volume.snapshot_retention = _check_retention(body["snapshot_retention"])
+            if "auto_backup_enabled" in body:
+                volume.auto_backup_enabled = bool(body["auto_backup_enabled"])
             return 200, volume.to_json()
 
     def _volume(self, app: str, volume_id: str) -> FakeVolume:
@@ -809,19 +853,23 @@ class FlyMachinesFake:
             volume.state = "destroyed"
             return 200, volume.to_json()
 
+    def _take_snapshot(self, volume: FakeVolume) -> dict[str, Any]:
+        snapshot = {
+            "id": f"vs_{_hex(8)}",
+            "status": "created",
+            "created_at": _now_iso_ms(),
+            "size": volume.size_gb * 1024**3 // 10,
+            "volume_size": volume.size_gb * 1024**3,
+            "digest": _hex(16),
+            # The volume's retention when it was taken (a later update leaves it alone).
+            "retention_days": volume.snapshot_retention,
+        }
+        self.apps[volume.app].snapshots.setdefault(volume.id, []).append(snapshot)
+        return snapshot
+
     async def _snapshots_create(self, request: Request, params: dict[str, str], body: Any):
         with self._lock:
-            volume = self._volume(params["app_name"], params["volume_id"])
-            snapshot = {
-                "id": f"vs_{_hex(8)}",
-                "status": "created",
-                "created_at": _now_iso(),
-                "size": volume.size_gb * 1024**3 // 10,
-                "volume_size": volume.size_gb * 1024**3,
-                "digest": _hex(16),
-                "retention_days": 5,
-            }
-            self.apps[volume.app].snapshots.setdefault(volume.id, []).append(snapshot)
+            self._take_snapshot(self._volume(params["app_name"], params["volume_id"]))
         return 200, None
 
     async def _snapshots_list(self, request: Request, params: dict[str, str], body: Any):
@@ -1028,6 +1076,13 @@ class FlyMachinesFake:
             if not machine.lease or machine.lease["expires_at"] <= time.time():
                 raise _HTTPError(404, "no active lease")
             return 200, {"status": "success", "data": dict(machine.lease)}
+
+
+def _check_retention(value: Any) -> int:
+    """``snapshot_retention``: whole days, 1-60 (fly.io/docs/volumes/snapshots)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 60:
+        raise _HTTPError(400, f"snapshot_retention must be 1-60 days, got {value!r}")
+    return value
 
 
 def _error(

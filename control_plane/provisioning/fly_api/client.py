@@ -257,12 +257,15 @@ class FlyMachinesClient:
         compute: Mapping[str, Any] | None = None,
         encrypted: bool = True,
         snapshot_retention: int | None = None,
+        auto_backup_enabled: bool | None = None,
         snapshot_id: str | None = None,
         require_unique_zone: bool | None = None,
     ) -> FlyVolume:
         """Create a volume. Pass the machine's ``guest`` as ``compute`` so Fly picks a host that
         can also run the machine: a volume pins its host (Kilo-Org/cloud#388,
-        fastagent-sh/fastagent#538). Sent once: never retried blindly."""
+        fastagent-sh/fastagent#538). ``snapshot_retention``: days each daily snapshot is kept
+        (1-60); ``snapshot_id``: restore that snapshot into the new volume (``size_gb`` at
+        least the snapshot's volume size). Sent once: never retried blindly."""
         path = f"/v1/apps/{_seg(app)}/volumes"
         body: dict[str, Any] = {
             "name": name,
@@ -274,6 +277,8 @@ class FlyMachinesClient:
             body["compute"] = dict(compute)
         if snapshot_retention is not None:
             body["snapshot_retention"] = snapshot_retention
+        if auto_backup_enabled is not None:
+            body["auto_backup_enabled"] = auto_backup_enabled
         if snapshot_id:
             body["snapshot_id"] = snapshot_id
         if require_unique_zone is not None:
@@ -287,6 +292,24 @@ class FlyMachinesClient:
     async def list_volumes(self, app: str) -> list[FlyVolume]:
         path = f"/v1/apps/{_seg(app)}/volumes"
         return self._parse_list(FlyVolume, await self._request("GET", path), "GET", path)
+
+    async def update_volume(
+        self,
+        app: str,
+        volume_id: str,
+        *,
+        snapshot_retention: int | None = None,
+        auto_backup_enabled: bool | None = None,
+    ) -> FlyVolume:
+        """Change a volume's daily snapshots (Update Volume). A new retention applies to new
+        snapshots only; existing ones keep theirs. Setting the same values again is harmless."""
+        path = f"/v1/apps/{_seg(app)}/volumes/{_seg(volume_id)}"
+        body: dict[str, Any] = {}
+        if snapshot_retention is not None:
+            body["snapshot_retention"] = snapshot_retention
+        if auto_backup_enabled is not None:
+            body["auto_backup_enabled"] = auto_backup_enabled
+        return self._parse(FlyVolume, await self._request("PUT", path, json=body), "PUT", path)
 
     async def delete_volume(self, app: str, volume_id: str) -> None:
         await self._request("DELETE", f"/v1/apps/{_seg(app)}/volumes/{_seg(volume_id)}")

@@ -74,6 +74,9 @@ class FlyVolume(_Model):
     zone: str | None = None
     attached_machine_id: str | None = None
     encrypted: bool | None = None
+    #: Days Fly keeps each of the volume's snapshots, and whether it takes one daily.
+    snapshot_retention: int | None = None
+    auto_backup_enabled: bool | None = None
 
 
 class FlySnapshot(_Model):
@@ -81,6 +84,9 @@ class FlySnapshot(_Model):
     status: str | None = None
     created_at: str | None = None
     size: int | None = None
+    #: The size of the volume it was taken of, in bytes (a restore needs at least that much).
+    volume_size: int | None = None
+    retention_days: int | None = None
 
 
 class FlyCheckStatus(_Model):
