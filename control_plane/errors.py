@@ -206,6 +206,29 @@ class InvitesThrottled(Throttled):
     message = "too many invitations; try again later"
 
 
+class CapacityReached(ControlPlaneError):
+    """No room for another Room: a region's capacity (``ROOMS_PER_REGION``) or the whole
+    fleet's (``ROOMS_TOTAL``). Refused before any checkout, nothing written."""
+
+    message = "there is no capacity for another Room right now"
+
+
+class RegionFull(CapacityReached):
+    message = "this region is full; choose another region"
+
+
+class FleetFull(CapacityReached):
+    message = "no new Rooms can be created right now; try again later"
+
+
+class InvitationLimitReached(Throttled):
+    message = "you have sent the most invitations allowed in a day; try again later"
+
+
+class RuntimeTokensThrottled(Throttled):
+    message = "too many Room tokens for this session; try again shortly"
+
+
 class InvalidRuntimeToken(ControlPlaneError):
     message = "invalid or expired runtime token"
 
@@ -281,6 +304,11 @@ ERROR_TABLE: dict[type[ControlPlaneError], tuple[int, str]] = {
     InvalidInviteToken: (400, "invalid_token"),
     InviteWrongAccount: (403, "invite_wrong_account"),
     InvitationNotFound: (404, "not_found"),
+    RegionFull: (409, "region_full"),
+    FleetFull: (409, "capacity_full"),
+    CapacityReached: (409, "capacity_full"),
+    InvitationLimitReached: (429, "invitation_limit"),
+    RuntimeTokensThrottled: (429, "runtime_token_throttled"),
     InvalidRuntimeToken: (401, "invalid_token"),
     RuntimeOriginRefused: (403, "origin_not_allowed"),
     BillingDisabled: (409, "billing_disabled"),

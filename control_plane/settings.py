@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import re
 import secrets
 from collections import Counter
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from limits import parse_many
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from control_plane.runtime_kinds import DEFAULT_RUNTIME_KIND, RUNTIME_KINDS, RuntimeKind
@@ -42,6 +43,9 @@ SECRET_KEY_MIN_BITS = 128
 #: random bytes have about 30; an all-zero or short repeated pattern has few).
 KEK_MIN_DISTINCT_BYTES = 16
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
+#: The largest room capacity a setting may name (ROOMS_TOTAL, ROOMS_PER_REGION).
+MAX_ROOMS = 1_000_000
+_REGION_ID = re.compile(r"^[a-z]{3}$")  # the catalog's region ids (billing/catalog.py)
 
 
 class SettingsError(ValueError):
@@ -159,6 +163,49 @@ class Settings(BaseSettings):
     throttle_invite_owner: str = "30/hour;100/day"
     throttle_invite_instance: str = "30/hour;60/day"
     runtime_token_ttl_seconds: int = Field(default=600, ge=60, le=MAX_TOKEN_TTL_SECONDS)
+
+    # Quotas and abuse limits (issue 14, item 4; control_plane/instances/quotas.py says where each
+    # is enforced, docs/billing.md "Quotas" what the client sees). Capacity: live Rooms (any state
+    # but canceled, destroying, destroyed) per region and in all, checked before any checkout;
+    # unset = no limit. ROOMS_PER_REGION is one number for every region, or ``region=N`` pairs
+    # with ``*=N`` for the regions not named ("iad=200,fra=100,*=50").
+    rooms_per_region: str = ""
+    rooms_total: int | None = None
+    # Invitation mails (new and sent again) per inviting owner in any 24 hours, counted in the
+    # database (holds across processes whatever the throttle storage).
+    invitations_per_day: int = 100
+    # Runtime tokens (grants and refreshes) per control-plane session per minute.
+    runtime_tokens_per_minute: int = 30
+
+    @field_validator("invitations_per_day", "runtime_tokens_per_minute", mode="before")
+    @classmethod
+    def _per_period(cls, value: object, info: ValidationInfo) -> object:
+        text = str(value).strip()
+        if isinstance(value, bool) or not text.isdigit() or not 1 <= int(text) <= 10_000:
+            raise ValueError(
+                f"{_var(str(info.field_name))} must be a whole number 1-10000, got {value!r}"
+            )
+        return int(text)
+
+    @field_validator("rooms_per_region", mode="before")
+    @classmethod
+    def _rooms_per_region(cls, value: object) -> object:
+        text = "" if value is None else str(value).strip()
+        parse_region_capacities(text)  # raises naming the variable
+        return text
+
+    @field_validator("rooms_total", mode="before")
+    @classmethod
+    def _rooms_total(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        text = str(value).strip()
+        if isinstance(value, bool) or not text.isdigit() or int(text) > MAX_ROOMS:
+            raise ValueError(
+                f"{_var('rooms_total')} must be a whole number 0-{MAX_ROOMS} (live Rooms in all "
+                f"regions together; 0 stops new Rooms), or unset for no limit; got {value!r}"
+            )
+        return int(text)
 
     # Provisioning (issue 4): the worker, the reconciler and the providers.
     run_worker: bool | None = None  # the worker inside the app process; default: in development
@@ -320,6 +367,16 @@ class Settings(BaseSettings):
     @property
     def google_enabled(self) -> bool:
         return bool(self.google_client_id)
+
+    @property
+    def region_capacities(self) -> dict[str, int]:
+        """``ROOMS_PER_REGION`` parsed (``"*"``: the regions not named); ``{}`` = no limit."""
+        return parse_region_capacities(self.rooms_per_region)
+
+    def region_capacity(self, region: str) -> int | None:
+        """How many live Rooms ``region`` may hold; ``None``: no limit."""
+        capacities = self.region_capacities
+        return capacities.get(region, capacities.get("*"))
 
     def check_production(self) -> None:
         """Raise :class:`SettingsError` naming the first insecure or missing setting."""
@@ -488,6 +545,39 @@ def _load_or_create_dev_secrets(path: Path) -> dict[str, str]:
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle)
     return data
+
+
+def parse_region_capacities(text: str) -> dict[str, int]:
+    """``ROOMS_PER_REGION`` as ``{region: capacity}`` (``"*"``: every region not named); ``{}``
+    when unset. A bare number is ``{"*": N}``. Raises ``ValueError`` naming the variable."""
+    name = _var("rooms_per_region")
+    if not text:
+        return {}
+    if text.isdigit():
+        pairs = [("*", text)]
+    else:
+        pairs = []
+        for item in text.split(","):
+            region, sep, number = (part.strip() for part in item.partition("="))
+            if not sep:
+                raise ValueError(
+                    f"{name} must be a number, or region=N pairs separated by commas "
+                    f"(*=N for the others), e.g. iad=200,fra=100,*=50; got {item.strip()!r}"
+                )
+            pairs.append((region.lower(), number))
+    capacities: dict[str, int] = {}
+    for region, number in pairs:
+        if region != "*" and not _REGION_ID.match(region):
+            raise ValueError(f"{name}: {region!r} is not a region id (three letters, e.g. iad)")
+        if region in capacities:
+            raise ValueError(f"{name}: {region!r} is given twice")
+        if not number.isdigit() or int(number) > MAX_ROOMS:
+            raise ValueError(
+                f"{name}: the capacity of {region!r} must be a whole number 0-{MAX_ROOMS}, "
+                f"got {number!r}"
+            )
+        capacities[region] = int(number)
+    return capacities
 
 
 @lru_cache(maxsize=1)

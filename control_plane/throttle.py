@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 
-from limits import RateLimitItem, parse_many
+from limits import RateLimitItem, RateLimitItemPerMinute, parse_many
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 from redis.asyncio import BlockingConnectionPool
@@ -27,6 +27,10 @@ from control_plane.settings import Settings
 from room_cloud_runtime import client_address_key
 
 logger = logging.getLogger("control_plane.throttle")
+
+#: Runtime tokens issued per control-plane session (``RUNTIME_TOKENS_PER_MINUTE``; the caller,
+#: control_plane/instances/quotas.py, fails open on a storage outage).
+RUNTIME_TOKEN_POLICY = "runtime_token_session"  # noqa: S105 - a policy name
 
 
 class Throttle:
@@ -68,6 +72,9 @@ class Throttle:
         # Member invitations (issue 12, item 6), keyed by the inviting owner and by the instance.
         self.policies["invite_owner"] = parse_many(settings.throttle_invite_owner)
         self.policies["invite_instance"] = parse_many(settings.throttle_invite_instance)
+        self.policies[RUNTIME_TOKEN_POLICY] = [
+            RateLimitItemPerMinute(settings.runtime_tokens_per_minute)
+        ]
 
     @staticmethod
     def _key(key: str) -> str:

@@ -168,6 +168,14 @@ def build_billing(settings: Settings) -> Billing:
             f"{ENV_PREFIX}CATALOG_PATH",
             "is required in production (the built-in catalog's Stripe prices are placeholders)",
         )
+    unknown = sorted(
+        r for r in settings.region_capacities if r != "*" and not catalog.has_region(r)
+    )
+    if unknown:  # a typo would otherwise leave that region without its limit
+        raise SettingsError(
+            f"{ENV_PREFIX}ROOMS_PER_REGION",
+            f"names regions the catalog does not have: {', '.join(unknown)}",
+        )
     secret, webhook = settings.stripe_secret_key, settings.stripe_webhook_secret
     if (secret is None) != (webhook is None):
         missing = "STRIPE_WEBHOOK_SECRET" if webhook is None else "STRIPE_SECRET_KEY"

@@ -38,6 +38,7 @@ from control_plane.errors import (
     MemberLimitReached,
     MemberNotFound,
 )
+from control_plane.instances import quotas
 from control_plane.instances.lifecycle import record_event
 from control_plane.instances.models import (
     CloudInstance,
@@ -168,27 +169,41 @@ async def invite(
     *,
     email: str,
     owner: User,
-    limit: int,
+    settings: Settings,
     now: datetime,
 ) -> tuple[CloudInstanceMember, bool]:
     """The membership for ``email`` (a new ``pending`` one, or the one already there) and whether
     an invitation mail should go out now (new or still pending: sent again with a fresh link).
 
-    No account is looked up: what happens here depends on this instance's rows only.
+    No account is looked up: what happens here depends on this instance's rows (and the owner's
+    invitations of the day) only. Limits (``quotas.py``): ``MAX_MEMBERS_PER_INSTANCE`` rows per
+    Room, pending ones included, and ``INVITATIONS_PER_DAY`` mails per owner, both counted under
+    the owner's row lock so two invitations at once cannot both take the last slot (only the
+    owner invites, so that one lock serialises every write that adds a member to their Rooms).
     """
     email = _normalize(email)
     if _same(_normalize(owner.email), email):
         raise CannotInviteOwner()
+    await quotas.lock_user(db, owner.id)
     existing = await _by_email(db, instance.id, email)
     if existing is not None:
-        return existing, await _resend(db, existing, now)
+        if existing.status != MemberStatus.PENDING:
+            return existing, False
+        await quotas.check_invitations(db, settings, owner.id, now=now)
+        await _resend(db, existing, now)
+        await record_event(db, instance.id, quotas.INVITE_EVENT, "invitation sent again", now=now)
+        return existing, True
     count = await db.scalar(
         select(func.count())
         .select_from(CloudInstanceMember)
         .where(CloudInstanceMember.instance_id == instance.id)
     )
-    if (count or 0) >= limit:
-        raise MemberLimitReached()
+    if (count or 0) >= settings.max_members_per_instance:
+        raise MemberLimitReached(
+            f"this Room has the maximum of {settings.max_members_per_instance} members "
+            "(invitations included); remove one first"
+        )
+    await quotas.check_invitations(db, settings, owner.id, now=now)
     member = CloudInstanceMember(
         instance_id=instance.id,
         email=email,
@@ -206,13 +221,11 @@ async def invite(
         if found is None:  # pragma: no cover - the conflicting row is there
             raise
         return found, False
-    await record_event(db, instance.id, "member", "member invited", now=now)
+    await record_event(db, instance.id, quotas.INVITE_EVENT, "member invited", now=now)
     return member, True
 
 
-async def _resend(db: AsyncSession, member: CloudInstanceMember, now: datetime) -> bool:
-    if member.status != MemberStatus.PENDING:
-        return False
+async def _resend(db: AsyncSession, member: CloudInstanceMember, now: datetime) -> None:
     # Sent again: its in-app deadline starts over with the new link.
     await db.execute(
         update(CloudInstanceMember)
@@ -224,7 +237,6 @@ async def _resend(db: AsyncSession, member: CloudInstanceMember, now: datetime) 
         .execution_options(synchronize_session=False)
     )
     member.created_at = now
-    return True
 
 
 async def _by_email(db: AsyncSession, instance_id: str, email: str) -> CloudInstanceMember | None:

@@ -26,7 +26,7 @@ from control_plane.errors import (
     status_and_code,
 )
 from control_plane.instances import members as members_
-from control_plane.instances import service, tokens
+from control_plane.instances import quotas, service, tokens
 from control_plane.instances.access import (
     MAX_ID_LENGTH,
     OwnedInstance,
@@ -232,7 +232,7 @@ async def add_member(
         access.instance,
         email=str(body.email),
         owner=access.user,
-        limit=ctx.settings.max_members_per_instance,
+        settings=ctx.settings,
         now=now,
     )
     out = _member_out(member)
@@ -335,6 +335,9 @@ async def decline_invitation(
 async def runtime_token(
     access: VisibleInstance, request: Request, db: SessionDep, ctx: Ctx, now: Now
 ) -> RuntimeTokenOut:
+    tokens.ensure_openable(access.instance)
+    # RUNTIME_TOKENS_PER_MINUTE per session, grants and refreshes together (quotas.py).
+    await quotas.limit_runtime_tokens(services_of(request).get(Throttle), access.session_id)
     issued = tokens.issue(
         services_of(request).get(KeyRing),
         ctx.settings,
@@ -398,6 +401,8 @@ def _cors(response: Response, origin: str | None) -> Response:
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Allow-Credentials"] = "true"
+        if "retry-after" in response.headers:  # a throttled refresh: let the Room UI read it
+            response.headers["Access-Control-Expose-Headers"] = "Retry-After"
     return response
 
 
@@ -430,7 +435,9 @@ async def refresh_token(
             db, ring, instance_id=instance_id, token=body.token, now=now
         )
         origin = _origin_for(request, view.instance)
-        issued = tokens.reissue(ring, ctx.settings, view, now=now)
+        grant = tokens.authorize_refresh(view)
+        await quotas.limit_runtime_tokens(services_of(request).get(Throttle), grant.session_id)
+        issued = tokens.reissue(ring, ctx.settings, grant, now=now)
         await db.commit()
     except ControlPlaneError as exc:
         await db.rollback()

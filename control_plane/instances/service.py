@@ -41,6 +41,7 @@ from control_plane.errors import (
     UnknownRegion,
     UnknownTier,
 )
+from control_plane.instances import quotas
 from control_plane.instances.credentials import decrypt_credentials, encrypt_credentials
 from control_plane.instances.lifecycle import (
     CANCELABLE,
@@ -68,7 +69,7 @@ logger = logging.getLogger("control_plane.instances")
 
 S = InstanceStatus
 #: Statuses that count against the per-user quota (everything not on its way out).
-QUOTA_STATUSES = tuple(str(s) for s in S if s not in (S.CANCELED, S.DESTROYING, S.DESTROYED))
+QUOTA_STATUSES = quotas.LIVE_STATUSES
 _ENDED = frozenset({S.CANCELED, S.DESTROYING, S.DESTROYED})
 MAX_LISTED = 200
 MAX_EVENTS = 100
@@ -232,7 +233,7 @@ async def _insert_draft(
     # Serialise this user's creates so two at once cannot both pass the quota (PostgreSQL row
     # lock; SQLite's BEGIN IMMEDIATE already serialises writers). NO KEY UPDATE: see the module
     # docstring (FOR UPDATE deadlocked with the worker's foreign-key checks).
-    await db.execute(select(User.id).where(User.id == user_id).with_for_update(key_share=True))
+    await quotas.lock_user(db, user_id)
     if idempotency_key is not None:
         # Re-read under the lock: a rival holding it may have committed this key meanwhile.
         # Without this the replay inserted, waited on the rival inside the unique index, and
@@ -249,6 +250,9 @@ async def _insert_draft(
         raise QuotaExceeded(
             f"you can have at most {ctx.settings.instance_quota} instances; delete one first"
         )
+    # Capacity (ROOMS_PER_REGION, ROOMS_TOTAL): this draft holds a slot from its insert on, so
+    # the check is here, before any Checkout Session, under the capacity lock (quotas.py).
+    await quotas.check_capacity(db, ctx.settings, body.region)
     if before_new_checkout is not None and ctx.billing.enabled:
         # Under the lock, after the re-read: only a create that will open a new Checkout
         # Session counts, once. Refused → nothing was written.

@@ -213,8 +213,18 @@ async def read_refresh(
     return RefreshView(instance, claims, refused, user, member_id is not None)
 
 
-def reissue(ring: KeyRing, settings: Settings, view: RefreshView, *, now: datetime) -> IssuedToken:
-    """A new token (new ``jti``, same ``sid``) for the holder of a valid one, if access holds."""
+@dataclass(frozen=True, slots=True)
+class RefreshGrant:
+    """Who a refresh is for, once its token and the access behind it hold."""
+
+    user: User
+    instance: CloudInstance
+    role: Role
+    session_id: str
+
+
+def authorize_refresh(view: RefreshView) -> RefreshGrant:
+    """The grant for the holder of a valid token, if access still holds; raises otherwise."""
     if view.refused is not None or view.claims is None:
         raise view.refused or InvalidRuntimeToken()
     if view.instance is None:
@@ -226,12 +236,19 @@ def reissue(ring: KeyRing, settings: Settings, view: RefreshView, *, now: dateti
     )
     if role is None:
         raise InvalidRuntimeToken("you no longer have access to this Room")
+    return RefreshGrant(view.user, view.instance, role, view.claims["sid"])
+
+
+def reissue(
+    ring: KeyRing, settings: Settings, grant: RefreshGrant, *, now: datetime
+) -> IssuedToken:
+    """A new token (new ``jti``, same ``sid``) for an authorized refresh."""
     return issue(
         ring,
         settings,
-        user=view.user,
-        instance=view.instance,
-        role=role,
-        session_id=view.claims["sid"],
+        user=grant.user,
+        instance=grant.instance,
+        role=grant.role,
+        session_id=grant.session_id,
         now=now,
     )
