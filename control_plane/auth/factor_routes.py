@@ -1,7 +1,8 @@
 """The second factor's routes for a signed-in account (issue 15, items 1 and 3): its state,
-TOTP enrolment, new recovery codes, step-up and removal. Included in ``/api/auth`` (the
-sign-in's second step, which needs the session helpers, is in :mod:`control_plane.auth.routes`).
-Cookie-authenticated writes pass the CSRF checks through ``CurrentAuth``."""
+TOTP enrolment, new recovery codes, step-up and removal, and the password change (a step-up
+action). Included in ``/api/auth`` (the sign-in's second step, which needs the session helpers,
+is in :mod:`control_plane.auth.routes`). Cookie-authenticated writes pass the CSRF checks through
+``CurrentAuth``."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from control_plane.auth import second_factor
+from control_plane.auth import second_factor, service
 from control_plane.auth.devices import KnownDevice
 from control_plane.auth.models import UserSession
 from control_plane.auth.schemas import (
+    ChangePasswordIn,
     OkOut,
     ProofIn,
     RecoveryCodesOut,
@@ -140,6 +142,39 @@ async def totp_disable(
     await second_factor.disable(db, auth.user)
     await db.commit()
     return OkOut(message="Two-step sign-in is off.")
+
+
+@router.post(
+    "/password",
+    response_model=OkOut,
+    summary="Change your password (a second factor from the last 10 minutes, if you have one)",
+    dependencies=[second_factor.StepUp],
+)
+async def change_password(
+    body: ChangePasswordIn,
+    db: SessionDep,
+    ctx: AuthDep,
+    auth: CurrentAuth,
+    now: Now,
+    address: ClientAddress,
+    device: Device,
+) -> OkOut:
+    """Changing credentials is a step-up action (issue 15, item 3). Every other session is
+    signed out; this one stays."""
+    mails = await service.change_password(
+        db,
+        ctx,
+        auth.user,
+        session_id=auth.session_id,
+        current_password=body.current_password,
+        password=body.password,
+        now=now,
+        address=address,
+        device=device,
+    )
+    await db.commit()
+    ctx.mailer.enqueue(*mails)
+    return OkOut(message="Your password was changed; other devices were signed out.")
 
 
 async def _check(

@@ -88,6 +88,13 @@ class TotpConfirmIn(_In):
     code: TotpCode
 
 
+class ChangePasswordIn(_In):
+    """``current_password`` is required when the account has a password."""
+
+    current_password: Password | None = None
+    password: Password
+
+
 class OkOut(BaseModel):
     ok: bool = True
     message: str | None = None

@@ -423,6 +423,53 @@ async def reset_password(
     return user, [_password_changed_mail(ctx, user)]
 
 
+async def change_password(
+    db: AsyncSession,
+    ctx: AuthContext,
+    user: User,
+    *,
+    session_id: str,
+    current_password: str | None,
+    password: str,
+    now: datetime,
+    address: str,
+    device: KnownDevice | None,
+) -> list[Mail]:
+    """A signed-in password change (issue 15: changing credentials, behind the step-up rule).
+
+    The current password is asked for when the account has one, checked and throttled as a
+    sign-in (a wrong one counts as a failed sign-in); a Google-only account sets its first.
+    Every other session is signed out, and the owner is told by mail."""
+    if user.password_hash is not None:
+        who = lockout.requester(ctx.devices, user.email, address, device)
+        await lockout.before_sign_in(ctx.throttle, who)
+        if not current_password or not await ctx.hasher.verify(
+            user.password_hash, current_password
+        ):
+            await lockout.failed_sign_in(ctx.throttle, who)
+            raise InvalidCredentials("the current password is not right")
+    check_password_policy(ctx.settings, password, user.email)
+    user.password_hash = await ctx.hasher.hash(password)
+    user.password_changed_at = now
+    user.updated_at = now
+    await sessions_.revoke_all_sessions(
+        db, user.id, reason="password_changed", now=now, except_id=session_id
+    )
+    await db.flush()
+    link = f"{ctx.settings.public_url}/forgot-password"
+    return [
+        Mail(
+            to=user.email,
+            subject="Your password was changed",
+            text=(
+                "The password of your Quoroom account was just changed and every other device "
+                f"was signed out. If this was not you, reset your password now:\n\n{link}\n"
+            ),
+            link=link,
+        )
+    ]
+
+
 # -- Google -------------------------------------------------------------------------------------
 
 

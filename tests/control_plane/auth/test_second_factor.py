@@ -410,3 +410,4 @@ async def test_the_second_step_and_security_pages(harness: Harness):
     r = await h.client.get("/app/security")
     assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
     assert 'data-action="totp-setup"' in r.text and 'id="step-up-dialog"' in r.text
+    assert 'id="password-form"' in r.text and 'name="current_password"' in r.text

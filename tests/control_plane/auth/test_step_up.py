@@ -7,6 +7,7 @@ from __future__ import annotations
 import httpx
 import pyotp
 
+from tests.control_plane.conftest import PASSWORD
 from tests.control_plane.instances.helpers import (  # noqa: F401 - fixtures
     Cloud,
     User,
@@ -118,3 +119,55 @@ async def test_a_two_step_sign_in_counts_as_a_recent_second_factor(dev_cloud: Cl
     fresh = {"Authorization": f"Bearer {r.json()['access_token']}"}
     r = await cloud.client.delete(f"/api/cloud/instances/{instance_id}", headers=fresh)
     assert r.status_code == 202, r.text
+
+
+# -- changing the password (a step-up action) ---------------------------------------------------
+
+NEW_PASSWORD = "a brand new passphrase"
+
+
+async def test_changing_the_password_needs_the_current_one_and_signs_out_elsewhere(
+    dev_cloud: Cloud,  # noqa: F811
+) -> None:
+    cloud = dev_cloud
+    owner = await cloud.user("owner@example.com")
+    elsewhere = await cloud.signin(owner.email)
+    url = "/api/auth/password"
+    r = await cloud.client.post(
+        url,
+        json={"current_password": "wrong wrong wrong", "password": NEW_PASSWORD},
+        headers=owner.headers,
+    )
+    assert r.status_code == 401 and r.json()["code"] == "invalid_credentials"
+    r = await cloud.client.post(url, json={"password": NEW_PASSWORD}, headers=owner.headers)
+    assert r.status_code == 401  # the current password is required
+    r = await cloud.client.post(
+        url, json={"current_password": PASSWORD, "password": "short"}, headers=owner.headers
+    )
+    assert r.status_code == 422 and r.json()["code"] == "weak_password"
+    r = await cloud.client.post(
+        url, json={"current_password": PASSWORD, "password": NEW_PASSWORD}, headers=owner.headers
+    )
+    assert r.status_code == 200, r.text
+    assert (await cloud.client.get("/api/auth/me", headers=owner.headers)).status_code == 200
+    assert (await cloud.client.get("/api/auth/me", headers=elsewhere.headers)).status_code == 401
+    await cloud.h.drain()
+    assert cloud.h.outbox.to(owner.email)[-1].subject == "Your password was changed"
+    r = await cloud.client.post(
+        "/api/auth/login", json={"email": owner.email, "password": NEW_PASSWORD}
+    )
+    assert r.status_code == 200, r.text
+
+
+async def test_changing_the_password_needs_a_recent_second_factor(dev_cloud: Cloud) -> None:  # noqa: F811
+    cloud = dev_cloud
+    owner = await cloud.user("owner@example.com")
+    secret = await _enrol(cloud, owner)
+    cloud.h.clock.advance(TEN_MINUTES + 1)
+    body = {"current_password": PASSWORD, "password": NEW_PASSWORD}
+    _step_up_required(
+        await cloud.client.post("/api/auth/password", json=body, headers=owner.headers)
+    )
+    await _step_up(cloud, owner, secret)
+    r = await cloud.client.post("/api/auth/password", json=body, headers=owner.headers)
+    assert r.status_code == 200, r.text

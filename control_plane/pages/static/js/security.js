@@ -1,5 +1,6 @@
 // Sign-in security (/app/security, issue 15): set up an authenticator app (the server draws the
-// QR code as SVG; this only shows it), see the recovery codes once, make new ones, turn it off.
+// QR code as SVG; this only shows it), see the recovery codes once, make new ones, turn it off;
+// change the password. A step-up answer opens common.js's dialog and the request is retried.
 "use strict";
 
 (function () {
@@ -93,6 +94,24 @@
     form.reset();
     Q.notice("Two-step sign-in is off.");
     await load();
+  });
+
+  const password = $("password-form");
+  Q.onSubmit(password, async (values, form) => {
+    try {
+      await Q.api("POST", "/api/auth/password", {
+        current_password: values.current_password,
+        password: values.password || "",
+      });
+    } catch (err) {
+      if (err instanceof Q.ApiError && err.code === "invalid_credentials") {
+        Q.fieldError(form, "current_password", "The current password is not right.");
+        return;
+      }
+      throw err;
+    }
+    form.reset();
+    Q.notice("Your password was changed. Other devices were signed out.");
   });
 
   load().catch((err) => {
