@@ -30,10 +30,8 @@ from datetime import datetime
 
 import pyotp
 import segno
-from cryptography.exceptions import InvalidTag
 
-from control_plane.errors import KeyDecryptionFailed
-from control_plane.keys.service import KeyCipher
+from control_plane.keys.service import BlobCipher
 from control_plane.settings import Settings
 
 __all__ = [
@@ -60,9 +58,6 @@ RECOVERY_CODE_COUNT = 10
 ISSUER = "Quoroom"
 _CODE_RE = re.compile(r"^[0-9]{6}$")
 _RECOVERY_RE = re.compile(r"^[a-z2-7]{16}$")
-_VERSION = b"\x01"
-_KEK_ID_LENGTH = 16
-_NONCE_LENGTH = 12
 _AAD_PREFIX = b"quoroom-totp-secret:"
 
 
@@ -119,35 +114,13 @@ def match_step(secret: str, code: str, now: datetime, *, after: int | None) -> i
 # -- sealing the secret ------------------------------------------------------------------------
 
 
-class _SecretCipher(KeyCipher):
-    """The signing-key cipher, sealing a TOTP secret under its user's context."""
-
-    def seal(self, plaintext: bytes, context: bytes) -> bytes:
-        nonce = secrets.token_bytes(_NONCE_LENGTH)
-        ciphertext = self._keks[self.current_id].encrypt(nonce, plaintext, context)
-        return _VERSION + self.current_id.encode("ascii") + nonce + ciphertext
-
-    def open(self, blob: bytes, context: bytes) -> bytes:
-        head = 1 + _KEK_ID_LENGTH + _NONCE_LENGTH
-        if len(blob) <= head or blob[:1] != _VERSION:
-            raise KeyDecryptionFailed("a TOTP secret is not in a known format")
-        kek = blob[1 : 1 + _KEK_ID_LENGTH].decode("ascii", errors="replace")
-        aead = self._keks.get(kek)
-        if aead is None:
-            raise KeyDecryptionFailed(f"a TOTP secret was sealed with KEK {kek}, not configured")
-        try:
-            return aead.decrypt(blob[1 + _KEK_ID_LENGTH : head], blob[head:], context)
-        except InvalidTag as exc:
-            raise KeyDecryptionFailed("a TOTP secret failed to decrypt") from exc
-
-
 def seal_secret(settings: Settings, user_id: str, secret: str) -> bytes:
-    cipher = _SecretCipher(settings.key_encryption_keys())
+    cipher = BlobCipher(settings.key_encryption_keys(), "a TOTP secret")
     return cipher.seal(secret.encode("ascii"), _AAD_PREFIX + user_id.encode())
 
 
 def open_secret(settings: Settings, user_id: str, blob: bytes) -> str:
-    cipher = _SecretCipher(settings.key_encryption_keys())
+    cipher = BlobCipher(settings.key_encryption_keys(), "a TOTP secret")
     return cipher.open(bytes(blob), _AAD_PREFIX + user_id.encode()).decode("ascii")
 
 

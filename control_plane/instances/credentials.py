@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from collections.abc import Mapping
 from typing import Protocol
 
-from cryptography.exceptions import InvalidTag
-
 from control_plane.errors import KeyDecryptionFailed
-from control_plane.keys.service import KeyCipher
+from control_plane.keys.service import BlobCipher
 from control_plane.settings import Settings
 
 __all__ = [
@@ -37,9 +34,6 @@ MAX_CREDENTIALS = 16
 MAX_SECRET_LENGTH = 512
 PROVIDER_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _SECRET_PATTERN = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
-_VERSION = b"\x01"
-_KEK_ID_LENGTH = 16
-_NONCE_LENGTH = 12
 _AAD_PREFIX = b"quoroom-instance-credentials:"
 
 
@@ -64,32 +58,8 @@ def validate_credentials(value: Mapping[str, object]) -> dict[str, str]:
     return clean
 
 
-class _CredentialCipher(KeyCipher):
-    """The signing-key cipher, sealing arbitrary bytes under an explicit context."""
-
-    def seal(self, plaintext: bytes, context: bytes) -> bytes:
-        nonce = secrets.token_bytes(_NONCE_LENGTH)
-        ciphertext = self._keks[self.current_id].encrypt(nonce, plaintext, context)
-        return _VERSION + self.current_id.encode("ascii") + nonce + ciphertext
-
-    def open(self, blob: bytes, context: bytes) -> bytes:
-        head = 1 + _KEK_ID_LENGTH + _NONCE_LENGTH
-        if len(blob) <= head or blob[:1] != _VERSION:
-            raise KeyDecryptionFailed("instance credentials are not in a known format")
-        kek = blob[1 : 1 + _KEK_ID_LENGTH].decode("ascii", errors="replace")
-        aead = self._keks.get(kek)
-        if aead is None:
-            raise KeyDecryptionFailed(
-                f"instance credentials were sealed with KEK {kek}, which is not configured"
-            )
-        try:
-            return aead.decrypt(blob[1 + _KEK_ID_LENGTH : head], blob[head:], context)
-        except InvalidTag as exc:
-            raise KeyDecryptionFailed("instance credentials failed to decrypt") from exc
-
-
-def _cipher(settings: Settings) -> _CredentialCipher:
-    return _CredentialCipher(settings.key_encryption_keys())
+def _cipher(settings: Settings) -> BlobCipher:
+    return BlobCipher(settings.key_encryption_keys(), "instance credentials")
 
 
 def encrypt_credentials(

@@ -125,6 +125,40 @@ class KeyCipher:
             raise KeyDecryptionFailed(f"signing key {row.kid} failed to decrypt") from exc
 
 
+class BlobCipher(KeyCipher):
+    """The same KEKs sealing arbitrary bytes into one self-describing blob, bound to a context
+    (AES-GCM associated data): version byte, KEK id, nonce, ciphertext. For secrets kept in a
+    column of their own (instance credentials, TOTP secrets); ``what`` names them in errors."""
+
+    _VERSION = b"\x01"
+    _KEK_ID_LENGTH = 16
+    _NONCE_LENGTH = 12
+
+    def __init__(self, keks: list[bytes], what: str) -> None:
+        super().__init__(keks)
+        self.what = what
+
+    def seal(self, plaintext: bytes, context: bytes) -> bytes:
+        nonce = secrets.token_bytes(self._NONCE_LENGTH)
+        ciphertext = self._keks[self.current_id].encrypt(nonce, plaintext, context)
+        return self._VERSION + self.current_id.encode("ascii") + nonce + ciphertext
+
+    def open(self, blob: bytes, context: bytes) -> bytes:
+        head = 1 + self._KEK_ID_LENGTH + self._NONCE_LENGTH
+        if len(blob) <= head or blob[:1] != self._VERSION:
+            raise KeyDecryptionFailed(f"{self.what}: not in a known format")
+        kek = blob[1 : 1 + self._KEK_ID_LENGTH].decode("ascii", errors="replace")
+        aead = self._keks.get(kek)
+        if aead is None:
+            raise KeyDecryptionFailed(
+                f"{self.what}: sealed with KEK {kek}, which is not configured"
+            )
+        try:
+            return aead.decrypt(blob[1 + self._KEK_ID_LENGTH : head], blob[head:], context)
+        except InvalidTag as exc:
+            raise KeyDecryptionFailed(f"{self.what}: failed to decrypt") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
     """An immutable view of the ring, swapped atomically on reload.
