@@ -28,6 +28,7 @@ from urllib.parse import parse_qsl, urlencode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._errors import KeysUnavailableError, TokenError
+from ._refusal_reports import note_refusal
 from ._responses import deny_websocket, send_error
 from ._scope import CLIENT_ADDRESS, PRINCIPAL, Principal, state_of
 from ._verify import TokenVerifier
@@ -120,7 +121,7 @@ class Authenticate:
             if principal is None:
                 principal = await self.verifier.verify(token)
         except TokenError as exc:
-            _log_refusal(scope, exc.code)
+            _log_refusal(scope, exc.code, exc)
             await send_error(send, exc.status, exc.message, exc.code, (_WWW_AUTHENTICATE_INVALID,))
             return
         except KeysUnavailableError:
@@ -154,7 +155,7 @@ class Authenticate:
         try:
             principal = await self.verifier.verify(token)
         except TokenError as exc:
-            _log_refusal(scope, exc.code)
+            _log_refusal(scope, exc.code, exc)
             await deny_websocket(scope, send, exc.status, exc.message, exc.code)
             return
         except KeysUnavailableError:
@@ -279,7 +280,9 @@ def _take_websocket_token(scope: Scope) -> tuple[Scope, str | None, bool]:
     return new_scope, (token or None), via_protocol
 
 
-def _log_refusal(scope: Scope, code: str) -> None:
+def _log_refusal(scope: Scope, code: str, exc: TokenError | None = None) -> None:
+    # Counted for the owner's access log (a dict increment; off unless reports are configured).
+    note_refusal(scope, "wrong_instance" if getattr(exc, "claim", None) == "instanceId" else code)
     # Never the token, the Authorization header or the query string: only what helps an operator.
     state = scope.get("state") or {}
     logger.info(

@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._errors import ConfigError
 from ._headers import Deferral, SecuredSend
+from ._refusal_reports import note_refusal
 from ._responses import deny_websocket, send_error
 
 Header = tuple[bytes, bytes]
@@ -222,6 +223,7 @@ class CORSGuard:
             if kind == "websocket":
                 origin = _header(scope, _ORIGIN)
                 if origin is not None and origin not in self._allowed:
+                    note_refusal(scope, "origin_not_allowed")
                     await deny_websocket(
                         scope, send, 403, "origin not allowed", "origin_not_allowed"
                     )
@@ -249,6 +251,7 @@ class CORSGuard:
         if cors is not None:
             await self.app(scope, receive, _vary_sender(send, cors))
         elif guarded or method not in _SAFE_METHODS:
+            note_refusal(scope, "origin_not_allowed")
             await send_error(
                 send, 403, "origin not allowed", "origin_not_allowed", headers=(_VARY_ORIGIN,)
             )
@@ -265,6 +268,7 @@ class CORSGuard:
             await send({"type": "http.response.start", "status": 204, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
             return
+        note_refusal(scope, "cors_preflight_refused")
         await send_error(
             send,
             403,

@@ -59,6 +59,7 @@ from ._ratelimit import (
     _unavailable,
     address_key,
 )
+from ._refusal_reports import note_refusal
 from ._responses import json_body, send_error, send_json
 from ._scope import CLIENT_ADDRESS, PRINCIPAL, ROLE_RANK, Principal
 
@@ -361,6 +362,7 @@ class FusedStack:
                 out = _Out(send, self._own_plans[on_api])
                 if log is not None:
                     log.append(out)
+                note_refusal(scope, "origin_not_allowed")
                 await send_error(
                     out.send, 403, "origin not allowed", "origin_not_allowed", (_VARY_ORIGIN,)
                 )
@@ -468,7 +470,7 @@ class FusedStack:
                     if principal is None:
                         principal = await self._auth.verifier.verify(token)
                 except TokenError as exc:
-                    _log_refusal(scope, exc.code)
+                    _log_refusal(scope, exc.code, exc)
                     await send_error(
                         reply, exc.status, exc.message, exc.code, (_WWW_AUTHENTICATE_INVALID,)
                     )

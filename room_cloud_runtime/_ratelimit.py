@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ._errors import ConfigError, StorageUnavailableError
 from ._limiter import Limiter
 from ._memstore import MAX_LIMIT, Decision, retry_after_seconds
+from ._refusal_reports import note_refusal
 from ._responses import deny_websocket, error_body, send_json
 from ._scope import CLIENT_ADDRESS, PRINCIPAL
 
@@ -84,6 +85,7 @@ def _check_limiter(limiter: object) -> Limiter:
 
 
 async def _refuse(scope: Scope, send: Send, policy: _Policy, decision: Decision) -> None:
+    note_refusal(scope, "rate_limited")  # for the owner's access log (issue 15)
     headers = policy.refusal_headers(decision)
     if scope["type"] == "websocket":
         await deny_websocket(

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from limits import RateLimitItem, parse
 
 from ._errors import ConfigError
+from ._refusal_reports import ReportSettings, load_report_settings
 
 DeploymentMode = Literal["local", "cloud"]
 StorageFailMode = Literal["local", "open", "closed"]
@@ -76,6 +77,8 @@ class RuntimeSettings:
     coep: bool = False
     # Misc.
     access_log: bool = True
+    # Refusal reports to the control plane's access log (issue 15); off when None.
+    reports: ReportSettings | None = None
     data_dir: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict, repr=False)
 
@@ -294,5 +297,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> RuntimeSettings:
         ),
         coep=_bool(env, "QUOROOM_COEP", defaults.coep),
         access_log=_bool(env, "QUOROOM_ACCESS_LOG", defaults.access_log),
+        reports=load_report_settings(env, mode=mode),
         data_dir=_str(env, "QUOROOM_DATA_DIR"),
     )

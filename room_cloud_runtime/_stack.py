@@ -40,6 +40,7 @@ from ._limits import RequestLimits
 from ._local import LocalGuard
 from ._logging import AccessLog
 from ._ratelimit import AddressRateLimit, PrincipalRateLimit
+from ._refusal_reports import RefusalReporter
 from ._settings import RuntimeSettings, load_settings
 from ._verify import TokenVerifier
 
@@ -88,6 +89,8 @@ class RuntimeStack:
         #: and hands WebSocket upgrades to).
         self.layered: ASGIApp
         self.access_log: AccessLog | None = None
+        #: Refusal reports to the control plane (cloud mode with a report key), a resource.
+        self.reports: RefusalReporter | None = None
         self._started = False
         if settings.mode == "local":
             self.app: ASGIApp = LocalGuard(app)
@@ -116,6 +119,14 @@ class RuntimeStack:
         self.limiter = limiter or build_limiter(
             settings.rate_limit_storage, on_storage_error=settings.rate_limit_on_storage_error
         )
+        if settings.reports is not None:
+            self.reports = RefusalReporter(
+                settings.reports,
+                issuer=settings.issuer,
+                instance_id=settings.instance_id,
+                trust_fly_client_ip=settings.behind_fly_proxy,
+            )
+            self.resources = (*self.resources, self.reports)
         acl = ACLGuard(app, policy=policy, instance_id=settings.instance_id)
         principal = PrincipalRateLimit(
             acl,
