@@ -54,6 +54,9 @@ __all__ = [
 INTERNAL_PORT = 8080
 HEALTH_PATH = "/healthz"
 DATA_DIR = "/data"
+#: The runtime's Prometheus listener inside the machine (Fly scrapes it: the config's ``metrics``).
+METRICS_PORT = 9091
+METRICS_PATH = "/metrics"
 ENTRYPOINT = ("quoroom-runtime", "serve")
 #: The ``quoroom`` image: the gateway in front of the real Room, which listens on loopback only.
 GATEWAY_ENTRYPOINT = ("quoroom-runtime", "gateway")
@@ -173,6 +176,10 @@ def runtime_env(
         # (arcjet/arcjet-js#5412: X-Forwarded-For stays client-controlled).
         "QUOROOM_BEHIND_FLY_PROXY": "true" if behind_fly_proxy else "false",
         "PORT": str(internal_port),
+        # Prometheus metrics for Fly's scraper (the machine config's ``metrics``), on the
+        # private network only: no service publishes METRICS_PORT.
+        "QUOROOM_METRICS_PORT": str(METRICS_PORT),
+        "QUOROOM_METRICS_HOST": "::",
     }
     for key, value in (extra or {}).items():
         if key in env:
@@ -246,6 +253,8 @@ def build_machine_config(
         )
     if not 1 <= internal_port <= 65535:
         raise MachineConfigError("internal_port", "must be a TCP port")
+    if internal_port == METRICS_PORT:
+        raise MachineConfigError("internal_port", f"{METRICS_PORT} is the metrics port")
     if restart_max_retries < 0:
         raise MachineConfigError("restart_max_retries", "must not be negative")
     limits = concurrency or Concurrency()
@@ -313,6 +322,7 @@ def build_machine_config(
         # SIGTERM, then time for the server (granian for serve, uvicorn for the gateway) to finish
         # requests and SQLite to checkpoint.
         "stop_config": {"signal": "SIGTERM", "timeout": stop_timeout},
+        "metrics": {"port": METRICS_PORT, "path": METRICS_PATH},
         "metadata": metadata,
     }
 

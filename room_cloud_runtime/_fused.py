@@ -50,7 +50,7 @@ from ._endpoints import STATUS_PATH, CloudEndpoints, merge_status
 from ._errors import KeysUnavailableError, StorageUnavailableError, TokenError
 from ._headers import Deferral, Header, SecurityHeaders, _merge, _Profile
 from ._limits import _CLOSE, _NO_BODY_VERSIONS, RequestLimits, _is_json
-from ._logging import AccessLog
+from ._logging import AccessLog, line_fields
 from ._ratelimit import (
     READ_METHODS,
     AddressRateLimit,
@@ -276,7 +276,7 @@ class FusedStack:
         if scope["type"] != "http":
             return self._layered(scope, receive, send)
         access = self._access
-        if access is not None and access.lines.enabled():
+        if access is not None and access.active():
             return self._logged(access, scope, receive, send)
         return self._http(scope, receive, send, None)
 
@@ -291,16 +291,10 @@ class FusedStack:
         try:
             await self._http(scope, receive, send, out)
         finally:
-            principal = state.get(PRINCIPAL)
-            access.lines.add(
-                {
-                    "method": scope.get("method", "WS"),
-                    "path": scope["path"],
-                    "status": out[0].status if out else 0,
-                    "ms": round((access.clock() - started) * 1000, 2),
-                    "client": state.get(CLIENT_ADDRESS),
-                    "sub": principal.subject if principal else None,
-                },
+            status = out[0].status if out else 0
+            elapsed = access.clock() - started
+            access.record(
+                "http", status, elapsed, lambda: line_fields(scope, state, status, elapsed)
             )
 
     async def _http(

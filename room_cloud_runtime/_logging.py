@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._metrics import RequestCounts
 from ._scope import CLIENT_ADDRESS, PRINCIPAL, state_of
 
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
@@ -220,14 +221,30 @@ class AccessLog:
         *,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        counts: RequestCounts | None = None,
     ) -> None:
         self.app = app
         self.logger = logger or logging.getLogger("room_cloud_runtime.access")
         self.lines = AccessLines(self.logger)
         self.clock = clock
+        #: The metrics' request counts (None: metrics off); kept whether or not lines are logged.
+        self.counts = counts
+
+    def active(self) -> bool:
+        return self.counts is not None or self.lines.enabled()
+
+    def record(
+        self, kind: str, status: int, seconds: float, fields: Callable[[], dict[str, Any]]
+    ) -> None:
+        """One finished request: counted for the metrics, logged when the logger is on
+        (``fields`` builds the line's fields only then)."""
+        if self.counts is not None:
+            self.counts.observe(kind, status, seconds)
+        if self.lines.enabled():
+            self.lines.add(fields())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or not self.lines.enabled():
+        if scope["type"] not in ("http", "websocket") or not self.active():
             await self.app(scope, receive, send)
             return
         started = self.clock()
@@ -247,14 +264,19 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            principal = state.get(PRINCIPAL)
-            self.lines.add(
-                {
-                    "method": scope.get("method", "WS"),
-                    "path": scope["path"],
-                    "status": status,
-                    "ms": round((self.clock() - started) * 1000, 2),
-                    "client": state.get(CLIENT_ADDRESS),
-                    "sub": principal.subject if principal else None,
-                }
-            )
+            elapsed = self.clock() - started
+            kind = "http" if scope["type"] == "http" else "ws"
+            self.record(kind, status, elapsed, lambda: line_fields(scope, state, status, elapsed))
+
+
+def line_fields(scope: Scope, state: dict[str, Any], status: int, seconds: float) -> dict[str, Any]:
+    """An access line's fields, in order (the layered :class:`AccessLog` and the fused pass)."""
+    principal = state.get(PRINCIPAL)
+    return {
+        "method": scope.get("method", "WS"),
+        "path": scope["path"],
+        "status": status,
+        "ms": round(seconds * 1000, 2),
+        "client": state.get(CLIENT_ADDRESS),
+        "sub": principal.subject if principal else None,
+    }

@@ -7,7 +7,9 @@ that the security of the stack rests on (issuer, instance id, allowed origins) a
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -29,6 +31,7 @@ _STORAGE_FAIL_MODES: Final[Mapping[str, StorageFailMode]] = {
 }
 
 AUDIENCE = "quoroom-runtime"
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 SUPPORTED_ALGORITHMS = frozenset({"EdDSA", "ES256"})
 MAX_LEEWAY_SECONDS = 60
 
@@ -79,6 +82,9 @@ class RuntimeSettings:
     access_log: bool = True
     # Refusal reports to the control plane's access log (issue 15); off when None.
     reports: ReportSettings | None = None
+    # Prometheus metrics on their own listener (room_cloud_runtime/_metrics.py); off when None.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     data_dir: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict, repr=False)
 
@@ -116,6 +122,9 @@ class RuntimeSettings:
             )
         for origin in self.allowed_origins:
             _check_origin(origin)
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("QUOROOM_METRICS_PORT", "must be a port number (0 to 65535)")
+        _check_host("QUOROOM_METRICS_HOST", self.metrics_host)
         if self.mode == "cloud":
             self._check_cloud()
 
@@ -150,6 +159,16 @@ def parse_limit(setting: str, value: str) -> RateLimitItem:
 def _check_positive(setting: str, value: int) -> None:
     if value <= 0:
         raise ConfigError(setting, "must be a positive integer")
+
+
+def _check_host(setting: str, value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(value):
+            raise ConfigError(
+                setting, f"must be an IP address or a host name, got {value!r}"
+            ) from None
 
 
 def _check_url(setting: str, value: str) -> None:
@@ -298,5 +317,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> RuntimeSettings:
         coep=_bool(env, "QUOROOM_COEP", defaults.coep),
         access_log=_bool(env, "QUOROOM_ACCESS_LOG", defaults.access_log),
         reports=load_report_settings(env, mode=mode),
+        metrics_port=_int(env, "QUOROOM_METRICS_PORT", -1)
+        if _str(env, "QUOROOM_METRICS_PORT")
+        else None,
+        metrics_host=_str(env, "QUOROOM_METRICS_HOST") or defaults.metrics_host,
         data_dir=_str(env, "QUOROOM_DATA_DIR"),
     )

@@ -39,6 +39,7 @@ from ._limiter import Limiter, build_limiter
 from ._limits import RequestLimits
 from ._local import LocalGuard
 from ._logging import AccessLog
+from ._metrics import MetricsListener, RequestCounts, runtime_listener
 from ._ratelimit import AddressRateLimit, PrincipalRateLimit
 from ._refusal_reports import RefusalReporter
 from ._settings import RuntimeSettings, load_settings
@@ -91,6 +92,9 @@ class RuntimeStack:
         self.access_log: AccessLog | None = None
         #: Refusal reports to the control plane (cloud mode with a report key), a resource.
         self.reports: RefusalReporter | None = None
+        #: The Prometheus listener (cloud mode, QUOROOM_METRICS_PORT set), started with the stack.
+        self.metrics: MetricsListener | None = None
+        self.counts: RequestCounts | None = None
         self._started = False
         if settings.mode == "local":
             self.app: ASGIApp = LocalGuard(app)
@@ -155,7 +159,23 @@ class RuntimeStack:
         headers = SecurityHeaders(
             cors, hsts_max_age=settings.hsts_max_age_seconds, coep=settings.coep
         )
-        access_log = self.access_log = AccessLog(headers) if settings.access_log else None
+        self.counts = RequestCounts() if settings.metrics_port is not None else None
+        access_log = self.access_log = (
+            AccessLog(headers, counts=self.counts)
+            if settings.access_log or self.counts is not None
+            else None
+        )
+        if self.counts is not None:
+            assert settings.metrics_port is not None
+            self.metrics = runtime_listener(
+                self.counts,
+                host=settings.metrics_host,
+                port=settings.metrics_port,
+                mode=settings.mode,
+                instance=settings.instance_id,
+                jwks=self.jwks,
+                room_up=(lambda: health()[0] == 200) if health is not None else (lambda: True),
+            )
         self.layered = access_log if access_log is not None else headers
         if not fused:
             self.app = self.layered
@@ -201,6 +221,8 @@ class RuntimeStack:
             await self.jwks.start()
         for resource in self.resources:
             await resource.start()
+        if self.metrics is not None:
+            self.metrics.start()
         logger.info(
             "runtime stack started",
             extra={"mode": self.settings.mode, "instance": self.settings.instance_id},
@@ -210,6 +232,8 @@ class RuntimeStack:
         if not self._started:
             return
         self._started = False
+        if self.metrics is not None:
+            await self.metrics.aclose()
         for resource in reversed(self.resources):
             await resource.aclose()
         if self.jwks is not None:

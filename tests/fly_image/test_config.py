@@ -98,7 +98,12 @@ def test_config_carries_guest_env_services_checks_mount_restart_and_metadata():
         "QUOROOM_DATA_DIR": DATA_DIR,
         "QUOROOM_BEHIND_FLY_PROXY": "true",
         "PORT": str(INTERNAL_PORT),
+        "QUOROOM_METRICS_PORT": "9091",
+        "QUOROOM_METRICS_HOST": "::",
     }
+    # Scraped by Fly over the private network; no service publishes the metrics port.
+    assert config["metrics"] == {"port": 9091, "path": "/metrics"}
+    assert all(s["internal_port"] != 9091 for s in config["services"])
     (service,) = config["services"]
     assert service["internal_port"] == INTERNAL_PORT
     assert service["autostop"] == "off"
@@ -227,6 +232,7 @@ def test_digest_pinned_images_are_accepted_with_or_without_a_tag(image):
         ({"runtime_kind": "node"}, "runtime_kind"),
         ({"runtime_kind": "Quoroom"}, "runtime_kind"),
         ({"runtime_kind": "quoroom", "internal_port": ROOM_PORT}, "internal_port"),
+        ({"internal_port": 9091}, "internal_port"),
     ],
 )
 def test_bad_builder_input_is_refused_with_the_field_named(overrides, field):
