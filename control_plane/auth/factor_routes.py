@@ -11,12 +11,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from control_plane.auth import second_factor, service
+from control_plane.auth import passkeys, second_factor, service
 from control_plane.auth.devices import KnownDevice
 from control_plane.auth.models import UserSession
+from control_plane.auth.passkey_routes import options_response
 from control_plane.auth.schemas import (
     ChangePasswordIn,
     OkOut,
+    PasskeyAssertionIn,
     ProofIn,
     RecoveryCodesOut,
     SecondFactorStatusOut,
@@ -44,7 +46,7 @@ async def _status(db: SessionDep, auth: CurrentAuth) -> SecondFactorStatusOut:
     session = await db.get(UserSession, auth.session_id)
     verified_at = session.second_factor_at if session is not None and enabled else None
     return SecondFactorStatusOut(
-        totp_enabled=enabled,
+        totp_enabled=await second_factor.confirmed_totp(db, auth.user.id) is not None,
         recovery_codes_left=await second_factor.recovery_codes_left(db, auth.user.id),
         verified_at=verified_at,
         step_up_until=verified_at + second_factor.STEP_UP_WINDOW if verified_at else None,
@@ -104,6 +106,60 @@ async def verify(
     """Throttled as sign-ins are: a wrong or reused code counts as a failed sign-in."""
     proof = second_factor.Proof(code=body.code, recovery_code=body.recovery_code)
     await _check(db, ctx, auth, proof, now, address, device)
+    await second_factor.mark_session_verified(db, auth.session_id, now)
+    await db.commit()
+    return await _status(db, auth)
+
+
+@router.post(
+    "/second-factor/verify/passkey/options",
+    summary="Step-up with a passkey: the options for navigator.credentials.get()",
+)
+async def verify_passkey_options(
+    db: SessionDep, ctx: AuthDep, auth: CurrentAuth, now: Now
+) -> JSONResponse:
+    """The account's passkeys are the allow list; the challenge is bound to this session."""
+    options = await passkeys.authentication_options(
+        db,
+        ctx.settings,
+        purpose=passkeys.STEP_UP,
+        binding=passkeys.bind_session(auth.session_id),
+        user=auth.user,
+        now=now,
+    )
+    await db.commit()
+    return options_response(options)
+
+
+@router.post(
+    "/second-factor/verify/passkey",
+    response_model=SecondFactorStatusOut,
+    summary="Step-up: prove a passkey for this session (sensitive actions, 10 minutes)",
+)
+async def verify_passkey(
+    body: PasskeyAssertionIn,
+    db: SessionDep,
+    ctx: AuthDep,
+    auth: CurrentAuth,
+    now: Now,
+    address: ClientAddress,
+    device: Device,
+) -> SecondFactorStatusOut:
+    """Throttled as sign-ins are: a refused assertion counts as a failed sign-in."""
+    try:
+        await passkeys.verify_for_user(
+            db,
+            ctx,
+            auth.user,
+            body.credential.as_webauthn(),
+            purpose=passkeys.STEP_UP,
+            binding=passkeys.bind_session(auth.session_id),
+            now=now,
+            who=passkeys.Requester(address, device),
+        )
+    except passkeys.PasskeyError:
+        await db.commit()  # the spent challenge and a counter regression stay recorded
+        raise
     await second_factor.mark_session_verified(db, auth.session_id, now)
     await db.commit()
     return await _status(db, auth)

@@ -1,11 +1,13 @@
 """Account tables: users, OAuth identities, sessions, refresh tokens, email tokens and the second
-factor (TOTP, recovery codes, pending second-factor sign-ins)."""
+factor (TOTP, recovery codes, pending second-factor sign-ins, passkeys and their WebAuthn
+challenges)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     ForeignKey,
     Index,
@@ -71,7 +73,7 @@ class UserSession(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     revoke_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    method: Mapped[str] = mapped_column(String(16), nullable=False)  # password | google
+    method: Mapped[str] = mapped_column(String(16), nullable=False)  # password | google | passkey
     user_agent: Mapped[str | None] = mapped_column(String(255), nullable=True)
     ip_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
     #: When this session last proved the account's second factor (sign-in or step-up); the
@@ -171,4 +173,51 @@ class SecondFactorChallenge(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class UserPasskey(Base):
+    """A WebAuthn credential (a passkey) registered to an account (issue 15, item 2).
+
+    ``credential_id`` is the authenticator's id (at most 1023 bytes, WebAuthn §5.8.3), unique
+    across accounts; ``public_key`` its COSE key. ``sign_count`` is the last signature counter
+    seen (a 32-bit unsigned value); a later assertion must carry a higher one unless both are 0.
+    ``counter_regressed_at`` records a counter that went backwards (a cloned authenticator): the
+    passkey is refused from then on, until its owner removes it."""
+
+    __tablename__ = "user_passkeys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    credential_id: Mapped[bytes] = mapped_column(LargeBinary(1023), nullable=False, unique=True)
+    public_key: Mapped[bytes] = mapped_column(LargeBinary(1024), nullable=False)
+    sign_count: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    aaguid: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    transports: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    backed_up: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    counter_regressed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class WebAuthnChallenge(Base):
+    """A WebAuthn challenge handed to a browser: single use, short-lived, and bound to who asked
+    (``binding_hash``: the SHA-256 of the signed-in session's id, the pending second-factor
+    sign-in's id, or the passwordless sign-in's browser token) and for what (``purpose``). The
+    challenge itself is not secret (the browser signs it into ``clientDataJSON``)."""
+
+    __tablename__ = "webauthn_challenges"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    challenge: Mapped[bytes] = mapped_column(LargeBinary(64), nullable=False, unique=True)
+    purpose: Mapped[str] = mapped_column(String(16), nullable=False)
+    binding_hash: Mapped[bytes] = mapped_column(LargeBinary(32), nullable=False)
+    user_id: Mapped[str | None] = mapped_column(
+        String(36), ForeignKey("users.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, index=True)
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

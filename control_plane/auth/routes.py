@@ -12,18 +12,22 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.responses import Response
 
-from control_plane.auth import lockout, second_factor, service
+from control_plane.auth import lockout, passkeys, second_factor, service
 from control_plane.auth import sessions as sessions_
 from control_plane.auth.cookies import cookie_names
 from control_plane.auth.devices import KnownDevice
 from control_plane.auth.factor_routes import router as factor_router
 from control_plane.auth.google import STATE_COOKIE_PATH, STATE_MAX_AGE, GoogleClient
-from control_plane.auth.models import User
+from control_plane.auth.models import SecondFactorChallenge, User
+from control_plane.auth.passkey_routes import options_response
+from control_plane.auth.passkey_routes import router as passkey_router
 from control_plane.auth.schemas import (
     EmailIn,
     LoginIn,
     LogoutIn,
     OkOut,
+    PasskeyAssertionIn,
+    PendingIn,
     RefreshIn,
     ResetPasswordIn,
     RevokedOut,
@@ -162,10 +166,12 @@ async def _signed_in_response(
     return response
 
 
-def _second_factor_required(ctx: AuthContext, raw: str, transport: Transport) -> JSONResponse:
+def _second_factor_required(
+    ctx: AuthContext, raw: str, transport: Transport, methods: list[str]
+) -> JSONResponse:
     """The first step's answer for an account with a second factor: no session yet."""
     body = SecondFactorRequiredOut(
-        methods=["totp", "recovery_code"],
+        methods=methods,
         expires_in=int(second_factor.PENDING_TTL.total_seconds()),
         second_factor_token=raw if transport == "body" else None,
     )
@@ -279,8 +285,9 @@ async def login(
         raw = await second_factor.open_challenge(
             db, user, method="password", transport=body.transport, now=now
         )
+        methods = await second_factor.methods_of(db, user.id)
         await db.commit()
-        return _second_factor_required(ctx, raw, body.transport)
+        return _second_factor_required(ctx, raw, body.transport, methods)
     signed = await service.start_session(
         db,
         ctx,
@@ -326,6 +333,21 @@ async def second_factor_sign_in(
         await second_factor.count_attempt(db, challenge)
         await db.commit()
         raise
+    return await _finish_two_steps(request, db, ctx, challenge, user, now, address, device)
+
+
+async def _finish_two_steps(
+    request: Request,
+    db: AsyncSession,
+    ctx: AuthContext,
+    challenge: SecondFactorChallenge,
+    user: User,
+    now: datetime,
+    address: str,
+    device: KnownDevice | None,
+) -> JSONResponse:
+    """Both factors proved: spend the pending sign-in and open the session (which counts as
+    having proved the second factor just now, for step-up)."""
     await second_factor.close_challenge(db, challenge, now)
     signed = await service.start_session(
         db,
@@ -342,6 +364,136 @@ async def second_factor_sign_in(
     response = await _signed_in_response(db, ctx, signed, transport)
     ctx.devices.remember(response, device, user.email, now)
     second_factor.clear_pending_cookie(response, ctx.settings)
+    metrics_of(request).auth_event("login_ok")
+    return response
+
+
+@router.post(
+    "/second-factor/passkey/options",
+    summary="The second step with a passkey: the options for navigator.credentials.get()",
+)
+async def second_factor_passkey_options(
+    request: Request, db: SessionDep, ctx: AuthDep, now: Now, body: PendingIn | None = None
+) -> JSONResponse:
+    """The account's passkeys are the allow list; the challenge is bound to the pending
+    sign-in (its HttpOnly cookie, or ``second_factor_token``), so no other browser can use it."""
+    raw = (body.second_factor_token if body else None) or second_factor.pending_token_of(
+        request, ctx.settings
+    )
+    challenge, user = await second_factor.find_challenge(db, raw, now)
+    options = await passkeys.authentication_options(
+        db,
+        ctx.settings,
+        purpose=passkeys.SECOND_FACTOR,
+        binding=passkeys.bind_pending(challenge.id),
+        user=user,
+        now=now,
+    )
+    await db.commit()
+    return options_response(options)
+
+
+@router.post(
+    "/second-factor/passkey",
+    response_model=TokensOut,
+    summary="Finish a sign-in with a passkey",
+)
+async def second_factor_passkey(
+    body: PasskeyAssertionIn,
+    request: Request,
+    db: SessionDep,
+    ctx: AuthDep,
+    now: Now,
+    address: ClientAddress,
+    device: Device,
+) -> JSONResponse:
+    """As ``POST /api/auth/second-factor`` with an assertion instead of a code: throttled the
+    same way, and a refused assertion is one of the pending sign-in's attempts."""
+    raw = body.second_factor_token or second_factor.pending_token_of(request, ctx.settings)
+    challenge, user = await second_factor.find_challenge(db, raw, now)
+    try:
+        await passkeys.verify_for_user(
+            db,
+            ctx,
+            user,
+            body.credential.as_webauthn(),
+            purpose=passkeys.SECOND_FACTOR,
+            binding=passkeys.bind_pending(challenge.id),
+            now=now,
+            who=passkeys.Requester(address, device),
+        )
+    except passkeys.PasskeyError:
+        await second_factor.count_attempt(db, challenge)
+        await db.commit()
+        raise
+    return await _finish_two_steps(request, db, ctx, challenge, user, now, address, device)
+
+
+# -- passwordless sign-in with a passkey --------------------------------------------------------
+
+
+@router.post(
+    "/passkey/options",
+    summary="Passwordless sign-in: the options for navigator.credentials.get()",
+)
+async def passkey_sign_in_options(ctx: AuthDep, db: SessionDep, now: Now) -> JSONResponse:
+    """No allow list (the browser offers the discoverable passkeys it holds for this site) and
+    user verification required. The challenge is bound to this browser by an HttpOnly,
+    SameSite=Strict cookie (``qr_passkey``, 5 minutes)."""
+    token = passkeys.new_browser_token()
+    options = await passkeys.authentication_options(
+        db,
+        ctx.settings,
+        purpose=passkeys.SIGN_IN,
+        binding=passkeys.bind_browser(token),
+        user=None,
+        now=now,
+    )
+    await db.commit()
+    response = options_response(options)
+    passkeys.set_browser_cookie(response, ctx.settings, token)
+    return response
+
+
+@router.post("/passkey/sign-in", response_model=TokensOut, summary="Sign in with a passkey")
+async def passkey_sign_in(
+    body: PasskeyAssertionIn,
+    request: Request,
+    db: SessionDep,
+    ctx: AuthDep,
+    now: Now,
+    address: ClientAddress,
+    device: Device,
+) -> JSONResponse:
+    """A passkey with user verification is both factors: the session opens at once (method
+    ``passkey``) and counts as a fresh second factor for step-up. Throttled as sign-ins."""
+    token = passkeys.browser_token_of(request, ctx.settings) or ""
+    try:
+        _, user = await passkeys.verify_passwordless(
+            db,
+            ctx,
+            body.credential.as_webauthn(),
+            binding=passkeys.bind_browser(token),
+            now=now,
+            who=passkeys.Requester(address, device),
+        )
+    except passkeys.PasskeyError:
+        await db.commit()  # the spent challenge and a counter regression stay recorded
+        raise
+    signed = await service.start_session(
+        db,
+        ctx,
+        user,
+        method="passkey",
+        now=now,
+        user_agent=request.headers.get("user-agent"),
+        ip_address=address,
+    )
+    signed.session.second_factor_at = now
+    await db.commit()
+    response = await _signed_in_response(db, ctx, signed, "cookie")
+    ctx.devices.remember(response, device, user.email, now)
+    passkeys.clear_browser_cookie(response, ctx.settings)
     metrics_of(request).auth_event("login_ok")
     return response
 
@@ -656,5 +808,7 @@ def _delete_google_state(response: Response, ctx: AuthContext) -> None:
     )
 
 
-# The second factor's own routes (enrolment, step-up, removal), under the same prefix and guard.
+# The second factor's own routes (enrolment, step-up, removal) and the account's passkeys, under
+# the same prefix and guard.
 router.include_router(factor_router)
+router.include_router(passkey_router)

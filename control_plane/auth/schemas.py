@@ -176,3 +176,95 @@ class TotpSetupOut(BaseModel):
 class RecoveryCodesOut(BaseModel):
     ok: bool = True
     recovery_codes: list[str]
+
+
+# -- passkeys (issue 15, item 2) -------------------------------------------------------------------
+
+#: base64url text from a browser's WebAuthn answer. The bound here is only the request body's:
+#: each field's own limit is checked before it is decoded (control_plane/auth/passkeys.py), so
+#: an oversized attestation or client data is 413 ``passkey_too_large``.
+B64Text = Annotated[str, StringConstraints(max_length=65536, pattern=r"^[A-Za-z0-9_-]*={0,2}$")]
+PasskeyName = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
+
+
+class _Browser(BaseModel):
+    """What ``PublicKeyCredential.toJSON()`` sends; browsers add fields over time (extensions,
+    the public key again), so unknown ones are ignored rather than refused."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class CredentialResponseIn(_Browser):
+    client_data_json: B64Text = Field(alias="clientDataJSON")
+    attestation_object: B64Text | None = Field(default=None, alias="attestationObject")
+    authenticator_data: B64Text | None = Field(default=None, alias="authenticatorData")
+    signature: B64Text | None = None
+    user_handle: B64Text | None = Field(default=None, alias="userHandle")
+    transports: list[Annotated[str, StringConstraints(max_length=32)]] | None = Field(
+        default=None, max_length=16
+    )
+
+
+class CredentialIn(_Browser):
+    id: B64Text
+    raw_id: B64Text = Field(alias="rawId")
+    type: Literal["public-key"]
+    response: CredentialResponseIn
+    authenticator_attachment: Annotated[str, StringConstraints(max_length=32)] | None = Field(
+        default=None, alias="authenticatorAttachment"
+    )
+
+    def as_webauthn(self) -> dict[str, object]:
+        """The credential in WebAuthn's JSON names, as py_webauthn reads it."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class PasskeyRegisterIn(_In):
+    credential: CredentialIn
+    name: PasskeyName | None = None
+
+
+class PasskeyRenameIn(_In):
+    name: PasskeyName
+
+
+class PasskeyAssertionIn(_In):
+    """An assertion; ``second_factor_token`` for ``transport: body`` clients at the second step
+    of a sign-in (browsers send the pending sign-in's cookie)."""
+
+    credential: CredentialIn
+    second_factor_token: Token | None = None
+
+
+class PendingIn(_In):
+    second_factor_token: Token | None = None
+
+
+class WebAuthnOptionsOut(BaseModel):
+    """``publicKey`` options for ``navigator.credentials.create()`` / ``.get()``, in WebAuthn's
+    JSON form (binary values base64url), valid for ``expires_in`` seconds."""
+
+    ok: bool = True
+    public_key: dict[str, object]
+    expires_in: int
+
+
+class PasskeyOut(BaseModel):
+    id: str
+    name: str
+    created_at: datetime
+    last_used_at: datetime | None
+    backed_up: bool
+    #: Set when a signature counter went backwards (a copied authenticator): refused since.
+    counter_regressed_at: datetime | None
+
+
+class PasskeysOut(BaseModel):
+    passkeys: list[PasskeyOut]
+
+
+class PasskeyRegisteredOut(BaseModel):
+    ok: bool = True
+    passkey: PasskeyOut
+    #: The account's first second factor: its ten recovery codes, shown once.
+    recovery_codes: list[str] | None = None

@@ -18,6 +18,10 @@ codes and the step-up rule. The pure parts (codes, sealing, the QR code) are in
 - **Step-up**: the session records when it last proved the factor (``second_factor_at``: at
   sign-in, enrolment or ``POST /api/auth/second-factor/verify``). Sensitive actions of an account
   with a factor need that within ``STEP_UP_WINDOW``, else 403 ``step_up_required``.
+- **Passkeys** (item 2, :mod:`control_plane.auth.passkeys`) are second factors too: an account
+  "has a second factor" when it has a confirmed TOTP factor or at least one passkey. The
+  recovery codes belong to the account's second factor as a whole: made when the first factor
+  is turned on, kept while any factor is left, dropped with the last one.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from control_plane.auth import lockout, totp
+from control_plane.auth import lockout, passkeys, totp
 from control_plane.auth import sessions as sessions_
 from control_plane.auth.devices import KnownDevice
 from control_plane.auth.models import (
@@ -77,7 +81,7 @@ class SecondFactorReused(ControlPlaneError):
 
 
 class StepUpRequired(ControlPlaneError):
-    message = "confirm it is you: enter a code from your authenticator app"
+    message = "confirm it is you: use a passkey, or enter a code from your authenticator app"
 
 
 class TotpAlreadyEnabled(ControlPlaneError):
@@ -115,7 +119,19 @@ async def confirmed_totp(db: AsyncSession, user_id: str) -> UserTotp | None:
 
 
 async def has_second_factor(db: AsyncSession, user_id: str) -> bool:
-    return await confirmed_totp(db, user_id) is not None
+    """A confirmed TOTP factor or a passkey (one refused for a counter regression included: a
+    cloned passkey must not turn the second factor off)."""
+    if await confirmed_totp(db, user_id) is not None:
+        return True
+    return await passkeys.count_passkeys(db, user_id) > 0
+
+
+async def methods_of(db: AsyncSession, user_id: str) -> list[str]:
+    """What the second step of a sign-in accepts for this account."""
+    methods = ["totp"] if await confirmed_totp(db, user_id) is not None else []
+    if await passkeys.count_passkeys(db, user_id) > 0:
+        methods.append("passkey")
+    return [*methods, "recovery_code"]
 
 
 async def recovery_codes_left(db: AsyncSession, user_id: str) -> int:
@@ -193,12 +209,13 @@ async def check_proof(
     and a failure counts as a failed sign-in (per account and requester, and the per-account
     ceiling for unknown devices)."""
     row = await confirmed_totp(db, user.id)
-    if row is None:
+    if row is None and (proof.code is not None or not await has_second_factor(db, user.id)):
         raise TotpNotEnabled()
     who = lockout.requester(ctx.devices, user.email, address, device)
     await lockout.before_sign_in(ctx.throttle, who)
     try:
         if proof.code is not None:
+            assert row is not None
             await _spend_totp(db, ctx, row, proof.code, now)
         elif proof.recovery_code is not None:
             await _spend_recovery_code(db, user.id, proof.recovery_code, now)
@@ -351,7 +368,7 @@ async def begin_setup(db: AsyncSession, ctx: AuthContext, user: User, now: datet
     return Setup(secret, uri, totp.qr_svg(uri), totp.qr_data_uri(uri))
 
 
-async def _replace_recovery_codes(db: AsyncSession, user_id: str, now: datetime) -> list[str]:
+async def replace_recovery_codes(db: AsyncSession, user_id: str, now: datetime) -> list[str]:
     await db.execute(
         delete(RecoveryCode)
         .where(RecoveryCode.user_id == user_id)
@@ -386,7 +403,7 @@ async def confirm_setup(
         raise TotpAlreadyEnabled()
     await _spend_totp(db, ctx, row, code, now)
     row.confirmed_at = now
-    codes = await _replace_recovery_codes(db, user.id, now)
+    codes = await replace_recovery_codes(db, user.id, now)
     await mark_session_verified(db, session_id, now)
     return codes
 
@@ -394,11 +411,25 @@ async def confirm_setup(
 async def new_recovery_codes(db: AsyncSession, user: User, now: datetime) -> list[str]:
     if not await has_second_factor(db, user.id):
         raise TotpNotEnabled()
-    return await _replace_recovery_codes(db, user.id, now)
+    return await replace_recovery_codes(db, user.id, now)
 
 
 async def disable(db: AsyncSession, user: User) -> None:
-    """Remove the factor and its recovery codes (after the caller checked a fresh proof)."""
+    """Remove the TOTP factor (after the caller checked a fresh proof); with it the recovery
+    codes when no passkey is left."""
+    await db.execute(
+        delete(UserTotp)
+        .where(UserTotp.user_id == user.id)
+        .execution_options(synchronize_session=False)
+    )
+    await factor_removed(db, user)
+
+
+async def factor_removed(db: AsyncSession, user: User) -> None:
+    """After a factor was removed: when none is left, the recovery codes, the pending sign-ins
+    and the sessions' step-up times go too (the account signs in with one step again)."""
+    if await has_second_factor(db, user.id):
+        return
     for model in (UserTotp, RecoveryCode, SecondFactorChallenge):
         await db.execute(
             delete(model)
@@ -430,17 +461,11 @@ async def require_recent_second_factor(auth: CurrentAuth, db: SessionDep, now: N
     proved it in this session within the last ``STEP_UP_WINDOW`` (403 ``step_up_required``,
     which the pages answer by asking for a code, ``POST /api/auth/second-factor/verify``, and
     retrying). Accounts without a factor pass."""
-    row = (
-        await db.execute(
-            select(UserSession.second_factor_at, UserTotp.confirmed_at)
-            .select_from(UserSession)
-            .outerjoin(UserTotp, UserTotp.user_id == UserSession.user_id)
-            .where(UserSession.id == auth.session_id)
-        )
-    ).first()
-    if row is None or row[1] is None:
+    if not await has_second_factor(db, auth.user.id):
         return
-    verified_at = row[0]
+    verified_at = await db.scalar(
+        select(UserSession.second_factor_at).where(UserSession.id == auth.session_id)
+    )
     if verified_at is None or now - verified_at > STEP_UP_WINDOW:
         raise StepUpRequired()
 
