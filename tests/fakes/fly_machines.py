@@ -32,7 +32,10 @@ next N calls of an operation with a status (5xx, 409, 412, 408 on wait, 429...) 
 anything; :meth:`drop_next` performs the action and then cuts the connection before the reply
 (the "lost response"); :meth:`set_start_delay` makes machines slow to start;
 :meth:`mark_image_unhealthy` / :meth:`mark_machine_unhealthy` make checks fail forever.
-Every call is logged in :attr:`calls`.
+:meth:`set_latency` makes every call of an operation take a random time (the drills' realistic
+Fly, ``bench/drills``); :meth:`pause_next` holds the next call of an operation, before or after
+its action, until the caller releases it (a worker killed mid-call). Every call is logged in
+:attr:`calls`.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import asyncio
 import copy
 import itertools
 import json
+import random
 import re
 import secrets
 import socket
@@ -180,6 +184,7 @@ class Call:
     query: dict[str, str]
     body: Any
     status: int | None = None  # None: the connection was dropped
+    request_id: str | None = None  # the X-Request-Id the client sent (control_plane/logs.py)
 
 
 @dataclass
@@ -189,6 +194,27 @@ class _Fault:
     fly_status: str | None = None
     message: str | None = None
     retry_after: float | None = None
+
+
+class Pause:
+    """A held call (:meth:`FlyMachinesFake.pause_next`): ``reached`` is set when the call
+    arrives (``after``: once its action is done); :meth:`release` lets it go on. A call held
+    *before* its action is then answered 503 without acting (its client is gone: the request
+    never got through); one held *after* gets its normal reply (to a client that may be gone)."""
+
+    def __init__(self, operation: str, *, after: bool) -> None:
+        self.operation = operation
+        self.after = after
+        self.reached = threading.Event()
+        self._released = threading.Event()
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def hold(self) -> None:
+        self.reached.set()
+        while not self._released.is_set():
+            await asyncio.sleep(0.005)
 
 
 @dataclass
@@ -322,6 +348,8 @@ class FlyMachinesFake:
         self.volumes: dict[str, FakeVolume] = {}
         self.machines: dict[str, FakeMachine] = {}
         self._faults: dict[str, list[_Fault]] = {}
+        self._latency: dict[str, tuple[float, float]] = {}
+        self._pauses: dict[str, list[Pause]] = {}
         self._machine_start_delay: dict[str, float] = {}
         self._unhealthy_images: set[str] = set()
         self._unhealthy_machines: set[tuple[str, str | None]] = set()
@@ -434,6 +462,25 @@ class FlyMachinesFake:
         with self._lock:
             self._faults.setdefault(operation, []).append(_Fault(None, times))
 
+    def set_latency(self, operation: str, low: float, high: float | None = None) -> None:
+        """Every later call of ``operation`` waits a uniformly random ``low``..``high`` seconds
+        (``low`` when no ``high``) before it is handled; other calls go on meanwhile. 0 removes
+        it."""
+        self._check_operation(operation)
+        with self._lock:
+            if low <= 0 and not high:
+                self._latency.pop(operation, None)
+            else:
+                self._latency[operation] = (low, low if high is None else high)
+
+    def pause_next(self, operation: str, *, after: bool = True) -> Pause:
+        """Hold the next call of ``operation`` until :meth:`Pause.release` (see :class:`Pause`)."""
+        self._check_operation(operation)
+        pause = Pause(operation, after=after)
+        with self._lock:
+            self._pauses.setdefault(operation, []).append(pause)
+        return pause
+
     def set_start_delay(self, seconds: float, *, machine_id: str | None = None) -> None:
         """Machines (or one machine) take ``seconds`` to go from starting to started."""
         with self._lock:
@@ -504,6 +551,7 @@ class FlyMachinesFake:
             operation="?",
             query=dict(request.query_params),
             body=None,
+            request_id=request.headers.get("x-request-id"),
         )
         try:
             response = await self._dispatch(request, call)
@@ -552,6 +600,15 @@ class FlyMachinesFake:
                 problems = self.spec.errors(schema_name, body)
                 if problems:
                     return _error(400, f"invalid {schema_name}: " + "; ".join(problems[:10]))
+        with self._lock:
+            latency = self._latency.get(op_id)
+            queued = self._pauses.get(op_id)
+            pause = queued.pop(0) if queued else None
+        if latency is not None:
+            await asyncio.sleep(random.uniform(*latency))
+        if pause is not None and not pause.after:
+            await pause.hold()
+            return _error(503, "injected: the request never got through")
         fault = self._take_fault(op_id)
         if fault is not None and fault.status is not None:
             headers = {"retry-after": f"{fault.retry_after:g}"} if fault.retry_after else None
@@ -564,6 +621,9 @@ class FlyMachinesFake:
             status, payload = await handler(request, params, body)
         except _HTTPError as exc:
             return _error(exc.status, exc.error, exc.fly_status)
+        finally:
+            if pause is not None:
+                await pause.hold()
         if fault is not None:  # a drop fault: the action happened, the reply is lost
             raise _Drop
         if payload is None:
