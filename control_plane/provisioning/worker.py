@@ -104,6 +104,8 @@ WORK_STATUSES: tuple[InstanceStatus, ...] = (
 PROVISION_STEPS: tuple[str, ...] = ("app", "secrets", "volume", "machine")
 #: ``step`` of a queued restore: ``restore:<key>`` (the key names what the restore creates).
 RESTORE_STEP = "restore"
+#: Seconds between attempts to release a lease the database refused (then it expires).
+RELEASE_RETRY_DELAYS: tuple[float, ...] = (0.1, 0.3, 1.0, 2.0, 4.0)
 #: Subscription statuses (Stripe's words) under which a Room may run.
 ACTIVE_SUBSCRIPTION = frozenset({"active", "trialing"})
 
@@ -331,16 +333,33 @@ class Worker:
             raise LeaseLost(instance_id)
 
     async def _release(self, instance_id: str) -> None:
-        try:
-            async with transaction(self.factory) as session:
-                await session.execute(
-                    update(CloudInstance)
-                    .where(CloudInstance.id == instance_id, CloudInstance.lease_owner == self.owner)
-                    .values(lease_owner=None, lease_until=None)
-                    .execution_options(synchronize_session=False)
+        """Give the lease back. The database may be restarting (the write that failed the job
+        may be why we are here): a few retries over ~8 s (:data:`RELEASE_RETRY_DELAYS`) before
+        leaving the instance to wait out its lease (``WORKER_LEASE_SECONDS``, 15 min by
+        default) — the PostgreSQL restart drill (``scripts/drill postgres-restarted``)."""
+        for delay in (*RELEASE_RETRY_DELAYS, None):
+            try:
+                async with transaction(self.factory) as session:
+                    await session.execute(
+                        update(CloudInstance)
+                        .where(
+                            CloudInstance.id == instance_id, CloudInstance.lease_owner == self.owner
+                        )
+                        .values(lease_owner=None, lease_until=None)
+                        .execution_options(synchronize_session=False)
+                    )
+                return
+            except Exception:
+                if delay is None:  # the lease then simply expires
+                    logger.exception("worker: could not release the lease of %s", instance_id)
+                    return
+                logger.warning(
+                    "worker: releasing the lease of %s failed; retrying in %.1fs",
+                    instance_id,
+                    delay,
                 )
-        except Exception:  # the lease then simply expires
-            logger.exception("worker: could not release the lease of %s", instance_id)
+                await asyncio.sleep(delay)
+
 
     # ------------------------------------------------------------------ fenced writes
 
