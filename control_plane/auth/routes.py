@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.responses import Response
 
-from control_plane.auth import lockout, passkeys, second_factor, service
+from control_plane.auth import lockout, passkeys, second_factor, service, session_labels
 from control_plane.auth import sessions as sessions_
 from control_plane.auth.cookies import cookie_names
 from control_plane.auth.devices import KnownDevice
@@ -627,6 +627,8 @@ async def list_sessions(auth: CurrentAuth, db: SessionDep, now: Now) -> Sessions
                 method=s.method,
                 user_agent=s.user_agent,
                 ip_address=s.ip_address,
+                device=session_labels.device_label(s.user_agent),
+                network=session_labels.network_label(s.ip_address),
                 current=s.id == auth.session_id,
             )
             for s in rows

@@ -132,6 +132,9 @@ class SessionOut(BaseModel):
     method: str
     user_agent: str | None
     ip_address: str | None
+    #: For people: the device named from the User-Agent, the network rather than the address.
+    device: str
+    network: str | None
     current: bool
 
 

@@ -50,7 +50,7 @@ async def test_enrol_then_sign_in_in_two_steps(browser: Any, control_plane: Cont
         await page.locator("#totp-on").wait_for()
         assert await page.locator("#totp-secret").text_content() == ""
 
-        await page.get_by_role("button", name="Sign out").click()
+        await page.get_by_role("button", name="Sign out", exact=True).click()
         await page.wait_for_url(f"{control_plane.url}/")
         await page.goto(f"{control_plane.url}/signin?next=/app")
         await page.get_by_label("Email").fill(EMAIL)

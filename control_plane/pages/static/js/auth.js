@@ -84,6 +84,30 @@
       location.assign(next);
     });
 
+    // Passwordless (issue 15): the browser offers the passkeys it holds for this site.
+    const passkeyPanel = document.getElementById("passkey-signin");
+    if (passkeyPanel && Q.passkeysSupported()) {
+      passkeyPanel.hidden = false;
+      passkeyPanel.querySelector("[data-action=passkey-signin]").addEventListener("click", async (event) => {
+        const button = event.currentTarget;
+        Q.clearErrors(signin);
+        Q.busy(button, true);
+        try {
+          const options = await Q.api("POST", "/api/auth/passkey/options");
+          const credential = await Q.passkeyGet(options.public_key);
+          await Q.api("POST", "/api/auth/passkey/sign-in", { credential });
+        } catch (err) {
+          const message = Q.passkeyProblem(err);
+          if (message) Q.alert(message);
+          else Q.showError(err);
+          Q.busy(button, false);
+          return;
+        }
+        sessionStorage.removeItem("quoroom.resume");
+        location.assign(next);
+      });
+    }
+
     document.addEventListener("click", async (event) => {
       const button = event.target.closest("[data-action=resend-verification]");
       if (!button) return;
@@ -130,6 +154,33 @@
       }
       location.assign(next);
     });
+
+    const passkeyPanel = document.getElementById("second-factor-passkey");
+    if (passkeyPanel && Q.passkeysSupported()) {
+      passkeyPanel.hidden = false;
+      passkeyPanel.querySelector("button").addEventListener("click", async (event) => {
+        const button = event.currentTarget;
+        Q.clearErrors(second);
+        Q.busy(button, true);
+        try {
+          const options = await Q.api("POST", "/api/auth/second-factor/passkey/options");
+          const credential = await Q.passkeyGet(options.public_key);
+          await Q.api("POST", "/api/auth/second-factor/passkey", { credential });
+        } catch (err) {
+          Q.busy(button, false);
+          if (err instanceof Q.ApiError && err.code === "second_factor_expired") {
+            second.hidden = true;
+            show("second-factor-expired");
+            return;
+          }
+          const message = Q.passkeyProblem(err);
+          if (message) Q.alert(message);
+          else Q.showError(err);
+          return;
+        }
+        location.assign(next);
+      });
+    }
   }
 
   // -- sign up ----------------------------------------------------------------------------------

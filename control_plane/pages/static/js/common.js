@@ -138,6 +138,96 @@
       : { recovery_code: text };
   };
 
+  // -- passkeys (WebAuthn, issue 15) -----------------------------------------------------------
+  // The server's options and the browser's answers travel as JSON with binary values in
+  // base64url (py_webauthn's and PublicKeyCredential.toJSON()'s form); converted here by hand so
+  // any browser with WebAuthn works, not only those with parseCreationOptionsFromJSON.
+
+  function fromB64url(text) {
+    const b64 = String(text).replace(/-/g, "+").replace(/_/g, "/");
+    const binary = atob(b64 + "===".slice((b64.length + 3) % 4));
+    return Uint8Array.from(binary, (c) => c.charCodeAt(0));
+  }
+
+  function toB64url(buffer) {
+    let binary = "";
+    for (const byte of new Uint8Array(buffer)) binary += String.fromCharCode(byte);
+    return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  }
+
+  function descriptors(list) {
+    return (list || []).map((c) => ({ ...c, id: fromB64url(c.id) }));
+  }
+
+  function credentialJSON(credential) {
+    const r = credential.response;
+    const response = { clientDataJSON: toB64url(r.clientDataJSON) };
+    if (r.attestationObject) {
+      response.attestationObject = toB64url(r.attestationObject);
+      if (r.getTransports) response.transports = r.getTransports();
+    } else {
+      response.authenticatorData = toB64url(r.authenticatorData);
+      response.signature = toB64url(r.signature);
+      if (r.userHandle) response.userHandle = toB64url(r.userHandle);
+    }
+    return {
+      id: credential.id,
+      rawId: toB64url(credential.rawId),
+      type: credential.type,
+      authenticatorAttachment: credential.authenticatorAttachment || undefined,
+      response,
+    };
+  }
+
+  Q.passkeysSupported = function () {
+    return Boolean(window.PublicKeyCredential && navigator.credentials && window.isSecureContext);
+  };
+
+  Q.passkeyCreate = async function (publicKey) {
+    const options = {
+      ...publicKey,
+      challenge: fromB64url(publicKey.challenge),
+      user: { ...publicKey.user, id: fromB64url(publicKey.user.id) },
+      excludeCredentials: descriptors(publicKey.excludeCredentials),
+    };
+    return credentialJSON(await navigator.credentials.create({ publicKey: options }));
+  };
+
+  Q.passkeyGet = async function (publicKey) {
+    const options = {
+      ...publicKey,
+      challenge: fromB64url(publicKey.challenge),
+      allowCredentials: descriptors(publicKey.allowCredentials),
+    };
+    return credentialJSON(await navigator.credentials.get({ publicKey: options }));
+  };
+
+  // A sentence for what went wrong with a passkey: the browser's refusals (cancelled, timed out,
+  // another site) and the server's codes.
+  const PASSKEY_CODES = {
+    passkey_counter_regression:
+      "This passkey was refused: it looks copied to another device. Remove it and add it again.",
+    passkey_unknown: "This passkey is not registered here. Sign in another way.",
+    passkey_origin_mismatch: "The passkey answered for another site.",
+    passkey_challenge_expired: "That took too long. Try again.",
+    passkey_replayed: "That passkey answer was already used. Try again.",
+    passkey_challenge_mismatch: "That passkey request was started elsewhere. Try again.",
+    passkey_already_registered: "This passkey is already registered.",
+    passkey_limit: "You have the most passkeys allowed. Remove one first.",
+    no_passkeys: "Your account has no passkey. Use a code instead.",
+    passkeys_unavailable: "Passkeys are not available on this site.",
+  };
+  Q.passkeyProblem = function (err) {
+    if (err instanceof ApiError) {
+      return PASSKEY_CODES[err.code] || (err.code.startsWith("passkey_") ? "The passkey could not be verified. Try again." : null);
+    }
+    if (err && err.name === "NotAllowedError") return "The passkey request was cancelled or timed out.";
+    if (err && err.name === "InvalidStateError") return "This device already holds a passkey for your account.";
+    if (err && err.name === "SecurityError") return "Passkeys cannot be used on this address.";
+    if (err && err.name) return "The passkey could not be used on this device.";
+    return null;
+  };
+
   // The step-up dialog (base.html, signed-in pages): resolves true once the second factor was
   // proved for this session, false when the person cancels.
   Q.stepUp = function () {
@@ -149,12 +239,31 @@
         form.removeEventListener("submit", submit);
         dialog.removeEventListener("close", closed);
         cancel.removeEventListener("click", cancelled);
+        if (passkey) passkey.removeEventListener("click", withPasskey);
         if (dialog.open) dialog.close();
         resolve(ok);
       };
       const cancel = form.querySelector("[data-action=step-up-cancel]");
+      const passkey = form.querySelector("[data-action=step-up-passkey]");
       const cancelled = () => done(false);
       const closed = () => done(false);
+      const withPasskey = async () => {
+        Q.clearErrors(form);
+        Q.busy(passkey, true);
+        try {
+          const options = await Q.api("POST", "/api/auth/second-factor/verify/passkey/options", undefined, {
+            noStepUp: true,
+          });
+          const credential = await Q.passkeyGet(options.public_key);
+          await Q.api("POST", "/api/auth/second-factor/verify/passkey", { credential }, { noStepUp: true });
+          done(true);
+        } catch (err) {
+          const message = Q.passkeyProblem(err);
+          if (!message || !Q.fieldError(form, "code", message)) Q.showError(err, form);
+        } finally {
+          Q.busy(passkey, false);
+        }
+      };
       const submit = async (event) => {
         event.preventDefault();
         if (!Q.checkForm(form)) return;
@@ -180,6 +289,10 @@
       form.addEventListener("submit", submit);
       dialog.addEventListener("close", closed);
       cancel.addEventListener("click", cancelled);
+      if (passkey) {
+        passkey.hidden = !Q.passkeysSupported();
+        passkey.addEventListener("click", withPasskey);
+      }
       dialog.showModal();
     });
   };
