@@ -23,6 +23,7 @@ from control_plane.billing.service import build_billing
 from control_plane.billing.setup import provide_billing
 from control_plane.db import create_engine, create_session_factory, private_dir, utcnow
 from control_plane.errors import install_error_handlers
+from control_plane.instances.access_routes import router as access_log_router
 from control_plane.instances.routes import router as instances_router
 from control_plane.keys.fastpath import JWKS_PATH, JWKSFastPath
 from control_plane.keys.routes import router as keys_router
@@ -157,6 +158,7 @@ def create_app(
     app.include_router(keys_router)
     app.include_router(auth_router)
     app.include_router(instances_router)
+    app.include_router(access_log_router)
     app.include_router(billing_router)
     install_pages(app)
 

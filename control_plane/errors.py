@@ -237,6 +237,31 @@ class RuntimeOriginRefused(ControlPlaneError):
     message = "request origin is not allowed"
 
 
+# -- access log reports (a runtime reporting its refusals, issue 15) -----------------------------
+class InvalidReportCredential(ControlPlaneError):
+    message = "invalid report credential for this instance"
+
+
+class ReportTooLarge(ControlPlaneError):
+    message = "the report is too large; send fewer entries per batch"
+
+
+class ReportInstanceMismatch(ControlPlaneError):
+    message = "the report is for another instance"
+
+
+class ReportReplayed(ControlPlaneError):
+    message = "this report batch was already received"
+
+
+class InvalidReport(ControlPlaneError):
+    message = "invalid report"
+
+
+class ReportTooOld(InvalidReport):
+    message = "the report names minutes too old to be accepted"
+
+
 # -- billing -------------------------------------------------------------------------------------
 class BillingDisabled(ControlPlaneError):
     message = "billing is disabled (development)"
@@ -311,6 +336,12 @@ ERROR_TABLE: dict[type[ControlPlaneError], tuple[int, str]] = {
     RuntimeTokensThrottled: (429, "runtime_token_throttled"),
     InvalidRuntimeToken: (401, "invalid_token"),
     RuntimeOriginRefused: (403, "origin_not_allowed"),
+    InvalidReportCredential: (401, "invalid_report_credential"),
+    ReportTooLarge: (413, "report_too_large"),
+    ReportInstanceMismatch: (403, "report_wrong_instance"),
+    ReportReplayed: (409, "report_replayed"),
+    InvalidReport: (422, "invalid_report"),
+    ReportTooOld: (422, "report_too_old"),
     BillingDisabled: (409, "billing_disabled"),
     PaymentProviderUnavailable: (503, "billing_unavailable"),
     PaymentProviderError: (502, "billing_error"),

@@ -163,6 +163,9 @@ class Settings(BaseSettings):
     throttle_invite_owner: str = "30/hour;100/day"
     throttle_invite_instance: str = "30/hour;60/day"
     runtime_token_ttl_seconds: int = Field(default=600, ge=60, le=MAX_TOKEN_TTL_SECONDS)
+    # The access log per Room (issue 15, item 4): entries older than this many days are pruned
+    # by the reconciler (control_plane/instances/access_log.py).
+    access_log_retention_days: int = Field(default=90, ge=1, le=3650)
 
     # Quotas and abuse limits (issue 14, item 4; control_plane/instances/quotas.py says where each
     # is enforced, docs/billing.md "Quotas" what the client sees). Capacity: live Rooms (any state

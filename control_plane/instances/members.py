@@ -316,8 +316,9 @@ async def accept_in_app(
 
 async def decline(
     db: AsyncSession, links: InviteLinks, user: User, member_id: str, *, now: datetime
-) -> None:
-    """The invitee says no: the invitation is deleted (its links die with it)."""
+) -> str:
+    """The invitee says no: the invitation is deleted (its links die with it). Returns the
+    instance's id."""
     member = await _pending_for(db, links, user, member_id, now, unexpired=False)
     result = await db.execute(
         delete(CloudInstanceMember)
@@ -330,6 +331,7 @@ async def decline(
     if not rowcount(result):
         raise InvitationNotFound()
     await record_event(db, member.instance_id, "member", "invitation declined", now=now)
+    return member.instance_id
 
 
 async def _pending_for(

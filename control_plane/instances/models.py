@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     ForeignKey,
     Index,
     Integer,
@@ -152,3 +153,59 @@ class InstanceEvent(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
 
     __table_args__ = (Index("ix_instance_events_instance", "instance_id", "id"),)
+
+
+class AccessLogEntry(Base):
+    """One line of an instance's access log (issue 15, item 4): a launch or token refresh, a
+    membership change, or the refusals the runtime reported for one (minute, reason, address).
+
+    ``user_id`` is whose entry it is (the launcher, the member concerned): a member sees only the
+    entries with their id. ``network`` is the coarse location (the /24 or /48 of the address,
+    never the address itself) and ``region`` the edge region of a trusted proxy, when there is
+    one. Refusal rows (``kind = "refused"``) carry the runtime's ``reason`` and ``address`` (as its
+    limiter keys it: IPv6 by /64) and a ``count``; they are unique per (instance, minute, reason,
+    address), so a later report for the same minute adds to the count. Rows older than
+    ``ACCESS_LOG_RETENTION_DAYS`` are pruned by the reconciler.
+    """
+
+    __tablename__ = "access_log_entries"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    instance_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("cloud_instances.id", ondelete="CASCADE"), nullable=False
+    )
+    kind: Mapped[str] = mapped_column(String(24), nullable=False)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    user_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    email: Mapped[str | None] = mapped_column(String(254), nullable=True)
+    network: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    region: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    user_agent: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    reason: Mapped[str | None] = mapped_column(String(48), nullable=True)
+    address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    count: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+
+    __table_args__ = (
+        # Refusals aggregate on this key (NULL reason/address on other kinds never collide).
+        UniqueConstraint(
+            "instance_id", "kind", "at", "reason", "address", name="uq_access_log_entries_refusal"
+        ),
+        Index("ix_access_log_entries_instance", "instance_id", "id"),
+        Index("ix_access_log_entries_user", "instance_id", "user_id", "id"),
+        Index("ix_access_log_entries_at", "at"),
+    )
+
+
+class AccessReportBatch(Base):
+    """A refusal report the runtime sent, by its ``batchId``: each is accepted once per instance
+    (a replayed batch is refused). Kept a day; batches older than that are refused anyway."""
+
+    __tablename__ = "access_report_batches"
+
+    instance_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("cloud_instances.id", ondelete="CASCADE"), primary_key=True
+    )
+    batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, index=True)

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import hmac
 import json
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.background import BackgroundTask
 from starlette.responses import Response
 
+from control_plane.auth.models import User
 from control_plane.auth.second_factor import StepUp
 from control_plane.deps import CurrentUser, Now, ReadSessionDep, SessionDep
 from control_plane.errors import (
@@ -25,8 +29,8 @@ from control_plane.errors import (
     response_for,
     status_and_code,
 )
+from control_plane.instances import access_log, quotas, service, tokens
 from control_plane.instances import members as members_
-from control_plane.instances import quotas, service, tokens
 from control_plane.instances.access import (
     MAX_ID_LENGTH,
     OwnedInstance,
@@ -237,6 +241,10 @@ async def add_member(
     )
     out = _member_out(member)
     mail = links.mail(member, access.instance, access.user.email, now) if mail_now else None
+    if mail_now:  # a new invitation, or one sent again
+        await access_log.record(
+            db, access.instance.id, "member_invited", now=now, email=member.email
+        )
     await db.commit()
     if mail is not None:
         services_of(request).get(Mailer).enqueue(mail)
@@ -253,17 +261,47 @@ async def remove_member(
     access: VisibleInstance,
     member_id: Annotated[str, Path(max_length=MAX_ID_LENGTH)],
     db: SessionDep,
+    request: Request,
     now: Now,
 ) -> Response:
     member = await members_.get_member(db, access.instance.id, member_id)
-    if access.role != "owner" and member.user_id != access.user.id:
+    leaving = member.user_id is not None and member.user_id == access.user.id
+    if access.role != "owner" and not leaving:
         raise OwnerRequired()
     await members_.remove_member(db, access.instance.id, member.id, now=now)
+    # Where from only when the member acted themselves (the module docstring of access_log).
+    await access_log.record(
+        db,
+        access.instance.id,
+        "member_left" if leaving else "member_removed",
+        now=now,
+        user_id=member.user_id,
+        email=member.email,
+        info=_client(request) if leaving else access_log.NO_CLIENT,
+    )
     await db.commit()
     return Response(status_code=204)
 
 
 # -- invitations (the invitee's side) ------------------------------------------------------------
+
+
+def _client(request: Request) -> access_log.ClientInfo:
+    return access_log.client_info(request, services_of(request).core.settings)
+
+
+async def _joined(
+    db: AsyncSession, request: Request, instance_id: str, user: User, now: datetime
+) -> None:
+    await access_log.record(
+        db,
+        instance_id,
+        "member_joined",
+        now=now,
+        user_id=user.id,
+        email=user.email,
+        info=_client(request),
+    )
 
 
 def _invitation_out(invitation: members_.Invitation) -> InvitationOut:
@@ -290,9 +328,15 @@ async def list_invitations(
     summary="Accept the invitation of an emailed link (signed in as its addressee)",
 )
 async def accept_invitation_link(
-    body: InviteAcceptIn, db: SessionDep, user: CurrentUser, links: Links, now: Now
+    body: InviteAcceptIn,
+    db: SessionDep,
+    user: CurrentUser,
+    links: Links,
+    request: Request,
+    now: Now,
 ) -> InstanceOut:
     instance = await members_.accept_by_token(db, links, user, body.token, now=now)
+    await _joined(db, request, instance.id, user, now)
     await db.commit()
     return service.to_out(instance, "member")
 
@@ -303,9 +347,11 @@ async def accept_invitation(
     db: SessionDep,
     user: CurrentUser,
     links: Links,
+    request: Request,
     now: Now,
 ) -> InstanceOut:
     instance = await members_.accept_in_app(db, links, user, member_id, now=now)
+    await _joined(db, request, instance.id, user, now)
     await db.commit()
     return service.to_out(instance, "member")
 
@@ -318,9 +364,19 @@ async def decline_invitation(
     db: SessionDep,
     user: CurrentUser,
     links: Links,
+    request: Request,
     now: Now,
 ) -> Response:
-    await members_.decline(db, links, user, member_id, now=now)
+    instance_id = await members_.decline(db, links, user, member_id, now=now)
+    await access_log.record(
+        db,
+        instance_id,
+        "invitation_declined",
+        now=now,
+        user_id=user.id,
+        email=user.email,
+        info=_client(request),
+    )
     await db.commit()
     return Response(status_code=204)
 
@@ -346,6 +402,15 @@ async def runtime_token(
         role=access.role,
         session_id=access.session_id,
         now=now,
+    )
+    await access_log.record(
+        db,
+        access.instance.id,
+        access_log.LAUNCH,
+        now=now,
+        user_id=access.user.id,
+        email=access.user.email,
+        info=_client(request),
     )
     await db.commit()
     metrics_of(request).runtime_token("grant")
@@ -438,13 +503,26 @@ async def refresh_token(
         grant = tokens.authorize_refresh(view)
         await quotas.limit_runtime_tokens(services_of(request).get(Throttle), grant.session_id)
         issued = tokens.reissue(ring, ctx.settings, grant, now=now)
+        # Written after the answer has gone out, in its own transaction: the refresh stays one
+        # read on the way that matters (issue 13).
+        logged = BackgroundTask(
+            access_log.record_later,
+            services_of(request).core.session_factory,
+            grant.instance.id,
+            access_log.REFRESH,
+            now=now,
+            user_id=grant.user.id,
+            email=grant.user.email,
+            info=_client(request),
+        )
         await db.commit()
     except ControlPlaneError as exc:
         await db.rollback()
         metrics_of(request).refused(status_and_code(exc)[1])
         return _cors(response_for(exc), origin)
     metrics_of(request).runtime_token("refresh")
-    return _cors(JSONResponse(RefreshTokenOut(token=issued.token).model_dump()), origin)
+    answer = JSONResponse(RefreshTokenOut(token=issued.token).model_dump(), background=logged)
+    return _cors(answer, origin)
 
 
 def _parse_refresh(raw: bytes) -> RefreshTokenIn | None:

@@ -181,3 +181,31 @@ class RefreshTokenOut(BaseModel):
 
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+class AccessLogEntryOut(BaseModel):
+    """One access-log line (issue 15). ``who`` is the address of the person concerned; for
+    ``refused`` lines ``reason``, ``address`` and ``count`` say what the runtime refused."""
+
+    id: int
+    at: datetime
+    kind: str
+    who: str | None = None
+    network: str | None = None
+    region: str | None = None
+    user_agent: str | None = Field(default=None, serialization_alias="userAgent")
+    reason: str | None = None
+    address: str | None = None
+    count: int = 1
+
+
+class AccessLogOut(BaseModel):
+    entries: list[AccessLogEntryOut]
+    #: The cursor of the next (older) page, or ``None`` on the last one.
+    next: int | None = None
+    retention_days: int = Field(serialization_alias="retentionDays")
+
+
+class ReportAcceptedOut(BaseModel):
+    ok: Literal[True] = True
+    accepted: int

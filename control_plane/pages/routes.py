@@ -304,6 +304,16 @@ async def members(request: Request, viewer: Viewer, instance_id: str) -> Respons
     return _page(request, "members.html", viewer, private=True, instance_id=instance_id)
 
 
+@router.get("/app/instances/{instance_id}/access", response_class=HTMLResponse)
+async def access_log(request: Request, viewer: Viewer, instance_id: str) -> Response:
+    """The Room's access log (issue 15): the owner's whole log, a member's own entries."""
+    if viewer is None:
+        return _to_signin(request)
+    if not _ID_RE.match(instance_id):
+        return _page(request, "not_found.html", viewer, private=True, status_code=404)
+    return _page(request, "access_log.html", viewer, private=True, instance_id=instance_id)
+
+
 @router.get("/app/instances/{instance_id}/open", response_class=HTMLResponse)
 async def open_instance(request: Request, viewer: Viewer, instance_id: str) -> Response:
     """Asks for a runtime token and goes into the Room at the grant's ``launch_url``."""

@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 
+from control_plane.instances.access_log import REPORT_KEY_ENV
 from control_plane.provisioning.fly_api import (
     DEFAULT_BASE_URL,
     FlyCapacity,
@@ -95,6 +96,8 @@ _SECRET_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
 #: an owner-supplied credential must never override them.
 _RESERVED_PREFIXES = ("QUOROOM_", "FLY_")
 _RESERVED_NAMES = frozenset({"PORT", "PATH", "HOME", "PYTHONPATH", "LD_PRELOAD"})
+#: Secrets the control plane itself sets (never an owner's: theirs all end in ``_API_KEY``).
+_CONTROL_PLANE_SECRETS = frozenset({REPORT_KEY_ENV})
 
 
 def restored_volume_name(key: str) -> str:
@@ -113,6 +116,8 @@ def check_secret_names(values: Mapping[str, str]) -> None:
                 retryable=False,
                 step="secrets",
             )
+        if key in _CONTROL_PLANE_SECRETS:
+            continue
         if key.startswith(_RESERVED_PREFIXES) or key in _RESERVED_NAMES:
             raise ProviderError(
                 f"secrets: {key!r} is reserved for the runtime", retryable=False, step="secrets"

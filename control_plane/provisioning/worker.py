@@ -60,6 +60,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from control_plane.billing.catalog import Catalog, default_catalog, load_catalog
 from control_plane.billing.models import InstanceSubscription
 from control_plane.db import transaction, utcnow
+from control_plane.instances.access_log import REPORT_KEY_ENV, report_key
 from control_plane.instances.lifecycle import IllegalTransition, record_event, transition
 from control_plane.instances.lifecycle import update_fields as lifecycle_update_fields
 from control_plane.instances.models import CloudInstance, InstanceStatus
@@ -548,14 +549,16 @@ class Worker:
         app = self._app(job.inst)
 
         if done < 1:
-            secrets = credential_env(self._credentials(job.inst))
+            owner_secrets = credential_env(self._credentials(job.inst))
+            # Plus the runtime's key for reporting its refusals to the access log (issue 15).
+            secrets = {**owner_secrets, REPORT_KEY_ENV: report_key(self.settings, job.inst.id)}
             version = await self.provider.set_secrets(spec, app, secrets)
-            # The event records how many (and the version), never a name or a value. The
-            # version is persisted: a restarted worker creates the machine with it.
+            # The event records how many of the owner's (and the version), never a name or a
+            # value. The version is persisted: a restarted worker creates the machine with it.
             await self._step(
                 job,
                 "secrets",
-                f"{len(secrets)} secret(s) set",
+                f"{len(owner_secrets)} secret(s) set",
                 {"secrets_version": version} if version is not None else None,
                 secrets_version=version,
             )

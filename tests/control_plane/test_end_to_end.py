@@ -351,6 +351,10 @@ async def _journey(
     assert issued["runtime_url"] == runtime_url
     owner_token = {"Authorization": f"Bearer {issued['token']}"}
     async with httpx.AsyncClient(base_url=runtime_url, timeout=15.0, trust_env=False) as room:
+        # Refused by the runtime: counted, and reported to the access log (issue 15).
+        for _ in range(2):
+            r = await room.get("/api/rooms", headers={"Authorization": "Bearer not.a.token"})
+            assert r.status_code == 401 and r.json()["code"] == "token_malformed", r.text
         r = await room.get("/api/auth/verify", headers=owner_token)
         assert r.status_code == 200, r.text
         verified = r.json()
@@ -517,6 +521,21 @@ async def _journey(
     print(f"[e2e] DELETE → destroying, runtime stopped: {time.monotonic() - canceled_at:.3f} s")
     assert not _pid_running(pid), "the runtime process still runs after cancel"
     assert not listening(port), f"something still listens on the runtime's port {port}"
+    # The runtime sent what it had counted as it stopped, with its instance's report key: the
+    # owner's access log has the refusals, beside the launches, the refresh and the members.
+    r = await client.get(f"/api/cloud/instances/{instance_id}/access-log", headers=owner.headers)
+    assert r.status_code == 200, r.text
+    entries = r.json()["entries"]
+    refused = [(e["reason"], e["address"], e["count"]) for e in entries if e["kind"] == "refused"]
+    assert refused == [("token_malformed", "127.0.0.1", 2)], entries
+    opened = sorted((e["kind"], e["who"]) for e in entries if e["kind"] in ("launch", "refresh"))
+    assert opened == [
+        ("launch", late_email),
+        ("launch", member_email),
+        ("launch", owner_email),
+        ("refresh", member_email),
+    ], entries
+    assert {"member_invited", "member_joined", "member_removed"} <= {e["kind"] for e in entries}
     # Cancelling at Stripe makes it send customer.subscription.deleted: accepted, no effect.
     statuses = await eventually(lambda: delivered(3), within=10, what="the deletion webhook")
     assert statuses == [200, 200, 200], statuses

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from control_plane.instances.access_log import REPORT_KEY_ENV, report_key
 from control_plane.provisioning.fly import FlyProvider
 from control_plane.provisioning.fly_api import FlyMachinesClient
 from tests.fakes.fly_machines import DEFAULT_ORG, DEFAULT_TOKEN, FlyMachinesFake
@@ -90,12 +91,16 @@ async def test_the_secrets_version_is_recorded_without_a_restart_too(
     assert create.body["min_secrets_version"] == 1
 
 
-async def test_no_credentials_means_no_secrets_version(
+async def test_without_credentials_only_the_report_key_is_set_and_waited_for(
     make_worker, fly_provider, fly_machines_fake: FlyMachinesFake, factory, clock
 ):
-    inst = await drive(
-        make_worker(fly_provider), clock, factory, await make_instance(factory, clock)
-    )
-    assert inst.status == "running" and inst.secrets_version is None
+    # Every runtime gets its report key (issue 15), so the machine always waits for the secrets.
+    worker = make_worker(fly_provider)
+    iid = await make_instance(factory, clock)
+    inst = await drive(worker, clock, factory, iid)
+    assert inst.status == "running" and inst.secrets_version is not None
+    assert fly_machines_fake.apps[inst.fly_app].secrets == {
+        REPORT_KEY_ENV: report_key(worker.settings, iid)
+    }
     (create,) = fly_machines_fake.calls_to("Machines_create")
-    assert "min_secrets_version" not in create.body
+    assert create.body["min_secrets_version"] == inst.secrets_version

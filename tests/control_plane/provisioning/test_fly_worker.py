@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 
+from control_plane.instances.access_log import REPORT_KEY_ENV, report_key
 from control_plane.instances.models import InstanceStatus
 from tests.fakes.fly_machines import FlyMachinesFake
 
@@ -50,7 +51,13 @@ async def test_a_paid_instance_is_provisioned_step_by_step_and_runs(
     assert env["QUOROOM_CLOUD_JWKS_URL"] == f"{ISSUER}/.well-known/jwks.json"
     assert env["QUOROOM_ALLOWED_ORIGINS"] == f"{ISSUER},https://qr-{iid}.fly.dev"
     app = fly_machines_fake.apps[inst.fly_app]
-    assert app.secrets == {"ANTHROPIC_API_KEY": "sk-ant-secret"}
+    # The owner's credential, and the runtime's key for its refusal reports (issue 15): secrets,
+    # never in the machine's config.
+    assert app.secrets == {
+        "ANTHROPIC_API_KEY": "sk-ant-secret",
+        REPORT_KEY_ENV: report_key(worker.settings, iid),
+    }
+    assert REPORT_KEY_ENV not in env
     assert {ip["shared"] for ip in app.ips} == {True, False}  # shared v4 and a v6
     kinds = [k for k, _ in await event_kinds(factory, iid)]
     assert kinds == ["step", "step", "step", "step", "transition"]

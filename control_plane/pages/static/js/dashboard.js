@@ -27,6 +27,10 @@
         })
       );
     }
+    if (!GONE.has(instance.status)) {
+      // The owner's whole log, or a member's own entries (issue 15).
+      items.push(Q.el("a", { class: "button small", href: `${path}/access`, text: "Access log", "aria-label": `Access log of ${instance.name}` }));
+    }
     if (instance.role === "owner" && !GONE.has(instance.status)) {
       items.push(Q.el("a", { class: "button small", href: `${path}/members`, text: "Members", "aria-label": `Members of ${instance.name}` }));
       items.push(
