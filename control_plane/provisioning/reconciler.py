@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.billing.models import InstanceSubscription
 from control_plane.db import transaction, utcnow
+from control_plane.instances import access_log
 from control_plane.instances.lifecycle import (
     IllegalTransition,
     record_event,
@@ -89,7 +90,23 @@ class Reconciler:
             report.errors.append(str(exc))
             logger.warning("reconciler: listing the provider failed: %s", exc)
         await self.check_running(report)
+        await self.prune_access_log()
         return report
+
+    async def prune_access_log(self) -> None:
+        """Access-log entries past ``ACCESS_LOG_RETENTION_DAYS`` go (issue 15). A failure is
+        logged: the next pass tries again, and nothing else waits on it."""
+        try:
+            removed = await access_log.prune(
+                self.factory,
+                now=self.clock(),
+                retention_days=self.settings.access_log_retention_days,
+            )
+        except Exception:
+            logger.exception("reconciler: pruning the access log failed")
+            return
+        if removed:
+            logger.info("reconciler: %d access-log entries past retention removed", removed)
 
     # ------------------------------------------------------------------ 0. abandoned checkouts
 
