@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from ._acl import DEFAULT_POLICY, Policy, Rule
 from ._errors import ConfigError
 from ._proxy import UpstreamProxy
+from ._refusal_reports import REPORT_KEY_ENV
 from ._responses import json_body
 from ._settings import RuntimeSettings, _float, _int, _str
 from ._stack import RuntimeStack
@@ -137,9 +138,10 @@ def load_gateway_settings(
 def room_environment(
     settings: RuntimeSettings, gateway: GatewaySettings, base: Mapping[str, str]
 ) -> dict[str, str]:
-    """The Room's environment: the gateway's own, less its secret setting, plus the Room's
-    cloud-mode settings (../shared/quoroom-room/README.md)."""
-    env = {k: v for k, v in base.items() if k != SECRET_ENV}
+    """The Room's environment: the gateway's own, less its secret setting and the report key
+    (the Room has no use for it), plus the Room's cloud-mode settings
+    (../shared/quoroom-room/README.md)."""
+    env = {k: v for k, v in base.items() if k not in (SECRET_ENV, REPORT_KEY_ENV)}
     env.update(
         {
             "QUOROOM_DEPLOYMENT_MODE": "cloud",

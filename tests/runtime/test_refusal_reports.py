@@ -306,3 +306,21 @@ def test_the_gateway_starts_the_reporter_with_its_stack() -> None:
     stack, _ = build_gateway(runtime, gateway, environ=env)
     assert stack.reports is not None
     assert stack.reports in stack.resources
+
+
+def test_the_gateway_does_not_hand_the_report_key_to_the_room() -> None:
+    from room_cloud_runtime._gateway import room_environment
+
+    env = {
+        "QUOROOM_DEPLOYMENT_MODE": "cloud",
+        "QUOROOM_CLOUD_INSTANCE_ID": INSTANCE,
+        "QUOROOM_CLOUD_ISSUER": ISSUER,
+        "QUOROOM_ALLOWED_ORIGINS": ORIGIN,
+        "QUOROOM_CLOUD_REPORT_KEY": KEY,
+        "ANTHROPIC_API_KEY": "sk-ant",
+    }
+    gateway = load_gateway_settings("http://127.0.0.1:9", (), env)
+    room_env = room_environment(load_settings(env), gateway, env)
+    assert "QUOROOM_CLOUD_REPORT_KEY" not in room_env
+    assert KEY not in room_env.values()
+    assert room_env["ANTHROPIC_API_KEY"] == "sk-ant"  # the owner's credentials are the Room's
