@@ -320,16 +320,19 @@ async def ingest(db: AsyncSession, instance_id: str, report: Report, *, now: dat
         }
         for (at, reason, address), count in report.entries.items()
     ]
-    dialect = db.get_bind().dialect.name
+    await db.execute(upsert_refusals(db.get_bind().dialect.name, rows))
+    return sum(report.entries.values())
+
+
+def upsert_refusals(dialect: str, rows: list[dict[str, Any]]) -> Any:
+    """One ``INSERT … ON CONFLICT (the refusal key) DO UPDATE SET count = count + excluded.count``
+    (PostgreSQL and SQLite spell it the same)."""
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = insert(AccessLogEntry).values(rows)
-    await db.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["instance_id", "kind", "at", "reason", "address"],
-            set_={"count": AccessLogEntry.count + stmt.excluded.count},
-        )
+    return stmt.on_conflict_do_update(
+        index_elements=["instance_id", "kind", "at", "reason", "address"],
+        set_={"count": AccessLogEntry.count + stmt.excluded.count},
     )
-    return sum(report.entries.values())
 
 
 # -- reading -------------------------------------------------------------------------------------

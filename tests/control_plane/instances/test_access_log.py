@@ -351,6 +351,29 @@ async def test_a_malformed_report_is_refused_naming_what_is_wrong(
     assert field in r.json()["error"]
 
 
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_refusals_are_added_to_the_row_of_their_minute_on_either_database(dialect: str) -> None:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    rows = [
+        {
+            "instance_id": "i",
+            "kind": "refused",
+            "at": datetime(2026, 12, 6, tzinfo=UTC),
+            "reason": "token_expired",
+            "address": "192.0.2.1",
+            "network": "192.0.2.0/24",
+            "count": 2,
+        }
+    ]
+    statement = access_log.upsert_refusals(dialect, rows)
+    sql = str(
+        statement.compile(dialect=(postgresql if dialect == "postgresql" else sqlite).dialect())
+    )
+    assert "ON CONFLICT (instance_id, kind, at, reason, address) DO UPDATE" in sql
+    assert "count = (access_log_entries.count + excluded.count)" in sql
+
+
 # -- CSV -----------------------------------------------------------------------------------------
 
 
