@@ -302,11 +302,26 @@ class RefusalReporter:
         items = sorted(counts.items())
         size = self.settings.max_entries
         sent = 0
-        for start in range(0, len(items), size):
-            chunk = items[start : start + size]
+        chunks = [items[start : start + size] for start in range(0, len(items), size)]
+        for index, chunk in enumerate(chunks):
             if await self._post(chunk):
                 sent += 1
+                continue
+            # The control plane did not take one: the rest of this round is dropped untried, so
+            # an outage costs one timeout per interval, not one per batch.
+            for rest in chunks[index + 1 :]:
+                self._dropped(rest, "not sent after a failed batch")
+            break
         return sent
+
+    def _dropped(self, chunk: list[tuple[Key, int]], why: str) -> None:
+        total = sum(count for _, count in chunk)
+        self.failed_batches += 1
+        self.dropped_refusals += total
+        logger.warning(
+            "refusal report dropped",
+            extra={"reason": why, "refusals": total, "entries": len(chunk)},
+        )
 
     async def _post(self, chunk: list[tuple[Key, int]]) -> bool:
         body = {
@@ -317,7 +332,6 @@ class RefusalReporter:
                 for (minute, reason, address), count in chunk
             ],
         }
-        total = sum(count for _, count in chunk)
         try:
             response = await self._client.post(
                 self.url,
@@ -333,12 +347,7 @@ class RefusalReporter:
             ok, why = False, type(exc).__name__
         if ok:
             self.sent_batches += 1
-            self.sent_refusals += total
+            self.sent_refusals += sum(count for _, count in chunk)
             return True
-        self.failed_batches += 1
-        self.dropped_refusals += total
-        logger.warning(
-            "refusal report dropped",
-            extra={"reason": why, "refusals": total, "entries": len(chunk)},
-        )
+        self._dropped(chunk, why)
         return False

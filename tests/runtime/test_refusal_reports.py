@@ -64,8 +64,10 @@ class ControlPlane:
         self.batches: list[dict[str, Any]] = []
         self.headers: list[httpx.Headers] = []
         self.down = False
+        self.calls = 0
 
     def handler(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
         if self.down:
             raise httpx.ConnectError("connection refused", request=request)
         self.batches.append(json.loads(request.content))
@@ -217,6 +219,7 @@ async def test_an_unreachable_control_plane_drops_the_batch_and_counts_it() -> N
         status = reporter.status()
         assert status["failedBatches"] == 3  # 5 entries in batches of 2
         assert status["droppedRefusals"] == 5
+        assert cp.calls == 1  # after the first failure the rest of the round is not tried
         cp.down = False
         note_refusal({"type": "http", "client": ("192.0.2.1", 1)}, "token_expired")
         assert await reporter.flush() == 1
