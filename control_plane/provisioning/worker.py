@@ -361,7 +361,6 @@ class Worker:
                 )
                 await asyncio.sleep(delay)
 
-
     # ------------------------------------------------------------------ fenced writes
 
     async def _save(
