@@ -825,7 +825,41 @@ async def two_control_planes(quick: bool, work: Path) -> DrillResult:
                 }
             )
             problems += result.problems
-            # 4. The per-user Room quota is read from PostgreSQL: creates on both at once.
+            # 4. Capacity: sign-ins (Argon2id) and signed-in reads, one process then both.
+            if not quick:
+                capacity = await _capacity(client, a.url, b.url, owners[2], work)
+    if not quick:
+        # The same throttle check with each process counting alone (no REDIS_URL): what an
+        # operator gets by adding processes without Redis.
+        async with billing_stack(
+            "twocpmem",
+            work,
+            redis=False,
+            planes=2,
+            throttle_login_account_address=f"{budget}/minute",
+        ) as (cps, _stripe, _fly, _url, _server):
+            async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+                client.base_url = httpx.URL(cps[0].url)
+                [lone] = await seed_owners(client, work, 1, "twocpmem")
+                checked = 0
+                for n in range(budget * 2 + 2):
+                    r = await client.post(
+                        f"{cps[n % 2].url}/api/auth/login",
+                        json={
+                            "email": lone.email,
+                            "password": "wrong-password-1",
+                            "transport": "body",
+                        },
+                        headers={"fly-client-ip": lone.address},
+                    )
+                    checked += r.status_code == 401
+        rows.append(
+            {
+                "check": "the same, without REDIS_URL (each process counts alone; not a target)",
+                "result": f"{checked} checked: the budget is multiplied by the processes",
+                "held": True,
+            }
+        )
     ok = all(r["held"] for r in rows)
     return DrillResult(
         "two-control-planes",
@@ -837,12 +871,99 @@ async def two_control_planes(quick: bool, work: Path) -> DrillResult:
             "orphans": 0,
             "checks held": f"{sum(1 for r in rows if r['held'])}/{len(rows)}",
         },
-        rows=rows,
+        rows=rows + ([] if quick else capacity),
         notes=[
             "Two `uvicorn control_plane.app:create_app` processes (A and B, two ports used "
             "alternately as a round-robin proxy would) on one PostgreSQL database and one "
-            "private Redis, with the same secrets.",
+            "private Redis, with the same secrets. Capacity rows: 5 s of load each, first on A "
+            "alone, then spread over A and B; the load generator (httpx for sign-ins, `wrk` "
+            "for reads) runs on the same two cores, so the two-process figures understate "
+            "what two machines would serve.",
         ],
         problems=problems + [r["check"] for r in rows if not r["held"]],
         seconds=time.monotonic() - started,
     )
+
+
+async def _capacity(
+    client: httpx.AsyncClient, a: str, b: str, owner: Owner, work: Path
+) -> list[dict[str, Any]]:
+    """Sign-ins per second (each one an Argon2id hash) and signed-in reads per second, on A alone
+    and on A and B together."""
+    rows: list[dict[str, Any]] = []
+    for label, bases in (("A alone", [a]), ("A and B", [a, b])):
+        rate, refused = await _sign_in_rate(client, bases, owner)
+        rows.append(
+            {
+                "check": f"capacity: sign-ins/s, {label} (12 clients)",
+                "result": f"{rate:.1f}/s" + (f", refused {refused}" if refused else ""),
+                "held": True,
+            }
+        )
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        rows.append({"check": "capacity: reads", "result": "wrk not installed", "held": True})
+        return rows
+    token = owner.headers["authorization"]
+    for label, bases in (("A alone", [a]), ("A and B", [a, b])):
+        procs = [
+            await asyncio.create_subprocess_exec(
+                wrk,
+                "-t1",
+                f"-c{32 // len(bases)}",
+                "-d5s",
+                "-H",
+                f"authorization: {token}",
+                f"{base}/api/cloud/instances",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            for base in bases
+        ]
+        outputs = [(await p.communicate())[0].decode() for p in procs]
+        total = 0.0
+        non2xx = 0
+        for out in outputs:
+            for line in out.splitlines():
+                if line.startswith("Requests/sec:"):
+                    total += float(line.split()[1])
+                if "Non-2xx" in line:
+                    non2xx += int(line.split()[-1])
+        (work / f"wrk-{len(bases)}.txt").write_text("\n".join(outputs))
+        rows.append(
+            {
+                "check": f"capacity: signed-in reads/s (`GET /api/cloud/instances`), {label}",
+                "result": f"{total:.0f}/s" + (f", {non2xx} non-2xx" if non2xx else ""),
+                "held": True,
+            }
+        )
+    return rows
+
+
+async def _sign_in_rate(
+    client: httpx.AsyncClient, bases: list[str], owner: Owner, seconds: float = 5.0
+) -> tuple[float, dict[int, int]]:
+    done = 0
+    refused: dict[int, int] = {}
+    stop = time.monotonic() + seconds
+    counter = iter(range(10**9))
+
+    async def signer() -> None:
+        nonlocal done
+        while time.monotonic() < stop:
+            n = next(counter)
+            # A fresh address each time: the per-address budget is not what is measured.
+            address = f"10.{66 + n // 62500}.{n // 250 % 250}.{n % 250 + 1}"
+            r = await client.post(
+                f"{bases[n % len(bases)]}/api/auth/login",
+                json={"email": owner.email, "password": PASSWORD, "transport": "body"},
+                headers={"fly-client-ip": address},
+            )
+            if r.status_code == 200:
+                done += 1
+            else:
+                refused[r.status_code] = refused.get(r.status_code, 0) + 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(signer() for _ in range(12)))
+    return done / (time.monotonic() - started), refused

@@ -145,14 +145,19 @@ def make_plot(results: list[DrillResult], path: Path) -> bool:
     except ImportError:
         return False
     by = {r.name: r for r in results}
-    panels = [n for n in ("throughput", "reconciler-scale", "worker-killed") if n in by]
+    panels = [n for n in ("throughput", "reconciler-scale") if n in by]
+    audited = [
+        r for r in results if isinstance(r.figures.get("instances"), int) and "lost" in r.figures
+    ]
+    if audited:
+        panels.append("targets")
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     if len(panels) == 1:
         axes = [axes]
     for ax, name in zip(axes, panels, strict=True):
-        rows = by[name].rows
+        rows = by[name].rows if name in by else []
         if name == "throughput" and rows:
             xs = [r["worker processes"] for r in rows]
             ys = [r["instances/min at Fly's speed"] for r in rows]
@@ -165,9 +170,14 @@ def make_plot(results: list[DrillResult], path: Path) -> bool:
             ax.legend()
         elif name == "reconciler-scale" and rows:
             labels = [
-                "Fly fake (HTTP)" if "HTTP" in r["provider"] else "DB side alone" for r in rows
+                "Fly fake (HTTP)"
+                if "HTTP" in r["provider"]
+                else "DB side alone"
+                if "alone" in r["provider"]
+                else "100 ms provider"
+                for r in rows
             ]
-            ax.bar(labels, [r["pass seconds"] for r in rows], color=["C1", "C0"])
+            ax.bar(labels, [r["pass seconds"] for r in rows], color=["C1", "C0", "C2"][: len(rows)])
             for i, r in enumerate(rows):
                 ax.annotate(
                     f"{r['SQL statements']} SQL",
@@ -175,15 +185,32 @@ def make_plot(results: list[DrillResult], path: Path) -> bool:
                     ha="center",
                     va="bottom",
                 )
+            ax.set_ylim(0, max(r["pass seconds"] for r in rows) * 1.2)
             ax.set_ylabel("seconds per pass")
+            ax.text(
+                0.02,
+                0.95,
+                "one lookup at a time at 100 ms: ~1000 s",
+                transform=ax.transAxes,
+                va="top",
+                fontsize=8,
+            )
             ax.set_title(f"Reconciler pass, {rows[0]['instances']:,} running instances")
-        elif name == "worker-killed" and rows:
-            ends: dict[str, int] = {}
-            for r in rows:
-                ends[r["ended"]] = ends.get(r["ended"], 0) + 1
-            ax.bar(list(ends), list(ends.values()), color="C2")
-            ax.set_title(f"Worker SIGKILLed at {len(rows)} points: outcome")
-            ax.set_ylabel("instances")
+        elif name == "targets":
+            names = [r.name for r in audited]
+            missed = [
+                sum(int(r.figures.get(k, 0) or 0) for k in ("lost", "doubled", "orphans"))
+                for r in audited
+            ]
+            ax.barh(names, [r.figures["instances"] for r in audited], color="C2", label="audited")
+            ax.barh(names, missed, color="C3", label="lost + doubled + orphans")
+            for i, r in enumerate(audited):
+                ax.annotate(f" {missed[i]} missed", (r.figures["instances"], i), va="center")
+            ax.invert_yaxis()
+            ax.set_xlim(0, max(r.figures["instances"] for r in audited) * 1.45)
+            ax.set_xlabel("instances audited")
+            ax.set_title("Drills: instances and targets missed")
+            ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
