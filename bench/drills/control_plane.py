@@ -164,21 +164,19 @@ class ControlPlane:
 def billing_values(
     url: str, fly_url: str, work: Path, stripe: FakeStripe, port: int, **overrides: Any
 ) -> dict[str, Any]:
-    return cp_values(
-        url,
-        fly_url,
-        work,
-        public_url=f"http://127.0.0.1:{port}",
-        stripe_secret_key=DEFAULT_SECRET_KEY,
-        stripe_webhook_secret=DEFAULT_WEBHOOK_SECRET,
-        stripe_api_base=stripe.url,
-        trust_fly_client_ip=True,
-        mail_outbox=str(work / "outbox"),
+    values: dict[str, Any] = {
+        "public_url": f"http://127.0.0.1:{port}",
+        "stripe_secret_key": DEFAULT_SECRET_KEY,
+        "stripe_webhook_secret": DEFAULT_WEBHOOK_SECRET,
+        "stripe_api_base": stripe.url,
+        "trust_fly_client_ip": True,
+        "mail_outbox": str(work / "outbox"),
         # The drills' owners create many Rooms each.
-        throttle_checkout_user="1000/hour",
-        instance_quota=1000,
-        **overrides,
-    )
+        "throttle_checkout_user": "1000/hour",
+        "instance_quota": 1000,
+    }
+    values.update(overrides)
+    return cp_values(url, fly_url, work, **values)
 
 
 @contextlib.contextmanager
@@ -748,8 +746,14 @@ async def two_control_planes(quick: bool, work: Path) -> DrillResult:
     problems: list[str] = []
     # A small per-address sign-in budget makes the shared count easy to read.
     budget = 6
+    quota = 3  # the default QUOROOM_CP_INSTANCE_QUOTA
     async with billing_stack(
-        "twocp", work, redis=True, planes=2, throttle_login_account_address=f"{budget}/minute"
+        "twocp",
+        work,
+        redis=True,
+        planes=2,
+        throttle_login_account_address=f"{budget}/minute",
+        instance_quota=quota,
     ) as (cps, stripe, _fly, url, _server):
         a, b = cps
         bases = [a.url, b.url]
@@ -825,7 +829,20 @@ async def two_control_planes(quick: bool, work: Path) -> DrillResult:
                 }
             )
             problems += result.problems
-            # 4. Capacity: sign-ins (Argon2id) and signed-in reads, one process then both.
+            # 4. The per-user Room quota, counted in PostgreSQL: creates on both at once.
+            burst = await asyncio.gather(
+                *(create_instance(client, owners[2], base=bases[n % 2]) for n in range(quota * 2))
+            )
+            codes = sorted(r.status_code for r in burst)
+            rows.append(
+                {
+                    "check": f"{quota * 2} creates at once (distinct keys) by one owner, "
+                    f"alternating A/B, quota {quota}",
+                    "result": f"answers {codes}",
+                    "held": codes == [201] * quota + [409] * quota,
+                }
+            )
+            # 5. Capacity: sign-ins (Argon2id) and signed-in reads, one process then both.
             if not quick:
                 capacity = await _capacity(client, a.url, b.url, owners[2], work)
     if not quick:

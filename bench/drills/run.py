@@ -3,7 +3,8 @@ exit non-zero when a target is missed.
 
     scripts/drill                    # every drill and measurement (~10 minutes on 2 cores)
     scripts/drill --quick            # smaller runs of each (a smoke run)
-    scripts/drill worker-killed jwks # only these (names below)
+    scripts/drill worker-killed jwks # only these; their sections replace those of the last run
+                                     # (bench/out/drills.json) in RESULTS-drills.md
     scripts/drill --list
     scripts/drill --no-write         # print only
 """
@@ -217,6 +218,20 @@ def make_plot(results: list[DrillResult], path: Path) -> bool:
     return True
 
 
+def _merged(results: list[DrillResult], order: list[str], quick: bool) -> list[DrillResult]:
+    """A run of some drills replaces their sections and keeps the others' from the last run
+    (``bench/out/drills.json``) when it was of the same mode."""
+    try:
+        saved = json.loads(RAW.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return results
+    if not isinstance(saved, dict) or saved.get("quick") != quick:
+        return results
+    by = {d["name"]: DrillResult(**d) for d in saved.get("results", [])}
+    by.update({r.name: r for r in results})
+    return [by[n] for n in order if n in by]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/drill", description=__doc__)
     parser.add_argument("names", nargs="*", help="drills to run (default: all)")
@@ -242,11 +257,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = asyncio.run(run_all(names, args.quick))
     print(f"{len(results)} drill(s) in {time.monotonic() - started:.0f}s", file=sys.stderr)
     if not args.no_write:
+        if args.names:
+            results = _merged(results, list(known), args.quick)
         plot = PLOT if make_plot(results, PLOT) else None
         RESULTS.write_text(render(results, args.quick, plot), encoding="utf-8")
         RAW.parent.mkdir(parents=True, exist_ok=True)
         RAW.write_text(
-            json.dumps([r.__dict__ for r in results], indent=2, default=str), encoding="utf-8"
+            json.dumps(
+                {"quick": args.quick, "results": [r.__dict__ for r in results]},
+                indent=2,
+                default=str,
+            ),
+            encoding="utf-8",
         )
         print(f"wrote {RESULTS.relative_to(ROOT)}", file=sys.stderr)
     else:
