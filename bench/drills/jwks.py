@@ -216,6 +216,10 @@ async def jwks_outage(quick: bool, work: Path) -> DrillResult:
             "`keys_unavailable`, fail closed, docs/operations.md) — shown on its own line, "
             "not a target miss — and accepts them again at the first fetch once the "
             "control plane answers.",
+            "The fetch attempts during the hour are the background retries (backoff capped at "
+            "60 s: ~60 an hour) plus the refetches the unknown-kid and stale-key paths allow "
+            "(at most one per 30 s cooldown, whatever the number of such tokens: ~120 an "
+            "hour): the control plane is not hammered while it is down.",
             f"Refusal codes of valid tokens: {codes_in_hour or 'none in the hour'}; "
             f"after the bound: {_diff(refusal_codes, codes_in_hour) or '-'}.",
         ],

@@ -4,7 +4,7 @@ exit non-zero when a target is missed.
     scripts/drill                    # every drill and measurement (~10 minutes on 2 cores)
     scripts/drill --quick            # smaller runs of each (a smoke run)
     scripts/drill worker-killed jwks # only these; their sections replace those of the last run
-                                     # (bench/out/drills.json) in RESULTS-drills.md
+                                     # (bench/RESULTS-drills.json) in RESULTS-drills.md
     scripts/drill --list
     scripts/drill --no-write         # print only
 """
@@ -33,7 +33,7 @@ Drill = Callable[[bool, Path], Awaitable[DrillResult]]
 
 RESULTS = ROOT / "bench" / "RESULTS-drills.md"
 PLOT = ROOT / "bench" / "drills.png"
-RAW = ROOT / "bench" / "out" / "drills.json"
+RAW = ROOT / "bench" / "RESULTS-drills.json"  # the figures as data; merged by partial runs
 
 
 def registry() -> dict[str, Drill]:
@@ -220,7 +220,7 @@ def make_plot(results: list[DrillResult], path: Path) -> bool:
 
 def _merged(results: list[DrillResult], order: list[str], quick: bool) -> list[DrillResult]:
     """A run of some drills replaces their sections and keeps the others' from the last run
-    (``bench/out/drills.json``) when it was of the same mode."""
+    (``bench/RESULTS-drills.json``) when it was of the same mode."""
     try:
         saved = json.loads(RAW.read_text(encoding="utf-8"))
     except (OSError, ValueError):
