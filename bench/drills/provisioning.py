@@ -119,14 +119,27 @@ KILL_POINTS: list[tuple[str, bool]] = [
     ("Machines_show", True),
 ]
 QUICK_KILL_POINTS = [("Secrets_update", True), ("Volumes_create", True), ("Machines_create", True)]
+#: The same for the wind-down of a canceled Room: stop, snapshot, then destroy.
+WIND_DOWN_POINTS: list[tuple[str, bool]] = [
+    ("Machines_stop", True),
+    ("Volumes_list_snapshots", False),
+    ("createVolumeSnapshot", True),
+    ("Apps_delete", False),
+    ("Apps_delete", True),
+]
+QUICK_WIND_DOWN_POINTS = [("createVolumeSnapshot", True)]
 
 
 async def worker_killed(quick: bool, work: Path) -> DrillResult:
-    points = QUICK_KILL_POINTS if quick else KILL_POINTS
+    points = [(op, after, False) for op, after in (QUICK_KILL_POINTS if quick else KILL_POINTS)]
+    points += [
+        (op, after, True) for op, after in (QUICK_WIND_DOWN_POINTS if quick else WIND_DOWN_POINTS)
+    ]
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     ids: list[str] = []
+    gone: list[str] = []
     with FlyMachinesFake() as fake:
         async with pg_database("kill") as url:
             values = cp_values(url, fake.url, work)
@@ -134,9 +147,16 @@ async def worker_killed(quick: bool, work: Path) -> DrillResult:
             engine, factory = engine_and_factory(url)
             provider = fly_provider(fake.url)
             try:
-                for n, (operation, after) in enumerate(points):
+                for n, (operation, after, wind_down) in enumerate(points):
                     [iid] = await create_instances(factory, settings, 1)
-                    ids.append(iid)
+                    rest = frozenset({"destroyed"} if wind_down else {"running", "failed"})
+                    (gone if wind_down else ids).append(iid)
+                    if wind_down:  # running first, then canceled: the kill is in its wind-down
+                        worker = Worker(settings, factory, provider, reconcile=False)
+                        await drive_in_process(
+                            worker, factory, [iid], rest=frozenset({"running"}), timeout=60
+                        )
+                        await cancel(factory, iid)
                     pause = fake.pause_next(operation, after=after)
                     proc = spawn_worker(values, work / f"kill-{n}.log", reconcile=False)
                     reached = await asyncio.to_thread(pause.reached.wait, 60)
@@ -150,13 +170,14 @@ async def worker_killed(quick: bool, work: Path) -> DrillResult:
                     # Another worker takes over once the lease runs out.
                     await expire_leases(factory, [iid])
                     worker = Worker(settings, factory, provider, reconcile=False)
-                    statuses = await drive_in_process(
-                        worker, factory, [iid], rest=frozenset({"running", "failed"}), timeout=60
+                    statuses = await drive_in_process(worker, factory, [iid], rest=rest, timeout=60)
+                    one = await audit(
+                        factory, fake, [iid], rest=rest, first_status=None, whole_fake=False
                     )
-                    one = await audit(factory, fake, [iid], whole_fake=False)
                     rows.append(
                         {
-                            "killed at": f"{operation} ({'after' if after else 'before'})",
+                            "killed at": f"{operation} ({'after' if after else 'before'})"
+                            + (", canceled Room" if wind_down else ""),
                             "step persisted": step_at_kill or "-",
                             "ended": statuses.get(iid, "?"),
                             "machines created": one.machines_created,
@@ -166,6 +187,7 @@ async def worker_killed(quick: bool, work: Path) -> DrillResult:
                     )
                 report = await Reconciler(settings, factory, provider).run_once()
                 total = await audit(factory, fake, ids)
+                total.merge(await audit(factory, fake, gone, rest=("destroyed",), whole_fake=False))
             finally:
                 await provider.aclose()
                 await engine.dispose()
@@ -173,7 +195,7 @@ async def worker_killed(quick: bool, work: Path) -> DrillResult:
     total.doubled += sum(1 for r in rows if r["machines created"] > 1)
     return DrillResult(
         "worker-killed",
-        "A worker process killed (SIGKILL) at each provisioning step",
+        "A worker process killed (SIGKILL) at each provisioning and wind-down step",
         ok=total.ok and not problems,
         figures={
             **total.figures(),
@@ -186,7 +208,9 @@ async def worker_killed(quick: bool, work: Path) -> DrillResult:
             "fake holds the named call (before its action, or after it with the reply held), "
             "the process is SIGKILLed, the call released. The lease is then moved into the past "
             "(standing in for the wait of `WORKER_LEASE_SECONDS`) and another worker (in the "
-            "drill's process) takes the instance over.",
+            "drill's process) takes the instance over. The last rows do the same to a Room "
+            "that was running and is canceled: the kill lands in its stop, snapshot or destroy, "
+            "and it must end `destroyed` with nothing left at the fake.",
         ],
         problems=total.problems,
         seconds=time.monotonic() - started,
