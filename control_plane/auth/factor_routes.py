@@ -155,7 +155,7 @@ async def verify_passkey(
             purpose=passkeys.STEP_UP,
             binding=passkeys.bind_session(auth.session_id),
             now=now,
-            who=passkeys.Requester(address, device),
+            who=passkeys.Caller(address, device),
         )
     except passkeys.PasskeyError:
         await db.commit()  # the spent challenge and a counter regression stay recorded

@@ -648,7 +648,9 @@ async def _check_assertion(
 
 
 @dataclass(frozen=True, slots=True)
-class Requester:
+class Caller:
+    """Where an assertion comes from: the client address and its known-device cookie."""
+
     address: str
     device: KnownDevice | None
 
@@ -662,7 +664,7 @@ async def verify_for_user(
     purpose: str,
     binding: bytes,
     now: datetime,
-    who: Requester,
+    who: Caller,
 ) -> UserPasskey:
     """An assertion from one of ``user``'s passkeys (second factor, step-up). Throttled as a
     sign-in attempt: the budgets are checked first, and any refusal counts as a failure."""
@@ -696,7 +698,7 @@ async def verify_passwordless(
     *,
     binding: bytes,
     now: datetime,
-    who: Requester,
+    who: Caller,
 ) -> tuple[UserPasskey, User]:
     """A passwordless sign-in: the discoverable credential names the account. User
     verification is required (the passkey is then both factors: possession plus the device's

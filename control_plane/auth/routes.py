@@ -373,10 +373,18 @@ async def _finish_two_steps(
     summary="The second step with a passkey: the options for navigator.credentials.get()",
 )
 async def second_factor_passkey_options(
-    request: Request, db: SessionDep, ctx: AuthDep, now: Now, body: PendingIn | None = None
+    request: Request,
+    db: SessionDep,
+    ctx: AuthDep,
+    now: Now,
+    address: ClientAddress,
+    body: PendingIn | None = None,
 ) -> JSONResponse:
     """The account's passkeys are the allow list; the challenge is bound to the pending
-    sign-in (its HttpOnly cookie, or ``second_factor_token``), so no other browser can use it."""
+    sign-in (its HttpOnly cookie, or ``second_factor_token``), so no other browser can use it.
+    Each request spends the address's ``THROTTLE_LOGIN_ADDRESS`` budget (every one writes a
+    challenge)."""
+    await ctx.throttle.hit("login_address", address)
     raw = (body.second_factor_token if body else None) or second_factor.pending_token_of(
         request, ctx.settings
     )
@@ -420,7 +428,7 @@ async def second_factor_passkey(
             purpose=passkeys.SECOND_FACTOR,
             binding=passkeys.bind_pending(challenge.id),
             now=now,
-            who=passkeys.Requester(address, device),
+            who=passkeys.Caller(address, device),
         )
     except passkeys.PasskeyError:
         await second_factor.count_attempt(db, challenge)
@@ -436,10 +444,14 @@ async def second_factor_passkey(
     "/passkey/options",
     summary="Passwordless sign-in: the options for navigator.credentials.get()",
 )
-async def passkey_sign_in_options(ctx: AuthDep, db: SessionDep, now: Now) -> JSONResponse:
+async def passkey_sign_in_options(
+    ctx: AuthDep, db: SessionDep, now: Now, address: ClientAddress
+) -> JSONResponse:
     """No allow list (the browser offers the discoverable passkeys it holds for this site) and
     user verification required. The challenge is bound to this browser by an HttpOnly,
-    SameSite=Strict cookie (``qr_passkey``, 5 minutes)."""
+    SameSite=Strict cookie (``qr_passkey``, 5 minutes). Anyone may ask, so each request spends
+    the address's ``THROTTLE_LOGIN_ADDRESS`` budget (every one writes a challenge)."""
+    await ctx.throttle.hit("login_address", address)
     token = passkeys.new_browser_token()
     options = await passkeys.authentication_options(
         db,
@@ -475,7 +487,7 @@ async def passkey_sign_in(
             body.credential.as_webauthn(),
             binding=passkeys.bind_browser(token),
             now=now,
-            who=passkeys.Requester(address, device),
+            who=passkeys.Caller(address, device),
         )
     except passkeys.PasskeyError:
         await db.commit()  # the spent challenge and a counter regression stay recorded

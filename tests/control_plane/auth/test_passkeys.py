@@ -654,3 +654,19 @@ async def test_the_second_step_with_a_passkey_allows_few_attempts(harness: Harne
             401,
             "second_factor_expired",
         )
+
+
+async def test_asking_for_sign_in_options_spends_the_address_budget(
+    make_harness: Any, make_settings: Any
+):
+    """Anyone may ask for passwordless options, and each request writes a challenge."""
+    async with make_harness(make_settings(throttle_login_address="3/minute")) as h:
+        async with _browser(h, "192.0.2.90") as browser:
+            for _ in range(3):
+                await _passwordless_options(browser)
+            r = await browser.post("/api/auth/passkey/options", headers=ORIGIN)
+            _refused(r, 429, "throttled")
+            r = await browser.post("/api/auth/second-factor/passkey/options", headers=ORIGIN)
+            _refused(r, 429, "throttled")
+        async with _browser(h, "192.0.2.91") as other:  # another address is not affected
+            await _passwordless_options(other)
