@@ -321,6 +321,41 @@ async def test_a_cloned_authenticator_is_refused_and_recorded(
     await page.get_by_text("it looks copied to another device").wait_for()
 
 
+async def test_removing_a_passkey_asks_for_a_step_up_that_a_passkey_answers(
+    tab: Tab, localhost_plane: ControlPlane
+):
+    """Ten minutes after the last proof (here: the session's step-up time cleared in the
+    database, as the passing of time would), removing a passkey opens the step-up dialog; its
+    "Use a passkey" button proves the factor and the removal goes through."""
+    page, plane = tab.page, localhost_plane
+    email = "passkey.stepup@example.com"
+    await _account(plane, email)
+    await _add_passkey(page, plane, email, "Phone")
+    # The second passkey on another authenticator (this one already holds the account's).
+    await tab.cdp.send(
+        "WebAuthn.removeVirtualAuthenticator", {"authenticatorId": tab.authenticator}
+    )
+    await tab.cdp.send("WebAuthn.addVirtualAuthenticator", {"options": AUTHENTICATOR})
+    await page.get_by_label("Name for a new passkey").fill("Spare key")
+    await page.get_by_role("button", name="Add a passkey").click()
+    await page.get_by_text("Passkey “Spare key” added.").wait_for()
+    with _db(plane) as db:
+        db.execute(
+            "UPDATE user_sessions SET second_factor_at = NULL "
+            "WHERE user_id = (SELECT id FROM users WHERE email = ?)",
+            (email,),
+        )
+    await page.get_by_role("button", name="Remove passkey “Spare key”").click()
+    dialog = page.get_by_role("dialog", name="Confirm it is you")
+    await dialog.wait_for()
+    await dialog.get_by_role("button", name="Use a passkey").click()
+    await page.get_by_text("Passkey “Spare key” removed.").wait_for()
+    await dialog.wait_for(state="hidden")
+    await _focus_moves_to(page, "passkeys-title")  # after the list was loaded again
+    names = await page.locator("#passkey-list .item-name").all_text_contents()
+    assert names == ["Phone"]
+
+
 async def test_the_security_page_lists_sessions_and_signs_them_out(
     tab: Tab, localhost_plane: ControlPlane
 ):
