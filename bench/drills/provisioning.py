@@ -51,6 +51,8 @@ class DrillResult:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: When it ran (UTC, set by the runner): a partial run keeps older drills' sections.
+    when: str = ""
 
 
 async def drive_in_process(

@@ -76,6 +76,7 @@ async def run_all(names: Sequence[str], quick: bool) -> list[DrillResult]:
                     problems=[f"the drill itself failed: {exc!r}", traceback.format_exc()],
                     seconds=time.monotonic() - started,
                 )
+            result.when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
             results.append(result)
             verdict = "ok" if result.ok else "MISSED"
             print(
@@ -124,7 +125,9 @@ def render(results: list[DrillResult], quick: bool, plot: Path | None) -> str:
     if plot is not None:
         lines += ["", f"![drills]({plot.name})"]
     for r in results:
-        lines += ["", f"## {r.title}", "", f"`{r.name}`: {'pass' if r.ok else '**MISSED**'}.", ""]
+        ran = f", run {r.when}" if r.when else ""
+        verdict = "pass" if r.ok else "**MISSED**"
+        lines += ["", f"## {r.title}", "", f"`{r.name}`: {verdict} ({r.seconds:.0f} s{ran}).", ""]
         lines += [f"- {k}: {v}" for k, v in r.figures.items()]
         if r.rows:
             lines += ["", *_table(r.rows)]
