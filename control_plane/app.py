@@ -28,6 +28,7 @@ from control_plane.instances.routes import router as instances_router
 from control_plane.keys.fastpath import JWKS_PATH, JWKSFastPath
 from control_plane.keys.routes import router as keys_router
 from control_plane.keys.service import KeyRing
+from control_plane.logs import RequestIds
 from control_plane.mail import Mailer, Transport
 from control_plane.metrics import FleetGauges, HttpMetrics, Metrics, start_listener
 from control_plane.migrations import upgrade
@@ -175,6 +176,8 @@ def create_app(
     app.add_middleware(SecurityHeaders)
     # Outermost of all: every answer is counted, the refusals of the layers above included.
     app.add_middleware(HttpMetrics, metrics=metrics, known_paths=(JWKS_PATH,))
+    # Outside even the metrics: the request id is set before anything logs (control_plane/logs).
+    app.add_middleware(RequestIds)
     return app
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
+from control_plane.logs import configure_logging
 from control_plane.settings import Settings, SettingsError, get_settings
 
 Handler = Callable[[argparse.Namespace], int]
@@ -56,6 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
         proxy_headers=False,  # client addresses come from Fly-Client-IP when configured
         server_header=False,
         log_level="info",
+        log_config=None,  # main() set up the logs; uvicorn's config would replace them
+        access_log=False,  # it prints query strings: control_plane/logs.py writes access lines
     )
     return 0
 
@@ -171,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        configure_logging(os.environ.get("QUOROOM_CP_LOG_FORMAT"))
+    except ValueError as exc:
+        print(f"configuration error: QUOROOM_CP_LOG_FORMAT: {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         handler: Handler = args.handler

@@ -121,6 +121,7 @@ class DevServer:
             server_header=False,
             access_log=False,
             log_level="info",
+            log_config=None,  # the CLI set up the logs (control_plane/logs.py)
             timeout_graceful_shutdown=10,
         )
         banner = _banner(settings)

@@ -25,7 +25,7 @@ from ._jwks import JWKSCache
 from ._limiter import Limiter, MemoryLimiter, RedisLimiter, build_limiter
 from ._limits import RequestLimits
 from ._local import LocalGuard
-from ._logging import AccessLog, configure_logging
+from ._logging import AccessLog, JsonFormatter, RedactingFilter, configure_logging, redact
 from ._memstore import Decision
 from ._ratelimit import AddressRateLimit, PrincipalRateLimit
 from ._scope import Principal, principal_of
@@ -51,6 +51,7 @@ __all__ = [
     "ConfigError",
     "Decision",
     "JWKSCache",
+    "JsonFormatter",
     "KeysUnavailableError",
     "Limiter",
     "LocalGuard",
@@ -58,6 +59,7 @@ __all__ = [
     "Policy",
     "Principal",
     "PrincipalRateLimit",
+    "RedactingFilter",
     "RedisLimiter",
     "RequestLimits",
     "Rule",
@@ -75,5 +77,6 @@ __all__ = [
     "load_settings",
     "normalize_path",
     "principal_of",
+    "redact",
     "wrap",
 ]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import itertools
 import json
 import logging
 import re
+import secrets
 import sys
 import time
 import weakref
@@ -21,16 +23,18 @@ from typing import Any, TextIO
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._metrics import RequestCounts
-from ._scope import CLIENT_ADDRESS, PRINCIPAL, state_of
+from ._scope import CLIENT_ADDRESS, PRINCIPAL, REQUEST_ID, state_of
 
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
 _QUERY_TOKEN = re.compile(r"((?:^|[?&\s])(?:token|access_token|refresh_token)=)[^&\s\"']+", re.I)
 _BEARER = re.compile(r"(bearer\s+)[^\s\"']+", re.I)
 # "Auth token: 189321c7..." and the like: the Room prints a prefix of its token at start-up.
 _LABELLED = re.compile(r"\b((?:token|secret|password)s?\s*[:=]\s*)[^\s\"',&]+", re.I)
+# Stripe secret and restricted keys, webhook signing secrets (the control plane shares this filter).
+_STRIPE = re.compile(r"\b(?:(?:sk|rk)_(?:live|test)|whsec)_[A-Za-z0-9]+")
 _REDACTED = "[redacted]"
-# Every pattern above needs one of these words: most lines have none and skip the four passes.
-_SUSPECT = re.compile(r"eyJ|token|secret|password|bearer", re.I)
+# Every pattern above needs one of these words: most lines have none and skip the passes.
+_SUSPECT = re.compile(r"eyJ|token|secret|password|bearer|sk_|rk_|whsec_", re.I)
 
 # LogRecord attributes that are not "extra" fields.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -42,6 +46,7 @@ def redact(text: str) -> str:
     text = _JWT.sub(_REDACTED, text)
     text = _QUERY_TOKEN.sub(lambda m: m.group(1) + _REDACTED, text)
     text = _LABELLED.sub(lambda m: m.group(1) + _REDACTED, text)
+    text = _STRIPE.sub(_REDACTED, text)
     return _BEARER.sub(lambda m: m.group(1) + _REDACTED, text)
 
 
@@ -269,6 +274,31 @@ class AccessLog:
             self.record(kind, status, elapsed, lambda: line_fields(scope, state, status, elapsed))
 
 
+# Request ids (issue 14, item 2): a caller's (an edge proxy's: Fly sets Fly-Request-Id) when it is
+# short and printable, else this process's own — a random prefix per boot and a counter, unique
+# without a random draw per request.
+_GIVEN_IDS = (b"x-request-id", b"fly-request-id")
+_WELL_FORMED_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+_BOOT = secrets.token_hex(4)
+_SEQUENCE = itertools.count(1)
+
+
+def request_id(scope: Scope) -> str:
+    """The request's id: the access line's ``rid`` and, in the gateway, the Room's
+    ``X-Request-Id``. Decided once per request (kept in the scope's state)."""
+    state = state_of(scope)
+    rid: str | None = state.get(REQUEST_ID)
+    if rid is None:
+        for name, value in scope["headers"]:
+            if name in _GIVEN_IDS and _WELL_FORMED_ID.fullmatch(value):
+                rid = value.decode("ascii")
+                break
+        else:
+            rid = f"{_BOOT}-{next(_SEQUENCE):x}"
+        state[REQUEST_ID] = rid
+    return rid
+
+
 def line_fields(scope: Scope, state: dict[str, Any], status: int, seconds: float) -> dict[str, Any]:
     """An access line's fields, in order (the layered :class:`AccessLog` and the fused pass)."""
     principal = state.get(PRINCIPAL)
@@ -279,4 +309,5 @@ def line_fields(scope: Scope, state: dict[str, Any], status: int, seconds: float
         "ms": round(seconds * 1000, 2),
         "client": state.get(CLIENT_ADDRESS),
         "sub": principal.subject if principal else None,
+        "rid": request_id(scope),
     }

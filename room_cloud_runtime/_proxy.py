@@ -41,6 +41,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import aiohttp
 from starlette.types import Message, Receive, Scope, Send
 
+from ._logging import request_id
 from ._responses import deny_websocket, send_error
 from ._scope import Principal, principal_of
 from ._upstream_http import (
@@ -80,6 +81,7 @@ _DROP_REQUEST = _HOP_BY_HOP | {
     b"x-real-ip",
     b"fly-client-ip",
     b"host",
+    b"x-request-id",  # the gateway's own (the caller's when well formed): _request_headers
 }
 # Response headers the stack sets itself (CORSGuard, SecurityHeaders).
 _DROP_RESPONSE = _HOP_BY_HOP | {
@@ -294,9 +296,11 @@ class UpstreamProxy:
             finally:
                 response.release()
         except _ClientGone:
-            logger.info("client went away, upstream request cancelled")
+            logger.info(
+                "client went away, upstream request cancelled", extra={"rid": request_id(scope)}
+            )
         except UpstreamError as exc:
-            await self._fail(send, started, exc.status, _MESSAGES[exc.status], exc)
+            await self._fail(scope, send, started, exc.status, _MESSAGES[exc.status], exc)
 
     async def _stream(
         self, response: UpstreamResponse, receive: Receive, send: Send, *, watch: bool
@@ -331,10 +335,19 @@ class UpstreamProxy:
                     await watcher
 
     async def _fail(
-        self, send: Send, started: bool, status: int, message: str, exc: BaseException
+        self,
+        scope: Scope,
+        send: Send,
+        started: bool,
+        status: int,
+        message: str,
+        exc: BaseException,
     ) -> None:
         code = _CODES[status]
-        logger.warning("upstream failed", extra={"code": code, "error": type(exc).__name__})
+        logger.warning(
+            "upstream failed",
+            extra={"code": code, "error": type(exc).__name__, "rid": request_id(scope)},
+        )
         if started:
             # Headers are out: the only honest signal left is to break the connection.
             raise _UpstreamAborted(code) from exc
@@ -378,6 +391,8 @@ class UpstreamProxy:
         ]
         if host:
             out.append((b"x-forwarded-host", host))
+        # The id in the gateway's access line, so the Room's logs can be matched to it.
+        out.append((b"x-request-id", request_id(scope).encode()))
         if principal is not None and scope["type"] == "http":
             out.append((b"authorization", b"Bearer " + self.tokens.token_for(principal).encode()))
         return out
@@ -404,7 +419,8 @@ class UpstreamProxy:
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in self._request_headers(scope, None)
-            if k in _WS_PASS or k.startswith((b"x-forwarded-", b"forwarded", b"host"))
+            if k in _WS_PASS
+            or k.startswith((b"x-forwarded-", b"forwarded", b"host", b"x-request-id"))
         ]
         session = self._session(self.sources.for_subject(principal.subject if principal else None))
         try:

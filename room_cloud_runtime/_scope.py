@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 PRINCIPAL = "principal"
 CLIENT_ADDRESS = "client_address"
+REQUEST_ID = "request_id"
 
 Role = Literal["owner", "member"]
 ROLES: tuple[Role, ...] = ("owner", "member")

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.helpers.jwks_server"]
+pytest_plugins = ["tests.helpers.jwks_server", "tests.helpers.leak_watch"]
 
 REDIS_URL = os.environ.get("QUOROOM_TEST_REDIS_URL")
 DATABASE_URL = os.environ.get("QUOROOM_TEST_DATABASE_URL")

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane.db import utcnow
 from control_plane.errors import InvalidInstanceState
 from control_plane.instances.models import CloudInstance, InstanceEvent, InstanceStatus
+from control_plane.logs import REQUEST_ID
 from control_plane.services import Wakeup
 from control_plane.settings import Settings
 
@@ -110,11 +111,20 @@ async def transition(
             from_status=before,
             to_status=str(to),
             message=message,
-            data=data,
+            data=with_request_id(data),
             created_at=now,
         )
     )
     return row
+
+
+def with_request_id(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An event's data with the request id of the work that wrote it (control_plane/logs.py):
+    the worker takes it up from the event that queued its work."""
+    request_id = REQUEST_ID.get()
+    if request_id is None:
+        return data
+    return {**(data or {}), "request_id": request_id}
 
 
 async def record_event(
@@ -132,7 +142,7 @@ async def record_event(
             instance_id=instance_id,
             kind=kind,
             message=message,
-            data=data,
+            data=with_request_id(data),
             created_at=now or utcnow(),
         )
     )

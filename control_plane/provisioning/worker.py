@@ -63,7 +63,8 @@ from control_plane.db import transaction, utcnow
 from control_plane.instances.access_log import REPORT_KEY_ENV, report_key
 from control_plane.instances.lifecycle import IllegalTransition, record_event, transition
 from control_plane.instances.lifecycle import update_fields as lifecycle_update_fields
-from control_plane.instances.models import CloudInstance, InstanceStatus
+from control_plane.instances.models import CloudInstance, InstanceEvent, InstanceStatus
+from control_plane.logs import bound
 from control_plane.metrics import FleetGauges, Metrics, metered_provider
 from control_plane.provisioning.provider import (
     InstanceSpec,
@@ -416,6 +417,25 @@ class Worker:
         handler = self._handlers.get(job.inst.status)
         if handler is None:  # claimed, then moved out of the work statuses: nothing to do
             return
+        with bound(await self._request_id(job.inst.id)):
+            await self._run(handler, job)
+
+    async def _request_id(self, instance_id: str) -> str | None:
+        """The request id stored with the instance's last event: the request that queued this
+        work (or the job before it that it caused), so its lines and provider calls carry it."""
+        async with self.factory() as session:
+            data = (
+                await session.execute(
+                    select(InstanceEvent.data)
+                    .where(InstanceEvent.instance_id == instance_id)
+                    .order_by(InstanceEvent.id.desc())
+                    .limit(1)
+                )
+            ).scalar_one_or_none()
+        value = data.get("request_id") if isinstance(data, dict) else None
+        return value if isinstance(value, str) else None
+
+    async def _run(self, handler: Callable[[_Job], Awaitable[None]], job: _Job) -> None:
         try:
             await handler(job)
         except ProviderError as exc:

@@ -11,6 +11,8 @@ EXPECTED = {
     "RuntimeStack", "SecurityHeaders", "StorageUnavailableError", "TokenError", "TokenVerifier",
     "UnknownKeyError", "VerificationKey", "build_limiter", "client_address_key",
     "configure_logging", "load_settings", "normalize_path", "principal_of", "wrap",
+    # the JSON lines and the redaction, which the control plane's logs share (issue 14, item 2)
+    "JsonFormatter", "RedactingFilter", "redact",
 }  # fmt: skip
 
 

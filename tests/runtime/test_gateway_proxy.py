@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import socket
 import threading
 import time
@@ -708,3 +709,24 @@ def test_the_cli_exits_2_naming_a_bad_upstream(monkeypatch, capsys):
     monkeypatch.delenv("QUOROOM_GATEWAY_UPSTREAM", raising=False)
     assert cli_main(["gateway"]) == 2
     assert cli_main(["serve", "--", "node"]) == 2
+
+
+def test_the_room_gets_one_request_id_the_callers_when_well_formed(through):
+    """Issue 14, item 2: the id in the gateway's access line goes up as X-Request-Id, so the
+    Room's logs can be matched to ours; a malformed one from the caller never reaches the Room."""
+    base, factory, app = through
+    auth = {"Authorization": f"Bearer {factory.mint()}"}
+    ids = []
+    for given in ("req-123.abc:9", "bad id with spaces", "x" * 65, None):
+        headers = {**auth, **({"X-Request-Id": given} if given else {})}
+        assert httpx.get(f"{base}/api/rooms", headers=headers).status_code == 200
+        sent = [v for k, v in app.requests[-1]["headers"] if k == "x-request-id"]
+        assert len(sent) == 1, sent
+        ids.append(sent[0])
+    assert ids[0] == "req-123.abc:9"
+    assert len(set(ids)) == 4 and all(re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]+", i) for i in ids[1:])
+    assert (
+        httpx.get(f"{base}/api/rooms", headers={**auth, "Fly-Request-Id": "01FLY"}).status_code
+        == 200
+    )
+    assert dict(app.requests[-1]["headers"])["x-request-id"] == "01FLY"

@@ -15,6 +15,7 @@ from room_cloud_runtime._logging import (
     FLUSH_LINES,
     FLUSH_SECONDS,
     AccessLines,
+    AccessLog,
     JsonFormatter,
     JsonLinesHandler,
     RedactingFilter,
@@ -30,6 +31,13 @@ def test_redact_removes_jwts_query_tokens_and_bearer_values() -> None:
     clean = redact(text)
     assert "abc123" not in clean and "xyz" not in clean and JWT not in clean
     assert "room=1" in clean
+
+
+def test_stripe_keys_are_redacted() -> None:
+    text = "keys sk_live_51HxAbC sk_test_4eC39HqLyjWD rk_live_9zz whsec_ABCdef123 and sk_liveness"
+    clean = redact(text)
+    assert "51HxAbC" not in clean and "4eC39Hq" not in clean and "ABCdef" not in clean
+    assert "9zz" not in clean and "sk_liveness" in clean
 
 
 def test_a_record_with_a_token_is_written_redacted_as_json() -> None:
@@ -157,3 +165,39 @@ async def test_other_logging_setups_get_an_ordinary_record_at_once(
     AccessLines(log).add({**FIELDS, "sub": "user-1"})
     assert [(r.getMessage(), r.sub) for r in records] == [("request", "user-1")]  # type: ignore[attr-defined]
     assert json.loads(stream.getvalue())["sub"] == "user-1"
+
+
+async def test_each_access_line_carries_a_request_id(
+    access: tuple[logging.Logger, CountingStream],
+) -> None:
+    """Issue 14, item 2: the caller's (or the edge proxy's) id when well formed, else our own —
+    unique per request; the gateway sends the same one to the Room (test_gateway_proxy.py)."""
+    log, stream = access
+    attach(log, stream)
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    layer = AccessLog(app, logger=log)
+
+    async def call(headers: list[tuple[bytes, bytes]]) -> None:
+        scope = {"type": "http", "method": "GET", "path": "/x", "headers": headers}
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message) -> None:
+            pass
+
+        await layer(scope, receive, send)
+
+    await call([(b"x-request-id", b"abc-1")])
+    await call([(b"fly-request-id", b"01HFLY")])
+    await call([(b"x-request-id", b"no\nnewlines please")])
+    await call([])
+    await call([])
+    layer.lines.flush()
+    rids = [json.loads(line)["rid"] for line in stream.getvalue().splitlines()]
+    assert rids[:2] == ["abc-1", "01HFLY"]
+    assert len(set(rids)) == 5 and "newlines" not in "".join(rids)

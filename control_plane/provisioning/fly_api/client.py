@@ -18,6 +18,7 @@ from typing import Any, Literal, Self, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from control_plane.logs import REQUEST_ID
 from control_plane.provisioning.fly_api.errors import (
     FlyAuthError,
     FlyBadRequest,
@@ -111,6 +112,7 @@ class FlyMachinesClient:
             timeout=httpx.Timeout(timeout),
             transport=transport,
             follow_redirects=False,
+            event_hooks={"request": [_send_request_id]},
         )
 
     def __repr__(self) -> str:  # never the token
@@ -773,3 +775,10 @@ def _error_from(response: httpx.Response, method: str, path: str) -> FlyError:
     if code >= 500:
         return FlyServerError(message, **kw)
     return FlyError(message, **kw)
+
+
+async def _send_request_id(request: httpx.Request) -> None:
+    """The work's request id (control_plane/logs.py) on every call, to match Fly's side to ours."""
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        request.headers["X-Request-Id"] = request_id
