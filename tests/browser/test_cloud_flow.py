@@ -109,10 +109,10 @@ async def test_a_new_user_goes_from_the_landing_page_to_an_open_room(
 
         await page.get_by_label("Email").fill(address)
         await page.get_by_label("Password").fill("wrong password, surely")
-        await page.get_by_role("button", name="Sign in").click()
+        await page.get_by_role("button", name="Sign in", exact=True).click()
         await page.get_by_text("Invalid email or password.").wait_for()
         await page.get_by_label("Password").fill(PASSWORD)
-        await page.get_by_role("button", name="Sign in").click()
+        await page.get_by_role("button", name="Sign in", exact=True).click()
         await page.wait_for_url(f"{control_plane.url}/cloud/new")
 
         # Steps 2-4: plan, region, Room, checkout (billing disabled in development).
@@ -172,7 +172,7 @@ async def test_run_in_cloud_to_an_open_room_when_signed_in_is_timed(
         await page.goto(f"{control_plane.url}/signin")
         await page.get_by_label("Email").fill(address)
         await page.get_by_label("Password").fill(PASSWORD)
-        await page.get_by_role("button", name="Sign in").click()
+        await page.get_by_role("button", name="Sign in", exact=True).click()
         await page.wait_for_url(f"{control_plane.url}/app")
         await page.goto(f"{control_plane.url}/")
 

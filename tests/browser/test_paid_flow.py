@@ -124,7 +124,7 @@ async def _signed_in_page(
     await page.goto(f"{control_plane.url}/signin")
     await page.get_by_label("Email").fill(address)
     await page.get_by_label("Password").fill(PASSWORD)
-    await page.get_by_role("button", name="Sign in").click()
+    await page.get_by_role("button", name="Sign in", exact=True).click()
     await page.wait_for_url(f"{control_plane.url}/app")
     return page, bearer
 
