@@ -50,7 +50,11 @@ def quoroom_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     root = tmp_path_factory.mktemp("cp-quoroom")
     sock = bind_socket("127.0.0.1", 0)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    cli = room_cli(control_origin=url)  # the UI calls this control plane to refresh
+    try:
+        cli = room_cli(control_origin=url)  # the UI calls this control plane to refresh
+    except BaseException:  # skipped or failed: the socket must not outlive the fixture
+        sock.close()
+        raise
     settings = Settings(
         env="development",
         public_url=url,

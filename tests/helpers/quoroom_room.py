@@ -13,6 +13,7 @@ provider CLIs globally with npm: nothing may land outside the test's folder), an
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -58,13 +59,19 @@ def room_cli(control_origin: str | None = None) -> str:
     argv = ["bash", str(script), str(cache_dir())]
     if control_origin:
         argv.append(control_origin)
-    done = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "QUOROOM_ROOM_VERSION": ROOM_VERSION},
-    )
+    # One install at a time per cache: the suite, `scripts/bench gateway` and a second checkout
+    # may all ask at once, and two npm runs in one folder break each other's native builds.
+    lock_path = cache_dir().parent / f"{cache_dir().name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, "QUOROOM_ROOM_VERSION": ROOM_VERSION},
+        )
     if done.returncode != 0:
         pytest.fail(f"installing the real Room failed:\n{done.stderr[-4000:]}")
     cli = done.stdout.strip().splitlines()[-1]

@@ -211,6 +211,52 @@ async def test_idle_connections_are_closed_after_the_keepalive() -> None:
         await pool.aclose()
 
 
+async def test_a_connection_idle_past_the_keepalive_is_never_reused() -> None:
+    """Reuse checks the idle age itself, not the watchdog's next tick: a connection the Room
+    may be closing (Node's 5 s keep-alive) never carries a request."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(OK)
+            await writer.drain()
+
+    async with upstream(handler) as (seen, port):
+        pool = UpstreamPool("127.0.0.1", port, keepalive=30)
+        for _ in range(2):
+            response = await pool.request(SOURCE, get())
+            assert await response.read() == b"ok"
+            response.release()
+        assert seen.connections == 1  # kept alive and reused
+        (idle,) = pool._idle[SOURCE]
+        idle.idle_since -= 31  # as if it had waited past the keepalive
+        response = await pool.request(SOURCE, get())
+        assert await response.read() == b"ok"
+        response.release()
+        assert seen.connections == 2
+        assert idle.closed or idle.transport is None or idle.transport.is_closing()
+        await pool.aclose()
+
+
+async def test_the_watchdog_stops_when_the_pool_is_empty() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(OK)
+        await writer.drain()
+        await reader.read()
+
+    async with upstream(handler) as (_, port):
+        pool = UpstreamPool("127.0.0.1", port, keepalive=0.2)
+        response = await pool.request(SOURCE, get())
+        await response.read()
+        response.release()
+        assert pool._watchdog is not None
+        await asyncio.sleep(0.6)
+        assert pool._live == set()
+        assert pool._watchdog is None  # no timer left running for an empty pool
+        await pool.aclose()
+
+
 async def test_failures_are_told_apart() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
