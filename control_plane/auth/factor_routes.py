@@ -105,9 +105,17 @@ async def verify(
 ) -> SecondFactorStatusOut:
     """Throttled as sign-ins are: a wrong or reused code counts as a failed sign-in."""
     proof = second_factor.Proof(code=body.code, recovery_code=body.recovery_code)
-    await _check(db, ctx, auth, proof, now, address, device)
+    spent_recovery_code = await second_factor.check_proof(
+        db, ctx, auth.user, proof, now=now, address=address, device=device
+    )
     await second_factor.mark_session_verified(db, auth.session_id, now)
+    notice = (
+        [await second_factor.recovery_code_notice(db, ctx.settings, auth.user)]
+        if spent_recovery_code
+        else []
+    )
     await db.commit()
+    ctx.mailer.enqueue(*notice)
     return await _status(db, auth)
 
 
@@ -194,9 +202,17 @@ async def totp_disable(
     """Disabling a factor needs a fresh one: a code in this very request (stricter than the
     10-minute step-up window), checked and throttled as at sign-in."""
     proof = second_factor.Proof(code=body.code, recovery_code=body.recovery_code)
-    await _check(db, ctx, auth, proof, now, address, device)
+    spent_recovery_code = await second_factor.check_proof(
+        db, ctx, auth.user, proof, now=now, address=address, device=device
+    )
     await second_factor.disable(db, auth.user)
+    notice = (
+        [await second_factor.recovery_code_notice(db, ctx.settings, auth.user)]
+        if spent_recovery_code
+        else []
+    )  # counted after the codes may have gone with the factor
     await db.commit()
+    ctx.mailer.enqueue(*notice)
     return OkOut(message="Two-step sign-in is off.")
 
 
@@ -231,17 +247,3 @@ async def change_password(
     await db.commit()
     ctx.mailer.enqueue(*mails)
     return OkOut(message="Your password was changed; other devices were signed out.")
-
-
-async def _check(
-    db: SessionDep,
-    ctx: AuthContext,
-    auth: CurrentAuth,
-    proof: second_factor.Proof,
-    now: Now,
-    address: str,
-    device: KnownDevice | None,
-) -> None:
-    await second_factor.check_proof(
-        db, ctx, auth.user, proof, now=now, address=address, device=device
-    )

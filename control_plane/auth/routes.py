@@ -326,14 +326,22 @@ async def second_factor_sign_in(
     challenge, user = await second_factor.find_challenge(db, raw, now)
     proof = second_factor.Proof(code=body.code, recovery_code=body.recovery_code)
     try:
-        await second_factor.check_proof(
+        spent_recovery_code = await second_factor.check_proof(
             db, ctx, user, proof, now=now, address=address, device=device
         )
     except (second_factor.InvalidSecondFactor, second_factor.SecondFactorReused):
         await second_factor.count_attempt(db, challenge)
         await db.commit()
         raise
-    return await _finish_two_steps(request, db, ctx, challenge, user, now, address, device)
+    notice = (
+        await second_factor.recovery_code_notice(db, ctx.settings, user)
+        if spent_recovery_code
+        else None
+    )
+    response = await _finish_two_steps(request, db, ctx, challenge, user, now, address, device)
+    if notice is not None:
+        ctx.mailer.enqueue(notice)  # after _finish_two_steps committed the spent code
+    return response
 
 
 async def _finish_two_steps(

@@ -50,6 +50,7 @@ from control_plane.auth.service import AuthContext
 from control_plane.db import new_id, rowcount
 from control_plane.deps import CurrentAuth, Now, SessionDep
 from control_plane.errors import ERROR_TABLE, ControlPlaneError
+from control_plane.mail import Mail
 from control_plane.settings import Settings
 
 #: How long a sign-in may wait for its second factor.
@@ -204,10 +205,14 @@ async def check_proof(
     now: datetime,
     address: str,
     device: KnownDevice | None,
-) -> None:
+) -> bool:
     """Spend ``proof`` for ``user`` or raise. Throttled on the sign-in budgets: checked before,
     and a failure counts as a failed sign-in (per account and requester, and the per-account
-    ceiling for unknown devices)."""
+    ceiling for unknown devices).
+
+    Returns whether a recovery code was spent: the caller then sends
+    :func:`recovery_code_notice` once its changes are in (someone holding one of the codes can
+    get past the second factor; the owner hears of it as of a password change)."""
     row = await confirmed_totp(db, user.id)
     if row is None and (proof.code is not None or not await has_second_factor(db, user.id)):
         raise TotpNotEnabled()
@@ -224,6 +229,25 @@ async def check_proof(
     except (InvalidSecondFactor, SecondFactorReused):
         await lockout.failed_sign_in(ctx.throttle, who)
         raise
+    return proof.recovery_code is not None
+
+
+async def recovery_code_notice(db: AsyncSession, settings: Settings, user: User) -> Mail:
+    """The mail telling ``user`` a recovery code was spent, with how many are left now."""
+    left = await recovery_codes_left(db, user.id)
+    link = f"{settings.public_url}/app/security"
+    codes = "1 recovery code is" if left == 1 else f"{left} recovery codes are"
+    return Mail(
+        to=user.email,
+        subject="A recovery code was used on your account",
+        text=(
+            "One of the recovery codes of your Quoroom account was just used in place of your "
+            f"second factor. {codes} left.\n\nIf this was not you, sign in, change your "
+            "password, make new recovery codes and sign out everywhere:\n\n"
+            f"{link}\n"
+        ),
+        link=link,
+    )
 
 
 # -- the pending sign-in -----------------------------------------------------------------------

@@ -319,6 +319,49 @@ async def test_a_recovery_code_signs_in_once(harness: Harness):
     async with _browser(h, "192.0.2.52") as browser:
         await _password(browser)
         _refused(await _second(browser, recovery_code=code), 401, "invalid_code")
+    await h.drain()
+    [notice] = _recovery_notices(h)  # the refused second use sends nothing
+    assert "9 recovery codes are left" in notice.text
+    assert notice.link == f"{PUBLIC_URL}/app/security"
+    assert code not in notice.text and code.upper() not in notice.text
+
+
+def _recovery_notices(h: Harness) -> list[Any]:
+    return [m for m in h.outbox.to(OWNER) if m.subject.startswith("A recovery code was used")]
+
+
+async def test_a_totp_code_sends_no_recovery_notice(harness: Harness):
+    h = harness
+    enrolled = await _enrol(h)
+    async with _browser(h, "192.0.2.53") as browser:
+        await _password(browser)
+        assert (await _second(browser, code=_code(h, enrolled.secret))).status_code == 200
+    await h.drain()
+    assert _recovery_notices(h) == []
+
+
+async def test_a_recovery_code_used_for_step_up_or_to_turn_totp_off_is_told(harness: Harness):
+    h = harness
+    enrolled = await _enrol(h)
+    headers = enrolled.headers
+    r = await h.client.post(
+        "/api/auth/second-factor/verify",
+        json={"recovery_code": enrolled.recovery_codes[0]},
+        headers=headers,
+    )
+    assert r.status_code == 200, r.text
+    await h.drain()
+    assert ["9 recovery codes are left" in m.text for m in _recovery_notices(h)] == [True]
+    r = await h.client.post(
+        "/api/auth/totp/disable",
+        json={"recovery_code": enrolled.recovery_codes[1]},
+        headers=headers,
+    )
+    assert r.status_code == 200, r.text
+    await h.drain()
+    # The last factor went, and its codes with it: the count says so.
+    assert "0 recovery codes are left" in _recovery_notices(h)[-1].text
+    assert len(_recovery_notices(h)) == 2
 
 
 async def test_google_sign_in_waits_for_the_second_factor(harness: Harness):
