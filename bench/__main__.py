@@ -64,13 +64,14 @@ def _stack_section() -> str:
         lines += [
             f"| loopback requests/s (the shipped server, granian 1 worker, on core 0, "
             f"wrk -t1 -c{lb['connections']:.0f} "
-            f"on core 1, best of {lb['rounds']:.0f}×{lb['seconds']:.0f} s) "
+            f"on core 1, best of {lb['rounds']:.0f}×{lb['seconds']:.0f} s; in brackets the "
+            f"medians, and of the ratio the median of the rounds' paired ratios) "
             f"| {lb['bare_best']:.0f} ({lb['bare_median']:.0f}) "
             f"| {lb['stack_best']:.0f} ({lb['stack_median']:.0f}) "
             f"| {lb['ratio'] * 100:.1f} % of bare ({lb['median_ratio'] * 100:.1f} %) | ≥ 90 % "
             # Requests/s over loopback swing with whatever else runs on the two cores (best
-            # ratios above 100 % happen): pass only when the best, the median and the server's
-            # CPU per request (next row) all say so.
+            # ratios above 100 % happen): pass only when the best, the median paired ratio and
+            # the server's CPU per request (next row) all say so.
             f"| {'pass' if lb_ok else 'FAIL'} |",
             f"| loopback server CPU µs/request (user + system of its process tree, same runs) "
             f"| {lb['cpu_bare_best']:.1f} | {lb['cpu_stack_best']:.1f} "

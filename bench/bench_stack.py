@@ -74,6 +74,14 @@ def _scope(token: str) -> dict[str, Any]:
     }
 
 
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median over rounds of ``numerator[i] / denominator[i]``: each pair ran back to back,
+    so a slow spell of this shared VM (the Room's own CPU per request was seen to swing ×1.7
+    between runs minutes apart) slows both sides of a pair, where a ratio of two separate
+    medians can take its numerator from a slow round and its denominator from a fast one."""
+    return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
+
+
 def _summary(samples: dict[str, list[float]], lower_is_better: bool = True) -> dict[str, float]:
     pick = min if lower_is_better else max
     out: dict[str, float] = {}
@@ -398,7 +406,7 @@ def _wrk(port: int, token: str, seconds: int, connections: int) -> tuple[float, 
     return float(match.group(1)), int(total.group(1))
 
 
-def loopback(rounds: int = 3, seconds: int = 5, connections: int = 32) -> dict[str, float] | None:
+def loopback(rounds: int = 5, seconds: int = 5, connections: int = 32) -> dict[str, float] | None:
     if shutil.which("wrk") is None or shutil.which("taskset") is None:
         print(
             "wrk/taskset not found: skipping the loopback run (apt-get install wrk)",
@@ -426,7 +434,7 @@ def loopback(rounds: int = 3, seconds: int = 5, connections: int = 32) -> dict[s
     out = _summary(rps, lower_is_better=False)
     out.update({f"cpu_{k}": v for k, v in _summary(cpu).items()})
     out["ratio"] = out["stack_best"] / out["bare_best"]
-    out["median_ratio"] = out["stack_median"] / out["bare_median"]
+    out["median_ratio"] = paired_ratio(rps["stack"], rps["bare"])
     out["cpu_ratio"] = out["cpu_bare_best"] / out["cpu_stack_best"]
     out["rounds"], out["seconds"], out["connections"] = rounds, seconds, connections
     return out

@@ -39,7 +39,7 @@ def plot(
     lat.set_title("locust: p50 / p95 / p99 (light → dark)")
     lat.legend(fontsize=8)
     if wrk:
-        kinds = list(wrk)
+        kinds = [k for k in ("bare", "ours", "peer") if k in wrk]
         thr.bar(kinds, [wrk[k] for k in kinds], color=[COLOURS.get(k, "#555") for k in kinds])
         for j, k in enumerate(kinds):
             thr.text(j, wrk[k], f"{wrk[k] / wrk['bare']:.0%}", ha="center", va="bottom", fontsize=8)
