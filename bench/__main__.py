@@ -60,22 +60,27 @@ def _stack_section() -> str:
     ]
     lb = result["loopback"]
     if lb:
-        lb_ok = min(lb["ratio"], lb["median_ratio"], lb["cpu_ratio"]) >= 0.9
+        # Pairs, not best-of-each-side: a best taken separately on each side, like a ratio of
+        # separate medians, can set a fast spell against a slow one (bench/README.md).
+        lb_ok = min(lb["median_ratio"], lb["cpu_median_ratio"]) >= 0.9
         lines += [
             f"| loopback requests/s (the shipped server, granian 1 worker, on core 0, "
             f"wrk -t1 -c{lb['connections']:.0f} "
-            f"on core 1, best of {lb['rounds']:.0f}×{lb['seconds']:.0f} s; in brackets the "
-            f"medians, and of the ratio the median of the rounds' paired ratios) "
-            f"| {lb['bare_best']:.0f} ({lb['bare_median']:.0f}) "
-            f"| {lb['stack_best']:.0f} ({lb['stack_median']:.0f}) "
-            f"| {lb['ratio'] * 100:.1f} % of bare ({lb['median_ratio'] * 100:.1f} %) | ≥ 90 % "
-            # Requests/s over loopback swing with whatever else runs on the two cores (best
-            # ratios above 100 % happen): pass only when the best, the median paired ratio and
-            # the server's CPU per request (next row) all say so.
+            f"on core 1, {lb['rounds']:.0f} interleaved rounds of {lb['seconds']:.0f} s; "
+            f"medians, best in brackets) "
+            f"| {lb['bare_median']:.0f} ({lb['bare_best']:.0f}) "
+            f"| {lb['stack_median']:.0f} ({lb['stack_best']:.0f}) "
+            f"| **{lb['median_ratio'] * 100:.1f} % of bare**, the median of the rounds' paired "
+            f"ratios ({lb['pairs']} %); best over best {lb['ratio'] * 100:.1f} % | ≥ 90 % "
+            # Requests/s over loopback swing with the whole VM's speed: pass only when the
+            # paired requests/s and the paired CPU per request (next row) both say so.
             f"| {'pass' if lb_ok else 'FAIL'} |",
-            f"| loopback server CPU µs/request (user + system of its process tree, same runs) "
-            f"| {lb['cpu_bare_best']:.1f} | {lb['cpu_stack_best']:.1f} "
-            f"| {lb['cpu_ratio'] * 100:.1f} % of bare's rate | – | – |",
+            f"| loopback server CPU µs/request (user + system of its process tree, same runs; "
+            f"medians, best in brackets) "
+            f"| {lb['cpu_bare_median']:.1f} ({lb['cpu_bare_best']:.1f}) "
+            f"| {lb['cpu_stack_median']:.1f} ({lb['cpu_stack_best']:.1f}) "
+            f"| **{lb['cpu_median_ratio'] * 100:.1f} % of bare's rate** (paired); best over "
+            f"best {lb['cpu_ratio'] * 100:.1f} % | ≥ 90 % | {'pass' if lb_ok else 'FAIL'} |",
         ]
     else:
         lines.append("| loopback requests/s | – | – | wrk not installed | ≥ 90 % | not run |")

@@ -406,7 +406,7 @@ def _wrk(port: int, token: str, seconds: int, connections: int) -> tuple[float, 
     return float(match.group(1)), int(total.group(1))
 
 
-def loopback(rounds: int = 5, seconds: int = 5, connections: int = 32) -> dict[str, float] | None:
+def loopback(rounds: int = 5, seconds: int = 5, connections: int = 32) -> dict[str, Any] | None:
     if shutil.which("wrk") is None or shutil.which("taskset") is None:
         print(
             "wrk/taskset not found: skipping the loopback run (apt-get install wrk)",
@@ -431,11 +431,21 @@ def loopback(rounds: int = 5, seconds: int = 5, connections: int = 32) -> dict[s
             finally:
                 server.terminate()
                 server.wait(timeout=10)
+        print(
+            f"  loopback round {len(rps['bare'])}: bare {rps['bare'][-1]:.0f} req/s "
+            f"{cpu['bare'][-1]:.1f} µs, stack {rps['stack'][-1]:.0f} req/s "
+            f"{cpu['stack'][-1]:.1f} µs",
+            file=sys.stderr,
+        )
     out = _summary(rps, lower_is_better=False)
     out.update({f"cpu_{k}": v for k, v in _summary(cpu).items()})
     out["ratio"] = out["stack_best"] / out["bare_best"]
     out["median_ratio"] = paired_ratio(rps["stack"], rps["bare"])
     out["cpu_ratio"] = out["cpu_bare_best"] / out["cpu_stack_best"]
+    out["cpu_median_ratio"] = paired_ratio(cpu["bare"], cpu["stack"])
+    out["pairs"] = " · ".join(
+        f"{s / b * 100:.1f}" for b, s in zip(rps["bare"], rps["stack"], strict=True)
+    )
     out["rounds"], out["seconds"], out["connections"] = rounds, seconds, connections
     return out
 
