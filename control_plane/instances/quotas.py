@@ -11,6 +11,9 @@ invitations per day    ``INVITATIONS_PER_DAY``          invite, under the owner'
 runtime tokens         ``RUNTIME_TOKENS_PER_MINUTE``    grant and refresh, per session (429)
 =====================  ==============================  ==========================================
 
+The first three hold for ``ops restore`` of a canceled Room too (it takes its slot back;
+:mod:`control_plane.provisioning.restore`), unless the operator says ``--over-quota``.
+
 The counts that must hold across processes come from the database, in the transaction that
 writes, behind a lock so that two requests cannot both take the last slot:
 
@@ -50,6 +53,7 @@ from control_plane.auth.models import User
 from control_plane.errors import (
     FleetFull,
     InvitationLimitReached,
+    QuotaExceeded,
     RegionFull,
     RuntimeTokensThrottled,
     Throttled,
@@ -81,6 +85,20 @@ async def lock_user(db: AsyncSession, user_id: str) -> None:
     the worker's foreign-key checks take ``FOR KEY SHARE`` on the same row and must not wait on
     it; SQLite's ``BEGIN IMMEDIATE`` already serialises writers)."""
     await db.execute(select(User.id).where(User.id == user_id).with_for_update(key_share=True))
+
+
+async def check_instance_quota(db: AsyncSession, settings: Settings, user_id: str) -> None:
+    """Raise :class:`QuotaExceeded` when ``user_id`` already has ``INSTANCE_QUOTA`` live Rooms.
+    Call with :func:`lock_user` held, before anything is written."""
+    live = await db.scalar(
+        select(func.count())
+        .select_from(CloudInstance)
+        .where(CloudInstance.owner_id == user_id, CloudInstance.status.in_(LIVE_STATUSES))
+    )
+    if (live or 0) >= settings.instance_quota:
+        raise QuotaExceeded(
+            f"you can have at most {settings.instance_quota} instances; delete one first"
+        )
 
 
 def capacity_limited(settings: Settings, region: str) -> bool:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -37,7 +37,6 @@ from control_plane.errors import (
     EmailNotVerified,
     IdempotencyConflict,
     InvalidInstanceState,
-    QuotaExceeded,
     UnknownRegion,
     UnknownTier,
 )
@@ -68,8 +67,6 @@ from control_plane.settings import Settings
 logger = logging.getLogger("control_plane.instances")
 
 S = InstanceStatus
-#: Statuses that count against the per-user quota (everything not on its way out).
-QUOTA_STATUSES = quotas.LIVE_STATUSES
 _ENDED = frozenset({S.CANCELED, S.DESTROYING, S.DESTROYED})
 MAX_LISTED = 200
 MAX_EVENTS = 100
@@ -241,15 +238,7 @@ async def _insert_draft(
         existing = await _by_key(db, user_id, idempotency_key)
         if existing is not None:
             return existing, False
-    live = await db.scalar(
-        select(func.count())
-        .select_from(CloudInstance)
-        .where(CloudInstance.owner_id == user_id, CloudInstance.status.in_(QUOTA_STATUSES))
-    )
-    if (live or 0) >= ctx.settings.instance_quota:
-        raise QuotaExceeded(
-            f"you can have at most {ctx.settings.instance_quota} instances; delete one first"
-        )
+    await quotas.check_instance_quota(db, ctx.settings, user_id)
     # Capacity (ROOMS_PER_REGION, ROOMS_TOTAL): this draft holds a slot from its insert on, so
     # the check is here, before any Checkout Session, under the capacity lock (quotas.py).
     await quotas.check_capacity(db, ctx.settings, body.region)

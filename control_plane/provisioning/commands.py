@@ -138,6 +138,12 @@ def configure_ops(parser: argparse.ArgumentParser) -> None:
         help="wait up to SECONDS for the Room to run again (exit 1 if it fails or is not "
         "running by then)",
     )
+    restore_parser.add_argument(
+        "--over-quota",
+        action="store_true",
+        help="restore a canceled Room even past its owner's INSTANCE_QUOTA or the capacity "
+        "(ROOMS_PER_REGION, ROOMS_TOTAL); the event records it",
+    )
     restore_parser.set_defaults(handler=_restore)
 
 
@@ -145,7 +151,15 @@ def _restore(args: argparse.Namespace) -> int:
     if args.wait is not None and args.wait <= 0:
         print("--wait must be a positive number of seconds", file=sys.stderr)
         return 2
-    return asyncio.run(restore(get_settings(), args.instance, args.snapshot, wait=args.wait))
+    return asyncio.run(
+        restore(
+            get_settings(),
+            args.instance,
+            args.snapshot,
+            wait=args.wait,
+            over_quota=args.over_quota,
+        )
+    )
 
 
 async def restore(

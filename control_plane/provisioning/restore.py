@@ -8,6 +8,11 @@ The command checks, then queues; the worker does the work, as it runs provisioni
    snapshots live until the retention ends —, ``failed``, or ``running`` with its machine not
    started); the snapshot (``--snapshot``, else the newest) must be one the provider lists for
    the instance. Anything else is refused with a message naming the problem, exit status 1.
+   A canceled Room holds no slot; brought back it takes one again, so its restore passes the
+   same quotas a create does (quotas.py): the owner's ``INSTANCE_QUOTA`` and the capacity
+   (``ROOMS_PER_REGION``, ``ROOMS_TOTAL``), checked under the same locks in the transaction
+   that queues. ``--over-quota`` lets an operator restore past them on purpose (the event
+   records it); a failed or running Room still holds its slot and is not counted twice.
 2. **Queue.** One guarded UPDATE (``WHERE status = <the status checked> AND`` no worker holds the
    lease) moves it to ``provisioning`` with ``step`` = ``restore:<key>``, ``snapshot_id`` = the
    snapshot, ``run_after`` = now and no ``destroy_after`` (the destroy is called off), plus a
@@ -39,6 +44,8 @@ from sqlalchemy import insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.db import transaction, utcnow
+from control_plane.errors import CapacityReached, QuotaExceeded
+from control_plane.instances import quotas
 from control_plane.instances.models import CloudInstance, InstanceEvent, InstanceStatus
 from control_plane.provisioning.provider import Provider, ProviderError, SnapshotInfo, app_name
 from control_plane.provisioning.worker import RESTORE_STEP
@@ -81,6 +88,7 @@ async def request_restore(
     *,
     now: datetime | None = None,
     key: str | None = None,
+    over_quota: bool = False,
 ) -> RestoreQueued:
     """Check, then queue the restore for the worker (see the module docstring).
 
@@ -122,7 +130,24 @@ async def request_restore(
     now = now or utcnow()
     step = f"{RESTORE_STEP}:{key or secrets.token_hex(6)}"
     free = or_(CloudInstance.lease_until.is_(None), CloudInstance.lease_until < now)
+    takes_slot = str(status) not in quotas.LIVE_STATUSES
     async with transaction(factory) as session:
+        if takes_slot and not over_quota:
+            await quotas.lock_user(session, inst.owner_id)
+            try:
+                await quotas.check_instance_quota(session, settings, inst.owner_id)
+            except QuotaExceeded as exc:
+                raise RestoreRefused(
+                    f"instance {instance_id}: its owner has {settings.instance_quota} live "
+                    "Rooms already (INSTANCE_QUOTA); --over-quota restores it anyway"
+                ) from exc
+            try:
+                await quotas.check_capacity(session, settings, inst.region)
+            except CapacityReached as exc:
+                raise RestoreRefused(
+                    f"instance {instance_id}: {exc.message} (ROOMS_PER_REGION / ROOMS_TOTAL); "
+                    "--over-quota restores it anyway"
+                ) from exc
         moved = (
             await session.execute(
                 update(CloudInstance)
@@ -163,6 +188,7 @@ async def request_restore(
                     "snapshot_created_at": snapshot.created_at,
                     "volume_id": snapshot.volume_id,
                     "step": step,
+                    **({"over_quota": True} if takes_slot and over_quota else {}),
                 },
                 created_at=now,
             )
@@ -183,6 +209,7 @@ async def restore_main(
     snapshot_id: str | None = None,
     *,
     wait: float | None = None,
+    over_quota: bool = False,
     provider: Provider | None = None,
     poll: float = 1.0,
     clock: Callable[[], datetime] = utcnow,
@@ -199,7 +226,13 @@ async def restore_main(
         factory = create_session_factory(engine)
         try:
             queued = await request_restore(
-                settings, factory, provider, instance_id, snapshot_id, now=clock()
+                settings,
+                factory,
+                provider,
+                instance_id,
+                snapshot_id,
+                now=clock(),
+                over_quota=over_quota,
             )
         except RestoreRefused as exc:
             print(f"not restored: {exc}", file=sys.stderr)

@@ -6,17 +6,20 @@ fine, statuses a restore does not start from). The round trip with real data is 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import select
 
 from control_plane import cli
+from control_plane.auth.models import User
 from control_plane.db import transaction
 from control_plane.instances.lifecycle import cancel_now
-from control_plane.instances.models import InstanceStatus
+from control_plane.instances.models import CloudInstance, InstanceEvent, InstanceStatus
 from control_plane.provisioning.fly import FlyProvider, restored_volume_name
 from control_plane.provisioning.fly_api import FlyMachinesClient
 from control_plane.provisioning.local import LocalProvider
@@ -275,3 +278,72 @@ async def test_an_instance_a_worker_holds_is_refused_until_the_lease_ends(
     await local.snapshot_volume(app_name(iid), "data")
     with pytest.raises(RestoreRefused, match="is being worked on right now"):
         await request_restore(settings, factory, local, iid, now=clock.now)
+
+
+async def _add_instance_of(
+    factory, owner_id: str | None, status: InstanceStatus, region: str = "iad"
+) -> None:
+    """Another Room, of ``owner_id`` (None: of a new user)."""
+    async with transaction(factory) as session:
+        if owner_id is None:
+            user = User(email=f"{uuid.uuid4().hex[:8]}@example.test", email_verified=True)
+            session.add(user)
+            await session.flush()
+            owner_id = user.id
+        session.add(
+            CloudInstance(
+                owner_id=owner_id, name="Other", tier="starter", region=region, status=str(status)
+            )
+        )
+
+
+async def _snapshotted(local, iid: str) -> str:
+    spec = InstanceSpec(iid, "owner", "local", "shared", 1, 256, 1)
+    await local.ensure_app(spec)
+    await local.ensure_volume(spec, app_name(iid), None)
+    return await local.snapshot_volume(app_name(iid), "data")
+
+
+async def test_a_canceled_room_is_restored_only_within_its_owners_quota(
+    local, make_settings, factory, clock
+):
+    """A canceled Room holds no slot; restored it takes one, so the owner's INSTANCE_QUOTA
+    holds (the refusal writes nothing) unless the operator says --over-quota."""
+    settings = make_settings(instance_quota=1)
+    iid = await make_instance(factory, clock, status=S.CANCELED, run_after=None)
+    owner = (await get_instance(factory, iid)).owner_id
+    await _add_instance_of(factory, owner, S.RUNNING)
+    taken = await _snapshotted(local, iid)
+    with pytest.raises(RestoreRefused, match=r"its owner has 1 live Rooms already \(INSTANCE_"):
+        await request_restore(settings, factory, local, iid, taken, now=clock.now)
+    inst = await get_instance(factory, iid)
+    assert (inst.status, inst.step, inst.snapshot_id) == ("canceled", None, None)
+    assert await event_kinds(factory, iid) == []
+
+    queued = await request_restore(
+        settings, factory, local, iid, taken, now=clock.now, over_quota=True
+    )
+    assert queued.from_status == "canceled"
+    async with factory() as session:
+        event = await session.scalar(select(InstanceEvent).where(InstanceEvent.instance_id == iid))
+    assert event is not None and event.data["over_quota"] is True
+
+
+async def test_a_canceled_room_is_restored_only_within_the_capacity(
+    local, make_settings, factory, clock
+):
+    settings = make_settings(rooms_per_region="iad=1")
+    iid = await make_instance(factory, clock, status=S.CANCELED, run_after=None)
+    await _add_instance_of(factory, None, S.RUNNING, region="iad")
+    taken = await _snapshotted(local, iid)
+    with pytest.raises(RestoreRefused, match=r"region iad is full.*--over-quota"):
+        await request_restore(settings, factory, local, iid, taken, now=clock.now)
+    assert (await get_instance(factory, iid)).status == "canceled"
+
+    # A failed Room still holds its slot: restoring it takes no second one.
+    failed = await make_instance(factory, clock, status=S.FAILED, run_after=None, region="fra")
+    full_fra = make_settings(rooms_per_region="fra=1", instance_quota=1)
+    queued = await request_restore(
+        full_fra, factory, local, failed, await _snapshotted(local, failed), now=clock.now
+    )
+    assert queued.from_status == "failed"
