@@ -7,13 +7,11 @@ px (links inside a sentence exempt, as WCAG 2.5.5 allows), no text cut off; ever
 with the on-screen keyboard's height taken off the viewport, each field in view when focused and
 the submit button reachable. Screenshots: ``test-artifacts/mobile/<config>-<step>.png``.
 
-Bounded for CI (``.ci/run`` runs the suite twice): the eight configurations run on the first pass
-(``QUOROOM_TEST_DATABASE_URL`` unset); the second pass (PostgreSQL — these tests use their own
-SQLite control plane either way) runs one, ``phone-320-portrait``, the narrowest."""
+These tests use their own SQLite control plane, so CI's second pass (Redis and PostgreSQL) leaves
+them out (tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,6 @@ from tests.browser.conftest import PASSWORD, ControlPlane
 
 ROOM_TIMEOUT_MS = 90_000
 MIN_TARGET_PX = 44
-SMOKE_CONFIG = "phone-320-portrait"
 
 
 @dataclass(frozen=True)
@@ -180,18 +177,10 @@ class Flow:
             await self.page.set_viewport_size(full)
 
 
-def _selected(name: str) -> bool:
-    if os.environ.get("QUOROOM_TEST_DATABASE_URL"):
-        return name == SMOKE_CONFIG
-    return True
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 async def test_the_whole_flow_fits_every_screen_with_touch_and_keyboard(
     browser: Any, control_plane: ControlPlane, artifacts: Path, name: str
 ):
-    if not _selected(name):
-        pytest.skip(f"the full matrix runs on the first suite pass; this one runs {SMOKE_CONFIG}")
     config = CONFIGS[name]
     out = artifacts / "mobile"
     out.mkdir(exist_ok=True)

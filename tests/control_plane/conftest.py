@@ -59,7 +59,7 @@ def migrated_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     """A database built by running the Alembic migrations once per session.
 
     SQLite: a template file copied per test. PostgreSQL: a fresh database per session (so
-    parallel runs don't collide), truncated between tests.
+    parallel runs don't collide), emptied between tests.
     """
     if PG_URL:
         name = f"cp_test_{uuid.uuid4().hex[:12]}"
@@ -78,12 +78,15 @@ def migrated_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
         yield url
 
 
-async def _truncate(url: str) -> None:
+async def _empty(url: str) -> None:
+    """Delete every row, children first. DELETE rather than TRUNCATE: a test leaves a handful of
+    rows, and PostgreSQL's TRUNCATE (new files for every table) took ~220 ms per test here
+    against ~40 ms for this, over the ~600 tests of CI's PostgreSQL pass."""
     engine = create_engine(url)
     try:
         async with engine.begin() as conn:
-            names = ", ".join(f'"{t.name}"' for t in metadata.sorted_tables)
-            await conn.execute(text(f"TRUNCATE {names} CASCADE"))
+            for table in reversed(metadata.sorted_tables):
+                await conn.execute(table.delete())
     finally:
         await engine.dispose()
 
@@ -92,7 +95,7 @@ async def _truncate(url: str) -> None:
 async def database_url(migrated_database: str, tmp_path: Path) -> AsyncIterator[str]:
     if PG_URL:
         yield migrated_database
-        await _truncate(migrated_database)
+        await _empty(migrated_database)
     else:
         template = Path(make_url(migrated_database).database or "")
         target = tmp_path / "cp.db"
