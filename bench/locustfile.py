@@ -10,7 +10,9 @@ classes per scenario). Configuration comes from the environment:
 - ``BENCH_STACK``: ``ours`` | ``peer`` | ``bare`` (bare: the Room's local token, no roles, so
   members skip the writes only an owner may make).
 - ``BENCH_ORIGIN`` (the allowed origin), ``BENCH_FLOOD_RPS`` (per flooder user),
-  ``BENCH_CATEGORIES_CSV`` (where the per-category summary is written at the end).
+  ``BENCH_CATEGORIES_CSV`` (where the per-category summary is written at the end),
+  ``BENCH_ADDRESS_BASE`` (the first client address's number: the driver runs the abusers in a
+  second process whose addresses start past the legitimate users').
 - ``BENCH_CP_URL``, ``BENCH_CP_ORIGIN``, ``BENCH_INSTANCE_ID`` and a ``control_plane`` pool in
   ``BENCH_TOKENS``: the token refresher (the driver seeds a control plane for it, bench/cp_seed.py);
   ``BENCH_RUNTIME_URL`` (optional): the runtime the tokens are for, shown each refreshed token;
@@ -68,7 +70,9 @@ def _load_tokens() -> dict[str, list[str]]:
 
 TOKENS = _load_tokens()
 _next: defaultdict[str, itertools.count[int]] = defaultdict(itertools.count)  # role -> pool index
-_addresses = itertools.count(1)
+# Where this process's client addresses start (``BENCH_ADDRESS_BASE``): the abusers' process
+# starts far from the legitimate users' so that no two users of either share an address budget.
+_addresses = itertools.count(int(os.environ.get("BENCH_ADDRESS_BASE", "1")))
 
 
 def take_token(role: str) -> str:
