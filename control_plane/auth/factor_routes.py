@@ -64,6 +64,9 @@ async def status(db: SessionDep, auth: CurrentAuth) -> SecondFactorStatusOut:
     "/totp/setup",
     response_model=TotpSetupOut,
     summary="Start TOTP enrolment: a new secret, as a QR code and as text",
+    # Adding a factor changes the account's credentials: with a passkey already, it is proved
+    # first (an account without a factor passes).
+    dependencies=[second_factor.StepUp],
 )
 async def totp_setup(db: SessionDep, ctx: AuthDep, auth: CurrentAuth, now: Now) -> JSONResponse:
     """Replaces a set-up not yet confirmed. Refused (409) once TOTP is on: the secret is never

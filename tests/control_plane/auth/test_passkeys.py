@@ -187,6 +187,33 @@ async def test_registering_and_removing_need_a_recent_second_factor(harness: Har
         assert "csrf_token" in r.json()  # one step again
 
 
+async def test_adding_totp_to_an_account_with_a_passkey_needs_a_recent_second_factor(
+    harness: Harness,
+):
+    h = harness
+    account = await _signed_in(h)
+    phone = SoftAuthenticator(PUBLIC_URL)
+    await _register(account, phone)
+    h.clock.advance(10 * 60 + 1)
+    _refused(
+        await h.client.post("/api/auth/totp/setup", headers=account.headers),
+        403,
+        "step_up_required",
+    )
+    assert (await h.client.get("/api/auth/second-factor")).json()["totp_enabled"] is False
+    r = await h.client.post(
+        "/api/auth/second-factor/verify/passkey/options", headers=account.headers
+    )
+    r = await h.client.post(
+        "/api/auth/second-factor/verify/passkey",
+        json={"credential": phone.get(r.json()["public_key"])},
+        headers=account.headers,
+    )
+    assert r.status_code == 200, r.text
+    r = await h.client.post("/api/auth/totp/setup", headers=account.headers)
+    assert r.status_code == 200 and r.json()["secret"], r.text
+
+
 async def test_passkey_routes_need_a_session(harness: Harness):
     h = harness
     for method, url in (
