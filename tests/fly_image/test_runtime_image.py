@@ -1,10 +1,8 @@
 """The runtime image holds the runtime alone (issue 16, item 2).
 
-No Docker engine runs here, so the builder stage of Dockerfile.runtime is replayed: its ``COPY``
-steps copy the same files from the repository (less what .dockerignore keeps out of the context)
-into a temporary ``WORKDIR``, and its ``RUN`` steps run there with the stage's ``ENV``, ``python``
-being this interpreter and ``/opt/venv`` and ``/wheels`` moved into the temporary folder. The venv
-it makes is what both targets (``runtime`` and ``quoroom``) copy; the tests read its installed
+No Docker engine runs here, so the builder stage of Dockerfile.runtime is replayed
+(tests/helpers/runtime_venv.py, the ``venv`` fixture). The venv it makes is what both targets
+(``runtime`` and ``quoroom``) copy; the tests read its installed
 distributions and files, run the targets' entrypoints, and probe ``/healthz`` with the image's
 own health check.
 
@@ -14,35 +12,26 @@ dependencies from it).
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import socket
 import subprocess
-import sys
 import time
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 from fly_image.config import Tier, build_machine_config
 from tests.fly_image.test_dockerfile import (
-    DOCKERFILE,
     ROOT,
-    Stage,
     env_pairs,
     exec_form,
-    parse_dockerfile,
 )
 from tests.helpers.jwks_server import JWKSServer
+from tests.helpers.runtime_venv import RUNTIME_PYPROJECT, BuiltVenv, requirements, stage
 from tests.helpers.tokens import TokenFactory
 
-RUNTIME_PYPROJECT = ROOT / "packaging" / "quoroom-runtime" / "pyproject.toml"
 # The control plane's dependencies, named so that a change to either pyproject cannot quietly
 # bring one back (the test below also derives the list from the two pyprojects).
 CONTROL_PLANE_ONLY = {
@@ -50,16 +39,8 @@ CONTROL_PLANE_ONLY = {
     "argon2-cffi", "email-validator", "itsdangerous", "pydantic-settings", "python-multipart",
     "greenlet", "mako", "quoroom-cloud",
 }  # fmt: skip
-# What .dockerignore keeps out of every copied folder.
-IGNORED = shutil.ignore_patterns("__pycache__", "*.py[cod]")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def requirements(pyproject: Path) -> dict[str, Requirement]:
-    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
-    found = [Requirement(spec) for spec in project["dependencies"]]
-    return {canonicalize_name(req.name): req for req in found}
 
 
 def test_the_runtime_distribution_pins_exactly_what_the_repository_pins_for_the_runtime() -> None:
@@ -75,96 +56,7 @@ def test_the_runtime_distribution_pins_exactly_what_the_repository_pins_for_the_
     assert not (CONTROL_PLANE_ONLY & set(runtime)), "a control-plane dependency in the runtime's"
 
 
-# -- the venv, built as the builder stage builds it -----------------------------------------
-
-
-@dataclass(frozen=True)
-class BuiltVenv:
-    root: Path
-    site_packages: Path
-
-    @property
-    def bin(self) -> Path:
-        return self.root / "bin"
-
-    def distributions(self) -> dict[str, str]:
-        done = subprocess.run(
-            [str(self.bin / "python"), "-m", "pip", "list", "--format=json"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return {canonicalize_name(d["name"]): d["version"] for d in json.loads(done.stdout)}
-
-
-def stage(name: str) -> Stage:
-    stages = parse_dockerfile(DOCKERFILE.read_text(encoding="utf-8"))[1]
-    found = [s for s in stages if s.name == name]
-    assert len(found) == 1, f"one stage named {name}"
-    return found[0]
-
-
-def copy_into(workdir: Path, args: str) -> None:
-    """One ``COPY src... dest`` from the build context (the repository) into ``workdir``."""
-    *sources, dest = args.split()
-    assert not any(s.startswith("--") for s in sources), f"unexpected COPY flag: {args}"
-    target = workdir / dest
-    for source in sources:
-        path = ROOT / source
-        assert path.exists(), f"COPY {source}: not in the repository"
-        if path.is_dir():
-            shutil.copytree(path, target, ignore=IGNORED, dirs_exist_ok=True)
-        else:
-            into = target / path.name if dest.endswith("/") or len(sources) > 1 else target
-            into.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, into)
-
-
-def pip_reaches_an_index(scratch: Path) -> str | None:
-    """None when pip can fetch one of the pinned dependencies, else why not."""
-    pin = requirements(RUNTIME_PYPROJECT)["starlette"]
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(scratch), str(pin)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if done.returncode == 0:
-        return None
-    return f"pip cannot reach a package index ({pin}): {done.stderr.strip()[-300:]}"
-
-
-@pytest.fixture(scope="module")
-def venv(tmp_path_factory: pytest.TempPathFactory) -> BuiltVenv:
-    base = tmp_path_factory.mktemp("runtime-image")
-    reason = pip_reaches_an_index(base / "probe")
-    if reason:
-        pytest.skip(reason)
-    builder = stage("builder")
-    (workdir_arg,) = builder.all("WORKDIR")
-    workdir = base / workdir_arg.lstrip("/")
-    workdir.mkdir(parents=True)
-    for args in builder.all("COPY"):
-        copy_into(workdir, args)
-    env = dict(os.environ)
-    for args in builder.all("ENV"):
-        for token in args.split():
-            key, _, value = token.partition("=")
-            env[key] = value
-    # `python` is this interpreter, as the base image's is the image's.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.pop("VIRTUAL_ENV", None)
-    venv_root = base / "opt" / "venv"
-    builds = [run for run in builder.all("RUN") if "apt-get" not in run]
-    assert builds and any("/opt/venv" in run for run in builds)
-    for run in builds:
-        command = run.replace("/opt/venv", str(venv_root)).replace("/wheels", str(base / "wheels"))
-        done = subprocess.run(
-            ["sh", "-c", command], cwd=workdir, env=env, capture_output=True, text=True, timeout=240
-        )
-        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    (site,) = venv_root.glob("lib/python*/site-packages")
-    return BuiltVenv(venv_root, site)
+# -- the venv, built as the builder stage builds it (tests/fly_image/conftest.py) ----------
 
 
 def test_the_venv_installs_the_runtime_and_none_of_the_control_planes_dependencies(

@@ -1,6 +1,7 @@
-"""Smoke test of the image's contents without Docker: build the wheel, install it into a fresh
-virtualenv (as the Dockerfile's builder stage does), start the entrypoint with exactly the
-environment the machine config builder produces, and talk to it over loopback.
+"""Smoke test of the image's contents without Docker: the venv Dockerfile.runtime's builder stage
+makes (replayed, tests/helpers/runtime_venv.py, shared with test_runtime_image.py), its
+entrypoint started with exactly the environment the machine config builder produces, talked to
+over loopback.
 
 Differences from a machine, on purpose: the data directory is a temporary one instead of the
 volume at /data, and it listens on 127.0.0.1 (tests stay on loopback) on a free port.
@@ -11,7 +12,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import pytest
 
 from fly_image.config import ENTRYPOINT, HEALTH_PATH, Tier, build_machine_config
 from tests.helpers.jwks_server import JWKSServer
+from tests.helpers.runtime_venv import BuiltVenv
 from tests.helpers.tokens import TokenFactory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,25 +36,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(*args: str, cwd: Path | None = None) -> None:
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        pytest.fail(f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def installed_runtime(tmp_path_factory) -> Path:
-    """The ``quoroom-runtime`` script of a fresh virtualenv with the project's wheel installed."""
-    if not (ROOT / "room_cloud_runtime" / "cli.py").exists():
-        pytest.skip("room_cloud_runtime/cli.py (quoroom-runtime serve) is not in the tree yet")
-    base = tmp_path_factory.mktemp("smoke")
-    wheels, venv = base / "wheels", base / "venv"
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT))
-    (wheel,) = wheels.glob("quoroom_cloud-*.whl")
-    run(sys.executable, "-m", "venv", str(venv))
-    run(str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel))
-    script = venv / "bin" / ENTRYPOINT[0]
-    assert script.exists(), f"the wheel does not install the {ENTRYPOINT[0]} console script"
+@pytest.fixture
+def installed_runtime(venv: BuiltVenv) -> Path:
+    """The image's ``quoroom-runtime`` script."""
+    script = venv.bin / ENTRYPOINT[0]
+    assert script.exists(), f"the image's venv has no {ENTRYPOINT[0]} console script"
     return script
 
 
