@@ -712,6 +712,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{tool} not found (apt-get install {tool})", file=sys.stderr)
             return 2
     started = time.monotonic()
+    from .bench_gateway import _speed_probe
+
+    probe_before = _speed_probe()
     OUT.mkdir(parents=True, exist_ok=True)
     key = _keys.new_key()
     tokens, bare_tokens = OUT / "tokens.json", OUT / "tokens-bare.json"
@@ -823,6 +826,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m bench.load" + (" " + " ".join(argv) if argv else "")
     if argv is None and sys.argv[1:]:
         command = "python -m bench.load " + " ".join(sys.argv[1:])
+    notes.append(speed_note(probe_before, _speed_probe()))
     notes.append(f"whole command took {time.monotonic() - started:.0f} s.")
     from . import plot
 
@@ -835,6 +839,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
     return 0 if all(v.ok is not False for v in verdicts) else 1
+
+
+#: The speed probe on a quiet host (bench/RESULTS.md's gateway runs of 2026-12-06: 127-149 ms).
+QUIET_PROBE_MS = 150.0
+
+
+def speed_note(before: float, after: float) -> str:
+    """The speed probe's figures, and a warning when the host was slow: on this VM every figure
+    of a run then grows, the latencies most, and the targets cannot be judged from it."""
+    note = (
+        "speed probe (CPU time of a fixed 2·10⁶-iteration Python loop on core 0; on this VM it "
+        f"grows when the host is busy): {before:.0f} ms before, {after:.0f} ms after"
+    )
+    if max(before, after) > QUIET_PROBE_MS * 1.3:
+        return note + (
+            f" — well above the ~{QUIET_PROBE_MS:.0f} ms of a quiet host: the host was busy, so "
+            "this run's absolute figures and latency ratios are not the stack's; rerun on a "
+            "quiet host before judging the targets."
+        )
+    return note + "."
 
 
 def contention_note(loads: dict[str, float]) -> str | None:

@@ -228,3 +228,10 @@ def test_the_refresh_scenario_is_in_the_default_run_and_can_be_left_out() -> Non
     assert scenario is not None and scenario.extra_env["BENCH_CP_URL"] == "http://127.0.0.1:1"
     scenario, note = load.refresher_scenario(args(cp_url="http://127.0.0.1:1"))
     assert scenario is None and note and "both" in note
+
+
+def test_the_speed_note_warns_when_the_host_was_slow() -> None:
+    quiet = load.speed_note(131.0, 140.0)
+    assert quiet.endswith("131 ms before, 140 ms after.")
+    busy = load.speed_note(130.0, 345.0)
+    assert "345 ms after" in busy and "the host was busy" in busy
