@@ -188,6 +188,10 @@ def _machine_busy_seconds() -> tuple[float, float]:
     return busy / tick, values[7] / tick
 
 
+#: The speed probe on a quiet host (this file's runs of 2026-12-06 00:19 and 00:22: 127-149 ms).
+QUIET_PROBE_MS = 150.0
+
+
 def _speed_probe(core: str = SERVER_CORE) -> float:
     """CPU ms a fixed pure-Python loop takes on ``core``: how fast this (virtual) machine is now.
 
@@ -890,7 +894,14 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"processes used up to {worst[1]:.2f} of the 2 cores during a phase ({worst[0]}), "
         f"steal up to {steal:.2f}. Speed probe (CPU time of a fixed 2·10⁶-iteration Python "
         f"loop on core 0; on this VM it grows when the host is busy): {probe[0]:.0f} ms before, "
-        f"{probe[1]:.0f} ms after. "
+        f"{probe[1]:.0f} ms after"
+        + (
+            f" — well above the ~{QUIET_PROBE_MS:.0f} ms of a quiet host: the host was busy, "
+            "and on a busy host the gateway's Python slows more than the Room's node, so this "
+            "run's figures are not the gateway's; rerun on a quiet host before judging. "
+            if max(probe) > QUIET_PROBE_MS * 1.3
+            else ". "
+        )
         + (
             f"{len(busy)} of {len(samples)} phases had other processes above 0.15 cores: the "
             f"machine was busy; read the absolute figures with that in mind (the interleaved "

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _keys, apps, cp_seed
+from .bench_gateway import QUIET_PROBE_MS, _speed_probe
 from .bench_stack import _cpu_seconds, _free_port, _wait_listening, _wrk, paired_ratio
 
 HERE = Path(__file__).parent
@@ -712,8 +713,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{tool} not found (apt-get install {tool})", file=sys.stderr)
             return 2
     started = time.monotonic()
-    from .bench_gateway import _speed_probe
-
     probe_before = _speed_probe()
     OUT.mkdir(parents=True, exist_ok=True)
     key = _keys.new_key()
@@ -839,10 +838,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
     return 0 if all(v.ok is not False for v in verdicts) else 1
-
-
-#: The speed probe on a quiet host (bench/RESULTS.md's gateway runs of 2026-12-06: 127-149 ms).
-QUIET_PROBE_MS = 150.0
 
 
 def speed_note(before: float, after: float) -> str:
