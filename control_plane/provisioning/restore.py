@@ -136,17 +136,15 @@ async def request_restore(
             await quotas.lock_user(session, inst.owner_id)
             try:
                 await quotas.check_instance_quota(session, settings, inst.owner_id)
-            except QuotaExceeded as exc:
-                raise RestoreRefused(
-                    f"instance {instance_id}: its owner has {settings.instance_quota} live "
-                    "Rooms already (INSTANCE_QUOTA); --over-quota restores it anyway"
-                ) from exc
-            try:
                 await quotas.check_capacity(session, settings, inst.region)
-            except CapacityReached as exc:
+            except (QuotaExceeded, CapacityReached) as exc:
+                limit = (
+                    f"its owner has {settings.instance_quota} live Rooms already (INSTANCE_QUOTA)"
+                    if isinstance(exc, QuotaExceeded)
+                    else f"{exc.message} (ROOMS_PER_REGION / ROOMS_TOTAL)"
+                )
                 raise RestoreRefused(
-                    f"instance {instance_id}: {exc.message} (ROOMS_PER_REGION / ROOMS_TOTAL); "
-                    "--over-quota restores it anyway"
+                    f"instance {instance_id}: {limit}; --over-quota restores it anyway"
                 ) from exc
         moved = (
             await session.execute(
