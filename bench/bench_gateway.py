@@ -192,7 +192,7 @@ def _machine_busy_seconds() -> tuple[float, float]:
 QUIET_PROBE_MS = 150.0
 
 
-def _speed_probe(core: str = SERVER_CORE) -> float:
+def speed_probe(core: str = SERVER_CORE) -> float:
     """CPU ms a fixed pure-Python loop takes on ``core``: how fast this (virtual) machine is now.
 
     On a shared host the same code costs several times more CPU time when the host is busy, so
@@ -1003,7 +1003,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     cli = _install_room()
-    probe_before = _speed_probe()
+    probe_before = speed_probe()
     room_version = json.loads((Path(cli).parents[2] / "package.json").read_text())["version"]
     node_version = subprocess.run(
         ["node", "--version"], capture_output=True, text=True, check=True
@@ -1061,7 +1061,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _phase("client libraries", started)
     result["disturbance"] = disturbance.samples
     result["load_after"] = os.getloadavg()[0]
-    result["probe"] = (probe_before, _speed_probe())
+    result["probe"] = (probe_before, speed_probe())
     result["date"] = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}"
     command = "scripts/bench gateway" + (" " + " ".join(argv) if argv else "")
     section = markdown(result, command)

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _keys, apps, cp_seed
-from .bench_gateway import QUIET_PROBE_MS, _speed_probe
+from .bench_gateway import QUIET_PROBE_MS, speed_probe
 from .bench_stack import _cpu_seconds, _free_port, _wait_listening, _wrk, paired_ratio
 
 HERE = Path(__file__).parent
@@ -330,17 +330,26 @@ def run_locust(scenario: Scenario, host: str, env: dict[str, str]) -> list[Path]
                 ),
             )
         )
-    written = []
-    for categories, proc in procs:
-        try:
-            _, stderr = proc.communicate(timeout=scenario.seconds + 60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, stderr = proc.communicate()
-        # locust exits 1 when any request failed: that is data for the summary, not a crash.
-        if not categories.exists():
-            raise RuntimeError(f"locust wrote no summary for {scenario.name}:\n{stderr[-3000:]}")
-        written.append(categories)
+    written, problems = [], []
+    try:
+        for categories, proc in procs:
+            try:
+                _, stderr = proc.communicate(timeout=scenario.seconds + 60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, stderr = proc.communicate()
+            # locust exits 1 when any request failed: that is data for the summary, not a crash.
+            if categories.exists():
+                written.append(categories)
+            else:
+                problems.append(f"locust wrote no summary for {categories.name}:\n{stderr[-3000:]}")
+    finally:
+        for _, proc in procs:  # none outlives the scenario, whatever happened
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if problems:
+        raise RuntimeError("\n".join(problems))
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     CPU["generator"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return written
@@ -713,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{tool} not found (apt-get install {tool})", file=sys.stderr)
             return 2
     started = time.monotonic()
-    probe_before = _speed_probe()
+    probe_before = speed_probe()
     OUT.mkdir(parents=True, exist_ok=True)
     key = _keys.new_key()
     tokens, bare_tokens = OUT / "tokens.json", OUT / "tokens-bare.json"
@@ -825,7 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m bench.load" + (" " + " ".join(argv) if argv else "")
     if argv is None and sys.argv[1:]:
         command = "python -m bench.load " + " ".join(sys.argv[1:])
-    notes.append(speed_note(probe_before, _speed_probe()))
+    notes.append(speed_note(probe_before, speed_probe()))
     notes.append(f"whole command took {time.monotonic() - started:.0f} s.")
     from . import plot
 
