@@ -28,6 +28,7 @@ from fly_image.config import (
     Tier,
     build_machine_config,
 )
+from tests.helpers.quoroom_room import shared_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile.runtime"
@@ -227,7 +228,7 @@ def test_the_example_fly_toml_matches_the_builder(machine_config):
 
 # -- the quoroom target: the gateway in front of the real Room --------------------------------
 
-SHARED_INSTALL = ROOT.parent / "shared" / "quoroom-room" / "install"
+SHARED_INSTALL = shared_dir() / "quoroom-room" / "install"
 PLACEHOLDER = "https://control-plane.quoroom.invalid"
 
 
@@ -400,7 +401,9 @@ def test_the_quoroom_stage_runs_as_uid_10001_and_keeps_everything_of_the_room_on
     assert "/opt/venv/bin" in path
 
 
-@pytest.mark.skipif(not SHARED_INSTALL.exists(), reason="needs ../shared/quoroom-room")
+@pytest.mark.skipif(
+    not SHARED_INSTALL.exists(), reason=f"needs {SHARED_INSTALL} (QUOROOM_SHARED_DIR)"
+)
 @pytest.mark.parametrize(
     ("origin", "ok"),
     [

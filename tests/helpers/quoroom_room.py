@@ -55,7 +55,10 @@ def room_cli(control_origin: str | None = None) -> str:
         pytest.skip(reason)
     script = shared_dir() / "quoroom-room" / "install"
     if not script.exists():
-        pytest.fail(f"{script} is missing: the real Room's install script (../shared)")
+        pytest.fail(
+            f"{script} is missing: the real Room's install script (../shared beside the "
+            "checkout, or QUOROOM_SHARED_DIR)"
+        )
     argv = ["bash", str(script), str(cache_dir())]
     if control_origin:
         argv.append(control_origin)
