@@ -49,6 +49,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Install the real Room ahead of the tests that run it (``real_room`` marker), outside any
+    test's timeout; see tests/helpers/quoroom_room.install_ahead."""
+    if any(item.get_closest_marker("real_room") for item in session.items):
+        from tests.helpers.quoroom_room import install_ahead
+
+        install_ahead(session.config.pluginmanager.get_plugin("terminalreporter"))
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str | None:
     return REDIS_URL

@@ -29,6 +29,8 @@ from tests.browser.conftest import PASSWORD, ControlPlane
 from tests.browser.test_refresh_cors import REFRESH, SIGN_IN
 from tests.helpers.quoroom_room import room_cli
 
+pytestmark = pytest.mark.real_room
+
 #: The shortest runtime-token TTL the settings accept; the UI refreshes at max(30 s, 0.8 x TTL).
 TTL = 60
 

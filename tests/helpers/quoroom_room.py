@@ -48,6 +48,39 @@ def node_missing() -> str | None:
     return None
 
 
+def _install(control_origin: str | None) -> subprocess.CompletedProcess[str]:
+    argv = ["bash", str(shared_dir() / "quoroom-room" / "install"), str(cache_dir())]
+    if control_origin:
+        argv.append(control_origin)
+    # One install at a time per cache: the suite, `scripts/bench gateway` and a second checkout
+    # may all ask at once, and two npm runs in one folder break each other's native builds.
+    lock_path = cache_dir().parent / f"{cache_dir().name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, "QUOROOM_ROOM_VERSION": ROOM_VERSION},
+        )
+
+
+def install_ahead(reporter: Any = None) -> None:
+    """Install the package before the first test that needs it starts (tests/conftest.py calls
+    this once collection is done). The first install on a machine (npm, then better-sqlite3
+    built from source) took 108 s here: inside a test's fixture it counted against that test's
+    120 s timeout. A failure is left for ``room_cli`` to report in the tests themselves."""
+    if node_missing() is not None or not (shared_dir() / "quoroom-room" / "install").exists():
+        return
+    if reporter is not None and not (cache_dir() / "node_modules" / "quoroom").is_dir():
+        reporter.write_line(
+            f"installing the real Room (npm quoroom {ROOM_VERSION}) once into {cache_dir()}"
+        )
+    _install(None)
+
+
 def room_cli(control_origin: str | None = None) -> str:
     """Install (once) and return the real Room's ``cli.js``; skip the test without node/npm."""
     reason = node_missing()
@@ -59,22 +92,7 @@ def room_cli(control_origin: str | None = None) -> str:
             f"{script} is missing: the real Room's install script (../shared beside the "
             "checkout, or QUOROOM_SHARED_DIR)"
         )
-    argv = ["bash", str(script), str(cache_dir())]
-    if control_origin:
-        argv.append(control_origin)
-    # One install at a time per cache: the suite, `scripts/bench gateway` and a second checkout
-    # may all ask at once, and two npm runs in one folder break each other's native builds.
-    lock_path = cache_dir().parent / f"{cache_dir().name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            env={**os.environ, "QUOROOM_ROOM_VERSION": ROOM_VERSION},
-        )
+    done = _install(control_origin)
     if done.returncode != 0:
         pytest.fail(f"installing the real Room failed:\n{done.stderr[-4000:]}")
     cli = done.stdout.strip().splitlines()[-1]

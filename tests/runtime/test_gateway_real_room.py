@@ -53,7 +53,7 @@ from tests.helpers.jwks_server import JWKSServer
 from tests.helpers.quoroom_room import RoomGateway, room_cli, shared_dir
 from tests.helpers.tokens import TokenFactory
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.real_room]
 
 INSTANCE_ID = "inst-gateway-real-room"
 SECRET_ENV = "QUOROOM_GATEWAY_UPSTREAM_SECRET"
