@@ -26,11 +26,18 @@ def plot(
 ) -> None:
     """Left: p50/p95/p99 of legitimate HTTP requests per locust scenario. Right: wrk req/s."""
     fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1]})
-    names = [n for n, c in results.items() if c.get("legit")]
+    # (label, scenario, category): an abuse scenario's phases with the abusers off and on.
+    bars = []
+    for n, c in results.items():
+        if c.get("legit_abused"):
+            bars += [(f"{n} (off)", n, "legit"), (f"{n} (on)", n, "legit_abused")]
+        elif c.get("legit"):
+            bars.append((n, n, "legit"))
+    names = [label for label, _, _ in bars]
     width = 0.26
     for i, (pct, alpha) in enumerate((("p50_ms", 0.45), ("p95_ms", 0.7), ("p99_ms", 1.0))):
         xs = [j + (i - 1) * width for j in range(len(names))]
-        values = [results[n]["legit"][pct] for n in names]
+        values = [results[n].get(cat, {}).get(pct, 0.0) for _, n, cat in bars]
         colours = [COLOURS.get(n.split("-")[0], "#555555") for n in names]
         lat.bar(xs, values, width, color=colours, alpha=alpha, label=pct.removesuffix("_ms"))
     lat.axhline(50, color="red", linestyle="--", linewidth=1, label="p99 target 50 ms")

@@ -21,6 +21,7 @@ FIELDS = [
     "failed_statuses",
     "events",
     "seconds",
+    "wall_seconds",
 ]
 
 
@@ -40,6 +41,7 @@ def row(category: str, p99: float, statuses: str, failed: str = "", **extra: Any
         "failed_statuses": failed,
         "events": 0,
         "seconds": 40,
+        "wall_seconds": 40,
         **extra,
     }
 
@@ -106,6 +108,52 @@ def test_legit_p99_more_than_1_2_times_slower_under_abuse_fails(tmp_path: Path) 
     assert verdicts(tmp_path, GOOD_MIXED, abuse)[key] is False
     abuse = [row("legit", 14.4, "200:9000"), *GOOD_ABUSE[1:]]
     assert verdicts(tmp_path, GOOD_MIXED, abuse)[key] is True
+
+
+def test_with_phases_the_abuse_scenario_is_judged_against_itself(tmp_path: Path) -> None:
+    key = "(b) legit p99 with the abusers ≤ 1.2× without"
+    # Interleaved: legit_abused (abusers on) against legit (off) of the same run; the mixed
+    # scenario's p99 (12 ms here) only stands beside them.
+    phased = [
+        row("legit", 30.0, "200:4000"),
+        row("legit_abused", 35.0, "200:4000"),
+        row("legit_edge", 90.0, "200:300"),
+        *GOOD_ABUSE[1:],
+    ]
+    verdict = next(
+        v
+        for v in load.judge(
+            {
+                "ours-mixed": write(tmp_path, "m", GOOD_MIXED),
+                "ours-abuse": write(tmp_path, "a", phased),
+            },
+            None,
+        )
+        if v.target == key
+    )
+    assert verdict.ok is True and "35.0 ms vs 30.0 ms = 1.17×" in verdict.figure
+    assert "interleaved 2-s phases" in verdict.figure and "12.0 ms" in verdict.figure
+    phased[1] = row("legit_abused", 36.5, "200:4000")  # 1.22×
+    assert verdicts(tmp_path, GOOD_MIXED, phased)[key] is False
+    # A legitimate error in any phase, the edges included, fails it.
+    phased[1] = row("legit_abused", 30.0, "200:4000")
+    assert verdicts(tmp_path, GOOD_MIXED, phased)[key] is True
+    phased[2] = row("legit_edge", 30.0, "200:299 500:1", failed="500:1")
+    assert verdicts(tmp_path, GOOD_MIXED, phased)[key] is False
+
+
+def test_with_phases_the_flooders_allowed_rate_is_over_the_whole_run(tmp_path: Path) -> None:
+    key = "(b) flooder at 20× its budget (20/s) is throttled"
+    # 1,200 allowed in 20 s of flooding within a 40-s run: the budget (20/s) refilled while the
+    # flooder paused, so 30/s of flooding time is 30 · 20 / 40 = 15/s of the run.
+    paused = [
+        *GOOD_ABUSE[:2],
+        row("flood", 3.0, "200:1200 429:7000", seconds=20, wall_seconds=40),
+        GOOD_ABUSE[3],
+    ]
+    assert verdicts(tmp_path, GOOD_MIXED, paused)[key] is True
+    leaky = [*paused[:2], row("flood", 3.0, "200:4000 429:4000", seconds=20, wall_seconds=40)]
+    assert verdicts(tmp_path, GOOD_MIXED, [*leaky, GOOD_ABUSE[3]])[key] is False
 
 
 def test_a_flooder_that_is_not_throttled_fails(tmp_path: Path) -> None:

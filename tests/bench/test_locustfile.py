@@ -82,3 +82,64 @@ def test_the_refresher_runs_when_the_driver_gives_a_control_plane(tmp_path: Path
     probe = json.loads(out.strip().splitlines()[-1])
     assert probe["weight"] == 1 and probe["runtime"] == "http://127.0.0.1:2"
     assert 0.5 <= probe["low"] < probe["high"] <= 1.5
+
+
+PHASE_PROBE = """
+import json, time
+import bench.locustfile as lf
+e, p = lf.PHASE_EPOCH, lf.PHASE_SECONDS
+cases = {
+    "on": [lf.abusers_on(e + t) for t in (0.1, 4.9, 5.1, 9.9, 10.1, 15.2)],
+    "until": [round(lf.until_abuse(e + t), 3) for t in (1.0, 6.0, 12.5)],
+    "abuse_seconds": [round(lf.abuse_seconds(e + a, e + b), 3)
+                      for a, b in ((0, 20), (2, 7), (6, 16), (11, 12))],
+}
+# A request filed by the phase it ran in, measured back from now (time.time()).
+def filed(ago_end, ms):
+    real = time.time
+    time.time = lambda: e + ago_end
+    try:
+        return lf.phase_category("legit", ms)
+    finally:
+        time.time = real
+cases["filed"] = [filed(2.0, 10), filed(7.0, 10), filed(5.2, 10), filed(4.9, 100),
+                  filed(5.6, 1000), filed(12.0, 10)]
+cases["other"] = lf.phase_category("ws", 10)
+# A paced abuser asked to wait in the off phase waits on to the next on phase.
+real = time.time
+time.time = lambda: e + 1.0
+try:
+    cases["wait"] = round(lf.paced_by_phase(lambda user: 0.25)(None), 3)
+finally:
+    time.time = real
+print(json.dumps(cases))
+"""
+
+
+def test_abusers_send_in_alternate_phases_and_legit_requests_are_filed_by_phase() -> None:
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", PHASE_PROBE],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "BENCH_PHASE_EPOCH": "1000.0", "BENCH_PHASE_SECONDS": "5"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    probe = json.loads(out.strip().splitlines()[-1])
+    # Phase 0 (0-5 s) without abusers, phase 1 (5-10 s) with them, and so on.
+    assert probe["on"] == [False, False, True, True, False, True]
+    assert probe["until"] == [4.0, 0.0, 2.5]
+    assert probe["abuse_seconds"] == [10.0, 2.0, 5.0, 0.0]
+    # By the start: off phase; on phase; started 0.19 s after a switch and 0.2 s before one
+    # (edges); started at 4.6 s, in the off phase, and ended in the next; off again (10-15 s).
+    assert probe["filed"] == [
+        "legit",
+        "legit_abused",
+        "legit_edge",
+        "legit_edge",
+        "legit",
+        "legit",
+    ]
+    assert probe["other"] == "ws"
+    assert probe["wait"] == 4.0  # 0.25 s of pacing, then on to the phase starting at 5 s
