@@ -16,7 +16,7 @@
 4. Writes CSVs and locust's HTML reports under bench/out/load/, the plot bench/load.png and the
    summary bench/RESULTS-load.md (each figure against its target, pass or fail).
 
-python -m bench.load                 # everything (about 7 minutes)
+python -m bench.load                 # everything (about 10 minutes)
 python -m bench.load --quick         # shorter phases, for a smoke run (about 3 minutes)
 python -m bench.load --cp-url URL --cp-tokens FILE [--cp-instance ID --cp-origin O]
                                      # refresh against a control plane of your own instead
