@@ -435,26 +435,22 @@ def _unintended_errors(row: dict[str, Any] | None) -> int:
 def _abuse_p99_verdict(
     abuse: dict[str, dict[str, Any]], mixed: dict[str, dict[str, Any]]
 ) -> Verdict:
-    """Legitimate p99 with the abusers against without. With interleaved phases, both come from
-    the abuse scenario itself (``legit_abused`` against ``legit``: same run, same server, the
-    host's slow spells shared); otherwise the abuse scenario's ``legit`` against the mixed one's."""
-    legit_rows = [abuse.get(c) for c in ("legit", "legit_abused", "legit_edge")]
-    errors = sum(_unintended_errors(r) for r in legit_rows)
-    mixed_p99 = (mixed.get("legit") or {}).get("p99_ms", 0)
-    if "legit_abused" in abuse:
-        on, off = abuse["legit_abused"], abuse.get("legit") or {}
-        loaded, base = on["p99_ms"], off.get("p99_ms", 0)
-        how = (
-            f"interleaved {PHASE_SECONDS:.0f}-s phases in one run, {on['requests']} / "
-            f"{off.get('requests', 0)} requests; the mixed scenario's p99 {mixed_p99:.1f} ms"
-        )
-    else:
-        loaded, base = (abuse.get("legit") or {}).get("p99_ms", 0), mixed_p99
-        how = "against the mixed scenario"
+    """Legitimate p99 with the abusers against without, both from the abuse scenario's
+    interleaved phases (``legit_abused`` against ``legit``: same run, same server, the host's
+    slow spells shared); the mixed scenario's p99 stands beside them for reference."""
+    target = f"(b) legit p99 with the abusers ≤ {ABUSE_P99_FACTOR}× without"
+    errors = sum(_unintended_errors(abuse.get(c)) for c in ("legit", "legit_abused", "legit_edge"))
+    on, off = abuse.get("legit_abused"), abuse.get("legit")
+    if not on or not off:
+        return Verdict(target, "no legitimate requests in one of the phases", False)
+    loaded, base = on["p99_ms"], off["p99_ms"]
     ratio = loaded / base if base else float("inf")
+    mixed_p99 = (mixed.get("legit") or {}).get("p99_ms", 0)
     return Verdict(
-        f"(b) legit p99 with the abusers ≤ {ABUSE_P99_FACTOR}× without",
-        f"{loaded:.1f} ms vs {base:.1f} ms = {ratio:.2f}× ({how}); {errors} legit errors",
+        target,
+        f"{loaded:.1f} ms vs {base:.1f} ms = {ratio:.2f}× (interleaved {PHASE_SECONDS:.0f}-s "
+        f"phases in one run, {on['requests']} / {off['requests']} requests; the mixed "
+        f"scenario's p99 {mixed_p99:.1f} ms); {errors} legit errors",
         ratio <= ABUSE_P99_FACTOR and errors == 0,
     )
 

@@ -68,8 +68,8 @@ SETTLE_SECONDS = 3.0  # after the last user started: each has sent its first req
 PHASE_EPOCH = float(os.environ.get("BENCH_PHASE_EPOCH") or 0)
 PHASE_SECONDS = float(os.environ.get("BENCH_PHASE_SECONDS") or 0)
 PHASE_ROLE = os.environ.get("BENCH_PHASE_ROLE", "legit")
-PHASE_GUARD = 0.25  # seconds either side of a switch: legitimate requests started there count
-# for neither phase
+# Seconds either side of a switch: legitimate requests started there count for neither phase.
+PHASE_GUARD = 0.25
 
 
 def _load_tokens() -> dict[str, list[str]]:

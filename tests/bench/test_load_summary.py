@@ -69,6 +69,7 @@ GOOD_ABUSE = [
     row("ws", 9.0, "ok:900"),
     row("flood", 3.0, "200:800 429:15000"),
     row("abuse", 3.0, "401:100 403:20 413:20"),
+    row("legit_abused", 13.0, "200:9000 201:50 403:100"),
 ]
 WRK = {"bare": 10000.0, "ours": 9500.0, "peer": 2000.0, "ours_ratio": 0.95, "peer_ratio": 0.2}
 
@@ -103,11 +104,14 @@ def test_p99_above_50_ms_fails(tmp_path: Path) -> None:
 
 
 def test_legit_p99_more_than_1_2_times_slower_under_abuse_fails(tmp_path: Path) -> None:
-    abuse = [row("legit", 14.5, "200:9000"), *GOOD_ABUSE[1:]]  # 14.5 / 12 = 1.21
     key = "(b) legit p99 with the abusers ≤ 1.2× without"
+    off = row("legit", 12.0, "200:9000")
+    abuse = [off, *GOOD_ABUSE[1:4], row("legit_abused", 14.5, "200:9000")]  # 1.21×
     assert verdicts(tmp_path, GOOD_MIXED, abuse)[key] is False
-    abuse = [row("legit", 14.4, "200:9000"), *GOOD_ABUSE[1:]]
+    abuse = [off, *GOOD_ABUSE[1:4], row("legit_abused", 14.4, "200:9000")]
     assert verdicts(tmp_path, GOOD_MIXED, abuse)[key] is True
+    # A run with no legitimate request in the abusers' phases cannot pass.
+    assert verdicts(tmp_path, GOOD_MIXED, GOOD_ABUSE[:4])[key] is False
 
 
 def test_with_phases_the_abuse_scenario_is_judged_against_itself(tmp_path: Path) -> None:
@@ -118,7 +122,7 @@ def test_with_phases_the_abuse_scenario_is_judged_against_itself(tmp_path: Path)
         row("legit", 30.0, "200:4000"),
         row("legit_abused", 35.0, "200:4000"),
         row("legit_edge", 90.0, "200:300"),
-        *GOOD_ABUSE[1:],
+        *GOOD_ABUSE[1:4],
     ]
     verdict = next(
         v

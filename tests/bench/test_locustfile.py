@@ -14,6 +14,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+
+def probe(script: str, env: dict[str, str] | None = None) -> dict:  # type: ignore[type-arg]
+    """Run ``script`` (which prints one JSON line last) in a fresh interpreter; its answer."""
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 PROBE = """
 import json
 import bench.locustfile as lf
@@ -26,16 +41,8 @@ print(json.dumps({"users": users, "p50": lf.percentile(values, 50),
 
 
 def test_the_locustfile_imports_and_declares_every_user_class() -> None:
-    out = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", PROBE],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    probe = json.loads(out.strip().splitlines()[-1])
-    users = probe["users"]
+    answer = probe(PROBE)
+    users = answer["users"]
     assert {
         "OwnerUser",
         "MemberUser",
@@ -48,7 +55,7 @@ def test_the_locustfile_imports_and_declares_every_user_class() -> None:
     assert users["FloodUser"] == [0, 4] and users["AbuserUser"] == [0, 1]
     # No control plane configured: the refresher has no weight.
     assert users["TokenRefresherUser"][0] == 0
-    assert (probe["p50"], probe["p99"], probe["empty"]) == (3.0, 5.0, 0.0)
+    assert (answer["p50"], answer["p99"], answer["empty"]) == (3.0, 5.0, 0.0)
 
 
 REFRESHER_PROBE = """
@@ -70,18 +77,9 @@ def test_the_refresher_runs_when_the_driver_gives_a_control_plane(tmp_path: Path
         "BENCH_RUNTIME_URL": "http://127.0.0.1:2",
         "BENCH_REFRESH_WAIT": "0.5,1.5",
     }
-    out = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", REFRESHER_PROBE],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    probe = json.loads(out.strip().splitlines()[-1])
-    assert probe["weight"] == 1 and probe["runtime"] == "http://127.0.0.1:2"
-    assert 0.5 <= probe["low"] < probe["high"] <= 1.5
+    answer = probe(REFRESHER_PROBE, env)
+    assert answer["weight"] == 1 and answer["runtime"] == "http://127.0.0.1:2"
+    assert 0.5 <= answer["low"] < answer["high"] <= 1.5
 
 
 PHASE_PROBE = """
@@ -117,23 +115,17 @@ print(json.dumps(cases))
 
 
 def test_abusers_send_in_alternate_phases_and_legit_requests_are_filed_by_phase() -> None:
-    out = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", PHASE_PROBE],
-        cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "BENCH_PHASE_EPOCH": "1000.0", "BENCH_PHASE_SECONDS": "5"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    probe = json.loads(out.strip().splitlines()[-1])
+    answer = probe(
+        PHASE_PROBE,
+        {"PATH": "/usr/bin:/bin", "BENCH_PHASE_EPOCH": "1000.0", "BENCH_PHASE_SECONDS": "5"},
+    )
     # Phase 0 (0-5 s) without abusers, phase 1 (5-10 s) with them, and so on.
-    assert probe["on"] == [False, False, True, True, False, True]
-    assert probe["until"] == [4.0, 0.0, 2.5]
-    assert probe["abuse_seconds"] == [10.0, 2.0, 5.0, 0.0]
+    assert answer["on"] == [False, False, True, True, False, True]
+    assert answer["until"] == [4.0, 0.0, 2.5]
+    assert answer["abuse_seconds"] == [10.0, 2.0, 5.0, 0.0]
     # By the start: off phase; on phase; started 0.19 s after a switch and 0.2 s before one
     # (edges); started at 4.6 s, in the off phase, and ended in the next; off again (10-15 s).
-    assert probe["filed"] == [
+    assert answer["filed"] == [
         "legit",
         "legit_abused",
         "legit_edge",
@@ -141,5 +133,5 @@ def test_abusers_send_in_alternate_phases_and_legit_requests_are_filed_by_phase(
         "legit",
         "legit",
     ]
-    assert probe["other"] == "ws"
-    assert probe["wait"] == 4.0  # 0.25 s of pacing, then on to the phase starting at 5 s
+    assert answer["other"] == "ws"
+    assert answer["wait"] == 4.0  # 0.25 s of pacing, then on to the phase starting at 5 s
