@@ -12,6 +12,7 @@ import atexit
 import itertools
 import json
 import logging
+import math
 import re
 import secrets
 import sys
@@ -33,15 +34,28 @@ _LABELLED = re.compile(r"\b((?:token|secret|password)s?\s*[:=]\s*)[^\s\"',&]+", 
 # Stripe secret and restricted keys, webhook signing secrets (the control plane shares this filter).
 _STRIPE = re.compile(r"\b(?:(?:sk|rk)_(?:live|test)|whsec)_[A-Za-z0-9]+")
 _REDACTED = "[redacted]"
-# Every pattern above needs one of these words: most lines have none and skip the passes.
-_SUSPECT = re.compile(r"eyJ|token|secret|password|bearer|sk_|rk_|whsec_", re.I)
+# Every pattern above needs one of these words (in any case): most lines have none and skip the
+# passes. Looked for with ``in`` in the case-folded text, not with one case-insensitive regex:
+# 0.6 µs against 5.5 for a 50-character line, 1.8 against 29 for 250 (sre tries every
+# alternative at every position under re.I). casefold() maps every character re.I would match to
+# one of these letters onto it (checked over all of Unicode: tests/runtime/test_logging.py).
+_SUSPECT_WORDS = ("eyj", "token", "secret", "password", "bearer", "sk_", "rk_", "whsec_")
+
+
+def _suspect(text: str) -> bool:
+    folded = text.casefold()
+    for word in _SUSPECT_WORDS:
+        if word in folded:
+            return True
+    return False
+
 
 # LogRecord attributes that are not "extra" fields.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 def redact(text: str) -> str:
-    if _SUSPECT.search(text) is None:
+    if not _suspect(text):
         return text
     text = _JWT.sub(_REDACTED, text)
     text = _QUERY_TOKEN.sub(lambda m: m.group(1) + _REDACTED, text)
@@ -130,6 +144,11 @@ FLUSH_LINES = 256
 
 _LIVE: weakref.WeakSet[AccessLines] = weakref.WeakSet()
 
+# json.dumps's own escaper for a str (the C one, ensure_ascii), and the ", "key": " part of a line
+# per field name (a handful of names: bounded all the same).
+_escape: Callable[[str], str] = json.encoder.encode_basestring_ascii
+_KEYS: dict[str, str] = {}
+
 
 @atexit.register
 def _flush_all() -> None:
@@ -157,6 +176,8 @@ class AccessLines:
         self._pending: list[str] = []
         self._handler: JsonLinesHandler | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # What follows "ts" in every line, up to the fields.
+        self._head = f', "level": "info", "logger": {_escape(logger.name)}, "msg": "request"'
         _LIVE.add(self)
 
     def enabled(self) -> bool:
@@ -185,15 +206,7 @@ class AccessLines:
         if handler is None:
             self.logger.info("request", extra=fields)
             return
-        entry: dict[str, Any] = {
-            "ts": round(time.time(), 3),
-            "level": "info",
-            "logger": self.logger.name,
-            "msg": "request",
-        }
-        for key, value in fields.items():
-            entry[key] = redact(value) if isinstance(value, str) else value
-        self._pending.append(json.dumps(entry, default=str))
+        self._pending.append(self._line(fields))
         if len(self._pending) >= FLUSH_LINES:
             self.flush()
         elif self._timer is None:
@@ -203,6 +216,41 @@ class AccessLines:
                 self.flush()
                 return
             self._timer = loop.call_later(FLUSH_SECONDS, self.flush)
+
+    def _line(self, fields: dict[str, Any]) -> str:
+        """The JSON text ``json.dumps`` gives for the formatter's entry (``ts``, ``level``,
+        ``logger``, ``msg``, then ``fields``), redacted as the filter would, put together from
+        its parts. Strings go through the C escaper ``json.dumps`` itself uses; anything not a
+        plain str, int, finite float or None goes through ``json.dumps``. One look for the
+        suspect words covers all the strings; only a line that has one is redacted field by
+        field. Building the dict, dumping it and a case-insensitive regex search per string cost
+        15 µs of CPU per line; this costs 5.5 (2026-12-07, a loop of 20,000 gateway lines, best
+        of 5; medians 23 and 8 on that busy host).
+        """
+        strings = [value for value in fields.values() if type(value) is str]
+        suspect = _suspect("\n".join(strings)) if strings else False
+        parts = ['{"ts": ', repr(round(time.time(), 3)), self._head]
+        for key, value in fields.items():
+            name = _KEYS.get(key)
+            if name is None:
+                name = f", {_escape(key)}: "
+                if len(_KEYS) < 64:
+                    _KEYS[key] = name
+            kind = type(value)
+            if kind is str:
+                text = _escape(redact(value) if suspect else value)
+            elif value is None:
+                text = "null"
+            elif kind is int:
+                text = int.__repr__(value)
+            elif kind is float and math.isfinite(value):
+                text = float.__repr__(value)
+            else:
+                text = json.dumps(value, default=str)
+            parts.append(name)
+            parts.append(text)
+        parts.append("}")
+        return "".join(parts)
 
     def flush(self) -> None:
         if self._timer is not None:

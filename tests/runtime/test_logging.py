@@ -120,6 +120,62 @@ def test_access_lines_are_redacted_like_records(
     assert entry["path"] == "/x/[redacted]" and entry["sub"] == "token=[redacted]"
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        'say "hi" \\ back',
+        "tab\tnew\nline\x00bell\x07",
+        "café ☕ 𝄞 \u2028",
+        "",
+        None,
+        0,
+        -17,
+        2**70,
+        True,
+        1.5,
+        1e-7,
+        float("nan"),
+        float("inf"),
+        ["a", 1],
+        {"k": "v"},
+        object(),
+    ],
+)
+def test_an_access_line_is_the_text_json_dumps_gives(
+    access: tuple[logging.Logger, CountingStream], value: object
+) -> None:
+    # The line is put together from parts (AccessLines._line): it must be what json.dumps of the
+    # formatter's entry gives, byte for byte, whatever the values.
+    log, stream = access
+    attach(log, stream)
+    fields = {**FIELDS, "sub": value, "extra field": value}
+    AccessLines(log).add(fields)
+    line = stream.getvalue().rstrip("\n")
+    ts = json.loads(line)["ts"] if "NaN" not in line and "Infinity" not in line else None
+    head, _, rest = line.partition(", ")
+    entry = {"ts": 0, "level": "info", "logger": log.name, "msg": "request", **fields}
+    expected = json.dumps(entry, default=str)
+    assert rest == expected.partition(", ")[2]
+    assert head.startswith('{"ts": ') and (ts is None or isinstance(ts, float))
+
+
+def test_the_suspect_word_check_misses_nothing_a_case_insensitive_search_finds() -> None:
+    # redact() skips its passes unless one of _SUSPECT_WORDS is in the case-folded text; re.I
+    # matches some non-ASCII characters to ASCII letters (ſ to s, K to k): casefold() must map
+    # each of them onto that letter.
+    import re
+
+    from room_cloud_runtime._logging import _SUSPECT_WORDS, _suspect
+
+    everything = "".join(chr(cp) for cp in range(0x80, 0x110000))
+    for letter in sorted(set("".join(_SUSPECT_WORDS))):
+        for char in set(re.findall(re.escape(letter), everything, re.I)):
+            assert letter in char.casefold(), (hex(ord(char)), letter)
+    assert _suspect("Authorization: ſecret=1") and _suspect("BEARER x") and _suspect("EYJhbG")
+    assert not _suspect("GET /api/rooms 200 10.0.0.1")
+    assert redact("ſecret=hunter2") == "ſecret=[redacted]"
+
+
 async def test_access_lines_are_written_together_within_the_flush_interval(
     access: tuple[logging.Logger, CountingStream],
 ) -> None:
