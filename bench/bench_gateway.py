@@ -52,6 +52,10 @@ wrk instead and flatter the gateway by a whole core.
 
 4. The proxy's client library: ``bench/bench_gateway_clients.py`` (httpx vs aiohttp) rerun.
 
+5. With ``--floors``: what forwarding alone costs in Python — ``bench/gateway_floors.py``'s
+   three forwarders (bytes piped; piped and parsed; the gateway's uvicorn around a bare ASGI
+   forwarder on its client) in front of the direct Room, on core 0, wrk as in 1.
+
 Other processes on this shared machine disturb the figures: each phase records the CPU time the
 rest of the machine used meanwhile (``/proc/stat`` minus this bench's processes) and the load
 average, and the section says so.
@@ -108,6 +112,7 @@ HIGH_LIMIT = "100000000/minute"  # the gateway's own budgets: far above the load
 
 # Targets (issue 11, item 7).
 RATIO_TARGET = 0.60
+FLOOR_MODES = ("pipe", "parse", "asgi")  # bench/gateway_floors.py
 ADDED_P99_TARGET_MS = 2.0
 
 # Loaded into the direct Room with ``node --require``: raise the Room's two per-address budgets
@@ -548,6 +553,61 @@ def _describe(run: WrkRun) -> str:
     )
 
 
+def floors_phase(http: Http, rounds: int, seconds: int) -> dict[str, list[WrkRun]]:
+    """``--floors``: bench/gateway_floors.py's three forwarders in front of the direct Room, each
+    on core 0 in its own process, interleaved with the direct Room in rounds of their own (the
+    order turns each round), wrk sending the Room's own tokens to all."""
+    from tests.helpers.quoroom_room import free_port
+
+    setup = http.setup
+    assert setup.direct is not None
+    floors: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    runs: dict[str, list[WrkRun]] = {"direct": [], **{m: [] for m in FLOOR_MODES}}
+    try:
+        for mode in FLOOR_MODES:
+            port = free_port()
+            argv = [sys.executable, "-m", "bench.gateway_floors", mode]
+            floors[mode] = (
+                subprocess.Popen(
+                    ["taskset", "-c", SERVER_CORE, *argv, str(setup.direct_port), str(port)],
+                    cwd=ROOT,
+                ),
+                port,
+            )
+        for _, port in floors.values():
+            _wait_http(f"http://127.0.0.1:{port}{PATH}", 30, _bearer(setup.room_tokens[0]))
+        cases = ["direct", *FLOOR_MODES]
+        for r in range(rounds):
+            for case in cases[r % len(cases) :] + cases[: r % len(cases)]:
+                if case == "direct":
+                    base, pids = setup.direct_base, {"room": setup.direct.pid}
+                else:
+                    process, port = floors[case]
+                    base = f"http://127.0.0.1:{port}"
+                    pids = {"proxy": process.pid, "room": setup.direct.pid}
+                _wrk(base + PATH, http.saturated, http.tokens["direct"], 1)
+                before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+                mark = http.disturbance.start()
+                out, figures = _wrk(base + PATH, http.saturated, http.tokens["direct"], seconds)
+                http.disturbance.stop(f"floors {case}", mark)
+                http.logs.append(f"# floors round {r + 1} {case}\n{out}")
+                cpu = {
+                    name: (_cpu_seconds(pid) - before[name]) / max(figures["requests"], 1) * 1e6
+                    for name, pid in pids.items()
+                }
+                runs[case].append(WrkRun(case=case, cpu_us=cpu, **figures))
+                print(_describe(runs[case][-1]) + " (floors)", file=sys.stderr)
+    finally:
+        for process, _ in floors.values():
+            process.terminate()
+            process.wait(10)
+    return runs
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 # -- 2. WebSocket fan-out -------------------------------------------------------------------------
 
 
@@ -830,6 +890,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"the added p99 at 32 connections stays within 2 ms only if that falls below "
         f"~{ADDED_P99_TARGET_MS / CONNECTIONS * 1000:.0f} µs per request.",
     ]
+    if result.get("floors"):
+        lines += ["", *_floors_markdown(result["floors"], g, seconds)]
     mem = result["memory"]
     lines += [
         "",
@@ -913,6 +975,45 @@ def markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _floors_markdown(
+    floors: dict[str, list[WrkRun]], gateway: Sequence[WrkRun], seconds: int
+) -> list[str]:
+    direct = floors["direct"]
+    labels = {
+        "pipe": "pipe: bytes forwarded as they arrive (asyncio protocols, uvloop)",
+        "parse": "parse: the same, httptools parsing both directions",
+        "asgi": "asgi: the gateway's uvicorn + an ASGI app forwarding through its client",
+    }
+    lines = [
+        f"Floors (`--floors`; `bench/gateway_floors.py`): what forwarding alone costs in Python "
+        f"on the core the Room shares. Each forwarder runs on core 0 in front of the direct "
+        f"Room and checks nothing (wrk sends the Room's own tokens); rounds of their own, "
+        f"{len(direct)} × {seconds} s, the order turning each round; medians, and the median "
+        f"of the rounds' paired ratios to the direct Room. The gateway's row is from the runs "
+        f"above (rounds of its own).",
+        "",
+        "| forwarder | requests/s | % of direct | forwarder CPU µs/request | Room CPU µs/request |",
+        "|---|---|---|---|---|",
+        f"| none (the direct Room) | {_med(direct, 'rps'):,.0f} | 100 % | – "
+        f"| {_cpu_med(direct, 'room'):.0f} |",
+    ]
+    for mode in FLOOR_MODES:
+        runs = floors[mode]
+        paired = statistics.median(
+            f.rps / d.rps for f, d in zip(runs, direct, strict=True) if d.rps
+        )
+        lines.append(
+            f"| {labels[mode]} | {_med(runs, 'rps'):,.0f} | {paired * 100:.1f} % "
+            f"| {_cpu_med(runs, 'proxy'):.0f} | {_cpu_med(runs, 'room'):.0f} |"
+        )
+    lines.append(
+        f"| the gateway (stack, identity, source address per user, access log) "
+        f"| {_med(gateway, 'rps'):,.0f} | – | {_cpu_med(gateway, 'gateway'):.0f} "
+        f"| {_cpu_med(gateway, 'room'):.0f} |"
+    )
+    return lines
+
+
 def write_results(section: str) -> None:
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     title = section.split("\n", 1)[0]
@@ -992,6 +1093,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "httpx manages ~200 requests/s on this machine)",
     )
     parser.add_argument("--no-clients", action="store_true", help="skip bench_gateway_clients")
+    parser.add_argument(
+        "--floors",
+        action="store_true",
+        help="also measure bench/gateway_floors.py's forwarders (what forwarding alone costs in "
+        "Python) against the direct Room: ~2 more minutes",
+    )
     parser.add_argument("--no-write", action="store_true", help="print; leave RESULTS.md alone")
     args = parser.parse_args(argv)
     problem = _preflight()
@@ -1039,6 +1146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             result["gateway_requests"] = http.gateway_requests
             _phase("HTTP runs", started)
+            if args.floors:
+                result["floors"] = floors_phase(http, args.rounds, args.seconds)
+                _phase("floors", started)
             memory["after_http"] = {
                 "gateway": _memory_kib(setup.gateway_pid),
                 "gateway_room": _memory_kib(setup.gateway_room_pid()),
