@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 class _Echo(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the Room
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         body = json.dumps(
             {"path": self.path, "authorization": self.headers.get("Authorization")}
         ).encode()
