@@ -51,8 +51,9 @@ class _Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.parser is not None:
             self.parser.feed_data(data)
-        assert self.down.transport is not None
-        self.down.transport.write(data)
+        down = self.down.transport
+        if down is not None and not down.is_closing():  # the client may have gone (wrk's end)
+            down.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.down.transport is not None:
@@ -89,8 +90,8 @@ class _Downstream(asyncio.Protocol):
             self.parser.feed_data(data)
         if self.up is None:
             self.pending.append(data)
-        else:
-            self.up.transport.write(data)  # type: ignore[union-attr]
+        elif self.up.transport is not None and not self.up.transport.is_closing():
+            self.up.transport.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.up is not None and self.up.transport is not None:

@@ -77,6 +77,43 @@ def test_each_floor_forwards_requests_and_answers_on_a_kept_alive_connection(
         process.wait(10)
 
 
+class _Transport:
+    def __init__(self, closing: bool = False) -> None:
+        self.written: list[bytes] = []
+        self.closing = closing
+
+    def write(self, data: bytes) -> None:
+        if self.closing:  # what uvloop does: RuntimeError, "the handler is closed"
+            raise RuntimeError("unable to perform operation: the handler is closed")
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+@pytest.mark.parametrize("parse", [False, True])
+def test_bytes_for_a_side_that_is_closing_are_dropped(parse: bool) -> None:
+    # At the end of a wrk run the client's socket closes while the Room's answer is arriving:
+    # the forwarder must drop it, not raise in uvloop's read callback ("Fatal error on
+    # transport"), and the same the other way round.
+    from bench.gateway_floors import _Downstream, _Upstream
+
+    down = _Downstream(upstream_port=1, parse=parse)
+    down.transport = _Transport(closing=True)  # type: ignore[assignment]
+    up = _Upstream(down, parse)
+    up.transport = _Transport()  # type: ignore[assignment]
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]")
+    assert down.transport.written == []  # type: ignore[attr-defined]
+    down.up = up
+    up.transport.closing = True  # type: ignore[attr-defined]
+    down.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert up.transport.written == []  # type: ignore[attr-defined]
+    # Open sides get the bytes.
+    up.transport.closing = False  # type: ignore[attr-defined]
+    down.data_received(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert up.transport.written == [b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"]  # type: ignore[attr-defined]
+
+
 def test_a_bad_mode_is_refused_with_the_usage() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "bench.gateway_floors", "splice", "1", "2"],
