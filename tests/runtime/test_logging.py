@@ -159,6 +159,21 @@ def test_an_access_line_is_the_text_json_dumps_gives(
     assert head.startswith('{"ts": ') and (ts is None or isinstance(ts, float))
 
 
+def test_a_str_subclass_in_an_access_line_is_redacted_too(
+    access: tuple[logging.Logger, CountingStream],
+) -> None:
+    import enum
+
+    class Kind(enum.StrEnum):
+        LEAK = f"token={JWT}"
+
+    log, stream = access
+    attach(log, stream)
+    AccessLines(log).add({**FIELDS, "sub": Kind.LEAK})
+    assert JWT not in stream.getvalue()
+    assert json.loads(stream.getvalue())["sub"] == "token=[redacted]"
+
+
 def test_the_suspect_word_check_misses_nothing_a_case_insensitive_search_finds() -> None:
     # redact() skips its passes unless one of _SUSPECT_WORDS is in the case-folded text; re.I
     # matches some non-ASCII characters to ASCII letters (ſ to s, K to k): casefold() must map
