@@ -494,19 +494,33 @@ class Http:
 
     def run(self, case: str, seconds: int, pause_ms: int = 0, label: str = "") -> WrkRun:
         base = self.setup.direct_base if case == "direct" else self.setup.gateway.base
-        pids = self._processes(case)
+        run = self.measure(case, base, self._processes(case), case, seconds, pause_ms, label)
+        if case == "gateway":
+            self.gateway_requests += run.requests
+        return run
+
+    def measure(
+        self,
+        case: str,
+        base: str,
+        pids: dict[str, int],
+        tokens: str,
+        seconds: int,
+        pause_ms: int = 0,
+        label: str = "",
+    ) -> WrkRun:
+        """One wrk run against ``base`` with ``tokens`` ("direct": the Room's own, "gateway":
+        the control plane's), CPU per request of each of ``pids``."""
         before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
         mark = self.disturbance.start()
         out, figures = _wrk(
             base + PATH,
             self.paced if pause_ms else self.saturated,
-            self.tokens[case],
+            self.tokens[tokens],
             seconds,
             pause_ms,
         )
         self.disturbance.stop(f"{label or 'wrk'} {case}", mark)
-        if case == "gateway":
-            self.gateway_requests += figures["requests"]
         self.logs.append(f"# {label} {case}\n{out}")
         cpu = {
             name: (_cpu_seconds(pid) - before[name]) / max(figures["requests"], 1) * 1e6
@@ -575,7 +589,8 @@ def floors_phase(http: Http, rounds: int, seconds: int) -> dict[str, list[WrkRun
                 port,
             )
         for _, port in floors.values():
-            _wait_http(f"http://127.0.0.1:{port}{PATH}", 30, _bearer(setup.room_tokens[0]))
+            auth = {"Authorization": f"Bearer {setup.room_tokens[0]}"}
+            _wait_http(f"http://127.0.0.1:{port}{PATH}", 30, auth)
         cases = ["direct", *FLOOR_MODES]
         for r in range(rounds):
             for case in cases[r % len(cases) :] + cases[: r % len(cases)]:
@@ -585,27 +600,15 @@ def floors_phase(http: Http, rounds: int, seconds: int) -> dict[str, list[WrkRun
                     process, port = floors[case]
                     base = f"http://127.0.0.1:{port}"
                     pids = {"proxy": process.pid, "room": setup.direct.pid}
-                _wrk(base + PATH, http.saturated, http.tokens["direct"], 1)
-                before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
-                mark = http.disturbance.start()
-                out, figures = _wrk(base + PATH, http.saturated, http.tokens["direct"], seconds)
-                http.disturbance.stop(f"floors {case}", mark)
-                http.logs.append(f"# floors round {r + 1} {case}\n{out}")
-                cpu = {
-                    name: (_cpu_seconds(pid) - before[name]) / max(figures["requests"], 1) * 1e6
-                    for name, pid in pids.items()
-                }
-                runs[case].append(WrkRun(case=case, cpu_us=cpu, **figures))
-                print(_describe(runs[case][-1]) + " (floors)", file=sys.stderr)
+                http.measure(case, base, pids, "direct", 1, label="floors warm")
+                run = http.measure(case, base, pids, "direct", seconds, label=f"floors {r + 1}")
+                runs[case].append(run)
+                print(_describe(run) + " (floors)", file=sys.stderr)
     finally:
         for process, _ in floors.values():
             process.terminate()
             process.wait(10)
     return runs
-
-
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 # -- 2. WebSocket fan-out -------------------------------------------------------------------------
