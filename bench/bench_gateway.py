@@ -112,7 +112,7 @@ HIGH_LIMIT = "100000000/minute"  # the gateway's own budgets: far above the load
 
 # Targets (issue 11, item 7).
 RATIO_TARGET = 0.60
-FLOOR_MODES = ("pipe", "parse", "asgi")  # bench/gateway_floors.py
+FLOOR_MODES = ("pipe", "parse", "callback", "asgi")  # bench/gateway_floors.py
 ADDED_P99_TARGET_MS = 2.0
 
 # Loaded into the direct Room with ``node --require``: raise the Room's two per-address budgets
@@ -999,6 +999,8 @@ def _floors_markdown(
     labels = {
         "pipe": "pipe: bytes forwarded as they arrive (asyncio protocols, uvloop)",
         "parse": "parse: the same, httptools parsing both directions",
+        "callback": "callback: the gateway's server protocol forwarding from its parser's "
+        "callbacks (no ASGI cycle, no task)",
         "asgi": "asgi: the gateway's uvicorn + an ASGI app forwarding through its client",
     }
     lines = [

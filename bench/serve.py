@@ -52,9 +52,13 @@ def build_app(kind: str) -> Any:
 def granian_app() -> Any:
     """Granian imports its app by name in the worker process: the kind travels in the env.
     Wrapped as ``quoroom-runtime serve`` wraps what it serves (``cli.served_app``)."""
-    from room_cloud_runtime._server import DrainUnreadBody
+    from room_cloud_runtime._server import DrainUnreadBody, settle_heap
 
-    return DrainUnreadBody(build_app(os.environ["BENCH_KIND"]), _settings().head_timeout_seconds)
+    app = DrainUnreadBody(build_app(os.environ["BENCH_KIND"]), _settings().head_timeout_seconds)
+    # `serve` freezes its worker's heap once started (RuntimeStack.settle_heap); every kind here
+    # gets the same, so the ratios measure the stacks and not the collector.
+    settle_heap()
+    return app
 
 
 def _uvicorn(app: Any, port: int, **options: Any) -> None:

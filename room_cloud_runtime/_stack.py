@@ -96,6 +96,9 @@ class RuntimeStack:
         self.metrics: MetricsListener | None = None
         self.counts: RequestCounts | None = None
         self._started = False
+        #: Set by the CLI, whose process serves this stack alone: once started, freeze the heap
+        #: (``_server.settle_heap``; off for a program that embeds the stack).
+        self.settle_heap = False
         if settings.mode == "local":
             self.app: ASGIApp = LocalGuard(app)
             self.layered = self.app
@@ -223,6 +226,10 @@ class RuntimeStack:
             await resource.start()
         if self.metrics is not None:
             self.metrics.start()
+        if self.settle_heap:
+            from ._server import settle_heap
+
+            settle_heap()
         logger.info(
             "runtime stack started",
             extra={"mode": self.settings.mode, "instance": self.settings.instance_id},

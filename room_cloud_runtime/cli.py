@@ -189,6 +189,7 @@ def served_app() -> ASGIApp:
     configure_logging(served_log_level().upper())  # granian's worker set up its own logging
     settings = load_settings()
     stack = wrap(_load_app(served_app_spec(), settings), settings)
+    stack.settle_heap = True  # granian's worker serves this stack alone
     return DrainUnreadBody(stack, settings.head_timeout_seconds)
 
 
@@ -199,6 +200,7 @@ def _gateway(args: argparse.Namespace, command: list[str]) -> int:
         settings = load_settings()
         gateway_settings = load_gateway_settings(args.upstream, command)
         stack, gateway = build_gateway(settings, gateway_settings)
+        stack.settle_heap = True  # this process is the gateway's alone
         port = args.port or (_port(os.environ["PORT"]) if os.environ.get("PORT") else 8080)
     except ConfigError as exc:
         print(f"quoroom-runtime: configuration error: {exc}", file=sys.stderr)

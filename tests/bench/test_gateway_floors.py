@@ -134,6 +134,10 @@ def test_the_floors_table_gives_each_forwarder_its_paired_ratio_to_the_direct_ro
         "direct": [_run("direct", 8000, room=120), _run("direct", 6000, room=125)],
         "pipe": [_run("pipe", 6400, proxy=40, room=118), _run("pipe", 4200, proxy=42, room=121)],
         "parse": [_run("parse", 6000, proxy=45, room=119), _run("parse", 4500, proxy=44, room=120)],
+        "callback": [
+            _run("callback", 5600, proxy=50, room=118),
+            _run("callback", 4800, proxy=52, room=121),
+        ],
         "asgi": [_run("asgi", 4800, proxy=80, room=119), _run("asgi", 3000, proxy=90, room=122)],
     }
     gateway = [_run("gateway", 4000, gateway=134, room=117)]
@@ -141,5 +145,7 @@ def test_the_floors_table_gives_each_forwarder_its_paired_ratio_to_the_direct_ro
     # pipe: 6400/8000 = 80 %, 4200/6000 = 70 % → median 75 %; asgi: 60 % and 50 % → 55 %.
     assert "| 75.0 % | 41 | 120 |" in text
     assert "| 55.0 % | 85 | 120 |" in text
+    # callback: 70 % and 80 % → 75 %.
+    assert "(no ASGI cycle, no task) | 5,200 | 75.0 % | 51 | 120 |" in text
     assert "| none (the direct Room) | 7,000 | 100 % | – | 122 |" in text
     assert "| 4,000 | – | 134 | 117 |" in text

@@ -5,6 +5,7 @@ a real uvicorn, real HTTP and WebSocket clients. The real Room is in test_gatewa
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import re
 import socket
@@ -709,6 +710,54 @@ def test_the_cli_exits_2_naming_a_bad_upstream(monkeypatch, capsys):
     monkeypatch.delenv("QUOROOM_GATEWAY_UPSTREAM", raising=False)
     assert cli_main(["gateway"]) == 2
     assert cli_main(["serve", "--", "node"]) == 2
+
+
+def test_a_started_stack_freezes_the_heap_only_when_its_process_is_its_own():
+    """settle_heap (_server.py): the CLI's stack freezes what is alive once started, so the full
+    collections under load stop walking the imports' heap; a stack built by an embedding program
+    (settle_heap left off) leaves the program's collector alone."""
+    settings = cloud_settings("https://cp.example")
+    gw = GatewaySettings(upstream="http://127.0.0.1:9", secret=SECRET)
+
+    async def start_and_stop(settle: bool) -> int:
+        stack, _ = build_gateway(settings, gw)
+        stack.settle_heap = settle
+        async with stack.running():
+            return gc.get_freeze_count()
+
+    gc.unfreeze()
+    try:
+        assert asyncio.run(start_and_stop(False)) == 0
+        assert asyncio.run(start_and_stop(True)) > 1000
+    finally:
+        gc.unfreeze()
+
+
+def test_the_cli_builds_both_servers_stacks_to_settle_their_heap(monkeypatch):
+    import uvicorn
+
+    import room_cloud_runtime._gateway as gateway_module
+    from room_cloud_runtime.cli import served_app
+
+    built = []
+    real_build = gateway_module.build_gateway
+
+    def recording_build(*args: Any, **kwargs: Any) -> Any:
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(gateway_module, "build_gateway", recording_build)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)
+    for name, value in {
+        "QUOROOM_DEPLOYMENT_MODE": "cloud",
+        "QUOROOM_CLOUD_INSTANCE_ID": INSTANCE,
+        "QUOROOM_CLOUD_ISSUER": "https://cp.example",
+        "QUOROOM_ALLOWED_ORIGINS": ORIGIN,
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert cli_main(["gateway", "--upstream", "http://127.0.0.1:9"]) == 0
+    assert [stack.settle_heap for stack, _ in built] == [True]
+    assert served_app().app.settle_heap is True  # `serve`: DrainUnreadBody(the stack)
 
 
 def test_the_room_gets_one_request_id_the_callers_when_well_formed(through):
