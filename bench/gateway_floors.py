@@ -117,7 +117,7 @@ class _Cycle:
     """What uvicorn's protocol reads and writes on ``self.cycle`` while a request is in flight
     (``on_body``, ``on_message_complete``, ``connection_lost``, ``shutdown``)."""
 
-    __slots__ = ("response_complete", "keep_alive", "more_body", "disconnected", "body")
+    __slots__ = ("body", "disconnected", "keep_alive", "more_body", "response_complete")
 
     class _NoEvent:
         def set(self) -> None:
@@ -188,7 +188,6 @@ def _callback(upstream_port: int, port: int) -> None:
     import uvicorn
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
-    from room_cloud_runtime._server import GuardedHttpToolsProtocol
     from room_cloud_runtime._settings import load_settings
     from room_cloud_runtime.cli import server_options
 
