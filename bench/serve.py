@@ -55,8 +55,9 @@ def granian_app() -> Any:
     from room_cloud_runtime._server import DrainUnreadBody, settle_heap
 
     app = DrainUnreadBody(build_app(os.environ["BENCH_KIND"]), _settings().head_timeout_seconds)
-    # `serve` freezes its worker's heap once started (RuntimeStack.settle_heap); every kind here
-    # gets the same, so the ratios measure the stacks and not the collector.
+    # `serve` freezes its worker's heap once the stack has started (RuntimeStack.settle_heap);
+    # here every kind's heap is frozen once its app is built, just before granian serves it
+    # (no kind allocates much at start-up), so the ratios measure the stacks, not the collector.
     settle_heap()
     return app
 
